@@ -1,0 +1,217 @@
+"""``python -m bench``: parse options, pick servers and scenarios, run, write the reports."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from types import FrameType
+
+from bench import report
+from bench.load import LoadError, wrk_available
+from bench.runner import Run, progress, run_all
+from bench.scenarios import (
+    DEFAULT_SCENARIOS,
+    QUICK_SCENARIOS,
+    SCENARIOS,
+    Scenario,
+    available_cpus,
+    cpu_list,
+    placement,
+)
+from bench.servers import (
+    BUILTIN,
+    NGINX,
+    ROOT,
+    ServerError,
+    ServerSpec,
+    describe_command,
+    nginx_available,
+    peer_spec,
+    vrypt_importable,
+)
+from bench.stats import check_targets, summarize
+
+DEFAULT_OUT = ROOT / "bench" / "results"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark vrypt_worker side by side with nginx and gunicorn's gevent workers.",
+    )
+    p.add_argument(
+        "--servers",
+        help=f"comma-separated built-in servers (default: those available of {','.join(BUILTIN)})",
+    )
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="another server to compare, started by sh; {port} and {workers} are filled in",
+    )
+    p.add_argument(
+        "--scenarios",
+        help=f"comma-separated, of {','.join(SCENARIOS)} (default: {','.join(DEFAULT_SCENARIOS)})",
+    )
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default 3)")
+    p.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="warm-up seconds per run (default 1)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 1 round of 1 s, keep-alive only, vrypt and one reference",
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output dir (bench/results/)")
+    args = p.parse_args(argv)
+    if args.rounds < 1 or args.duration < 1 or args.warmup < 0:
+        p.error("--rounds and --duration must be >= 1, --warmup >= 0")
+    return args
+
+
+def available(name: str) -> bool:
+    if name == "vrypt":
+        return vrypt_importable()
+    if name == "nginx":
+        return nginx_available()
+    return True
+
+
+def pick_servers(args: argparse.Namespace) -> list[ServerSpec]:
+    if args.servers:
+        names = [n.strip() for n in args.servers.split(",") if n.strip()]
+        unknown = [n for n in names if n not in BUILTIN]
+        if unknown:
+            raise SystemExit(f"unknown server(s) {unknown}; built-in: {list(BUILTIN)}")
+        missing = [n for n in names if not available(n)]
+        if missing:
+            raise SystemExit(f"not available on this machine: {missing}")
+    else:
+        names = [n for n in BUILTIN if available(n)]
+        for skipped in sorted(set(BUILTIN) - set(names)):
+            progress(f"warning: {skipped} is not available here; skipped")
+        if args.quick:
+            refs = [n for n in names if n != "vrypt"]
+            names = [n for n in names if n == "vrypt"] + refs[:1]
+    specs = [BUILTIN[n] for n in names]
+    specs += [peer_spec(p) for p in args.peer]
+    if len({s.name for s in specs}) != len(specs):
+        raise SystemExit("server names must be unique")
+    return specs
+
+
+def pick_scenarios(args: argparse.Namespace) -> list[Scenario]:
+    if args.scenarios:
+        names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    else:
+        names = list(QUICK_SCENARIOS if args.quick else DEFAULT_SCENARIOS)
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
+    scenarios = [SCENARIOS[n] for n in names]
+    if len(available_cpus()) < 2:
+        progress("warning: one CPU only: server and wrk share it; all-cores scenarios skipped")
+        scenarios = [s for s in scenarios if not s.all_cores]
+    return scenarios
+
+
+def _version(argv: list[str]) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except OSError:
+        return "?"
+    return (done.stdout + done.stderr).strip().splitlines()[0] if done.returncode == 0 else "?"
+
+
+def _cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+def collect_meta(args: argparse.Namespace, argv: list[str], specs, scenarios) -> dict:
+    versions = {"python": platform.python_version()}
+    for dist in ("gunicorn", "gevent"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = "?"
+    versions["nginx"] = _version([NGINX, "-v"]).split("/")[-1]
+    versions["wrk"] = _version(["wrk", "-v"]).split(" [")[0]
+    cpus = available_cpus()
+    one = placement(SCENARIOS["ka100"], cpus)
+    return {
+        "command": shlex.join(["python", "-m", "bench", *argv]),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": {"cpu": _cpu_model(), "cpus": len(cpus), "kernel": platform.release()},
+        "versions": versions,
+        "rounds": args.rounds,
+        "seconds": args.duration,
+        "warmup": args.warmup,
+        "placement": {
+            "one_core_server": cpu_list(one.server_cpus),
+            "one_core_load": cpu_list(one.load_cpus),
+            "all_cores": cpu_list(cpus),
+        },
+        "servers": [
+            {"name": s.name, "description": s.description, "command": describe_command(s, 1)}
+            for s in specs
+        ],
+        "scenarios": [s.__dict__ for s in scenarios],
+        "failures": [],
+    }
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.quick:
+        args.rounds, args.duration, args.warmup = 1, 1, 0
+    if not wrk_available():
+        progress("wrk is not installed (apt-get install wrk)")
+        return 2
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so every started server's process group is killed.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    specs = pick_servers(args)
+    scenarios = pick_scenarios(args)
+    meta = collect_meta(args, argv, specs, scenarios)
+    runs: list[Run] = []
+
+    def on_failure(run_round: int, scenario: str, server: str, error: Exception) -> None:
+        progress(f"    FAILED: {error}")
+        meta["failures"].append(
+            {"server": server, "scenario": scenario, "round": run_round, "error": str(error)}
+        )
+
+    try:
+        runs = run_all(
+            specs, scenarios, args.rounds, args.duration, args.warmup, on_failure,
+            (ServerError, LoadError),
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        progress("interrupted: servers stopped, nothing written")
+        return 130
+    summaries = summarize(runs)
+    targets = check_targets(summaries)
+    paths = report.write(args.out, meta, [r.to_dict() for r in runs], summaries, targets)
+    progress("")
+    print(report.markdown(meta, summaries, targets))
+    progress("wrote " + ", ".join(str(p) for p in paths))
+    return 1 if meta["failures"] else 0

@@ -1,0 +1,76 @@
+"""CPU time and peak memory of a whole server process tree, read from /proc.
+
+A server is started in a session of its own (``start_new_session``), so every process it forks
+(gunicorn's arbiter and workers, nginx's master and workers, a peer's threads or children) shares
+its session id. The tree is found by scanning /proc for that session.
+"""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PROC = Path("/proc")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/PID/stat after the command name (which may hold spaces), or None."""
+    try:
+        raw = (PROC / str(pid) / "stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def session_pids(sid: int) -> list[int]:
+    """Every live (non-zombie) process whose session id is ``sid``."""
+    pids = []
+    for entry in PROC.iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        # fields[0] is the state (field 3 of stat), fields[3] the session (field 6).
+        if fields and fields[0] != "Z" and int(fields[3]) == sid:
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), plus cutime + cstime of the children it
+    has reaped, so that a worker that exits during a run is still counted once."""
+    fields = _stat_fields(pid)
+    if fields is None:
+        return 0.0
+    # stat fields 14-17: utime stime cutime cstime -> indexes 11-14 here.
+    return sum(int(v) for v in fields[11:15]) / CLK_TCK
+
+
+def peak_rss_kb(pid: int) -> int:
+    """VmHWM (peak resident set size) of a process, in KiB; 0 if it is gone."""
+    try:
+        for line in (PROC / str(pid) / "status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        pass
+    return 0
+
+
+@dataclass(frozen=True)
+class TreeSample:
+    """One reading of a process tree: total CPU seconds, per-process peak RSS, process count."""
+
+    cpu_s: float
+    rss_kb: tuple[int, ...]
+
+    @property
+    def procs(self) -> int:
+        return len(self.rss_kb)
+
+
+def sample_tree(sid: int) -> TreeSample:
+    pids = session_pids(sid)
+    return TreeSample(
+        cpu_s=sum(cpu_seconds(p) for p in pids),
+        rss_kb=tuple(peak_rss_kb(p) for p in pids),
+    )

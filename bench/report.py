@@ -1,0 +1,142 @@
+"""Writes the results: results.json, results.md and PNG charts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.stats import REFERENCES, Summary, TargetCheck
+
+
+def _ratio(value: float | None) -> str:
+    return f"{value:.2f}x" if value is not None else "-"
+
+
+def _us(value: float) -> str:
+    return f"{value / 1000:.1f} ms" if value >= 10_000 else f"{value:.0f} µs"
+
+
+def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"- command: `{meta['command']}`",
+        f"- date: {meta['date']}",
+        f"- machine: {meta['machine']['cpu']}, {meta['machine']['cpus']} CPUs, "
+        f"Linux {meta['machine']['kernel']}",
+        f"- software: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        f"- runs: {meta['rounds']} interleaved round(s) x {meta['seconds']} s per server and "
+        f"scenario, after a {meta['warmup']} s warm-up on a freshly started server; "
+        "figures are medians, min-max in brackets",
+        f"- one-core scenarios: server on CPU {meta['placement']['one_core_server']}, wrk on "
+        f"CPU {meta['placement']['one_core_load']}; all-cores scenarios: server and wrk share "
+        f"CPUs {meta['placement']['all_cores']} (noisier: wrk takes CPU from the server)",
+        "- CPU/req: utime+stime of all the server's processes (master and workers) from "
+        "/proc/PID/stat around the run, divided by the requests wrk completed",
+        "- RSS: peak (VmHWM) summed over the server's processes / of its largest process",
+        "- ratios: server ÷ reference within each round, median over rounds",
+        "",
+    ]
+    for scenario in meta["scenarios"]:
+        rows = [s for s in summaries if s.scenario == scenario["name"]]
+        if not rows:
+            continue
+        lines += [
+            f"## {scenario['name']}: {scenario['title']}",
+            "",
+            "| server | req/s | CPU µs/req | p50 | p99 | peak RSS MB | errors | "
+            + " | ".join(f"req/s vs {r} | CPU vs {r}" for r in REFERENCES)
+            + " |",
+            "|---" * (7 + 2 * len(REFERENCES)) + "|",
+        ]
+        for s in rows:
+            ratios = " | ".join(
+                f"{_ratio(s.rps_vs.get(r))} | {_ratio(s.cpu_vs.get(r))}" for r in REFERENCES
+            )
+            lines.append(
+                f"| {s.server} | {s.rps:,.0f} ({s.rps_min:,.0f}-{s.rps_max:,.0f}) "
+                f"| {s.cpu_us:.2f} ({s.cpu_us_min:.2f}-{s.cpu_us_max:.2f}) "
+                f"| {_us(s.p50_us)} | {_us(s.p99_us)} "
+                f"| {s.peak_rss_kb / 1024:.1f} / {s.peak_rss_max_kb / 1024:.1f} "
+                f"| {s.errors} | {ratios} |"
+            )
+        lines.append("")
+    if targets:
+        lines += [
+            "## Targets (issue 2): vrypt CPU per request relative to nginx's",
+            "",
+            "| scenario | vrypt ÷ nginx | target | holds |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {t.scenario} | {t.ratio:.2f}x | ≤ {t.limit:g}x | {'yes' if t.holds else 'NO'} |"
+            for t in targets
+        ]
+        lines.append("")
+    if meta["failures"]:
+        lines += ["## Failed runs", ""]
+        lines += [
+            f"- {f['server']} / {f['scenario']} / round {f['round']}: {f['error']}"
+            for f in meta["failures"]
+        ]
+        lines.append("")
+    lines += ["## Servers", ""]
+    lines += [f"- **{s['name']}**: {s['description']} — `{s['command']}`" for s in meta["servers"]]
+    return "\n".join(lines) + "\n"
+
+
+def charts(out: Path, meta: dict, summaries: list[Summary]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    servers = [s["name"] for s in meta["servers"]]
+    scenarios = [s["name"] for s in meta["scenarios"]]
+    by_key = {(s.server, s.scenario): s for s in summaries}
+    paths = []
+    for field, title, filename in (
+        ("rps", "requests per second (median, min-max)", "rps.png"),
+        ("cpu_us", "server CPU µs per request (median, min-max; lower is better)", "cpu.png"),
+    ):
+        fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(scenarios) + 2), 4.5))
+        width = 0.8 / max(1, len(servers))
+        for i, server in enumerate(servers):
+            xs, ys, lo, hi = [], [], [], []
+            for j, scenario in enumerate(scenarios):
+                s = by_key.get((server, scenario))
+                if s is None:
+                    continue
+                value = getattr(s, field)
+                xs.append(j + (i - (len(servers) - 1) / 2) * width)
+                ys.append(value)
+                lo.append(value - getattr(s, f"{field}_min"))
+                hi.append(getattr(s, f"{field}_max") - value)
+            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=server)
+        ax.set_xticks(range(len(scenarios)), scenarios)
+        ax.set_title(title)
+        ax.legend(fontsize="small")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = out / filename
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def write(
+    out: Path, meta: dict, runs: list[dict], summaries: list[Summary], targets: list[TargetCheck]
+) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    data = {
+        **meta,
+        "summary": [s.to_dict() for s in summaries],
+        "targets": [t.__dict__ for t in targets],
+        "runs": runs,
+    }
+    json_path = out / "results.json"
+    json_path.write_text(json.dumps(data, indent=2) + "\n")
+    md_path = out / "results.md"
+    md_path.write_text(markdown(meta, summaries, targets))
+    return [json_path, md_path, *charts(out, meta, summaries)]

@@ -1,0 +1,122 @@
+"""One measured run, and the interleaved schedule of runs (A B C D, A B C D, ...)."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from bench.load import run_wrk, wrk_command
+from bench.procstat import sample_tree
+from bench.scenarios import Placement, Scenario, available_cpus, placement
+from bench.servers import ServerSpec, running
+
+
+@dataclass(frozen=True)
+class Run:
+    server: str
+    scenario: str
+    round: int
+    requests: int
+    seconds: float
+    rps: float
+    cpu_us_per_req: float
+    p50_us: float
+    p99_us: float
+    peak_rss_kb: int  # sum of VmHWM over the server's processes
+    peak_rss_max_kb: int  # the largest single process (e.g. one worker)
+    processes: int
+    socket_errors: int
+    non_2xx: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def measure(
+    spec: ServerSpec,
+    scenario: Scenario,
+    where: Placement,
+    round_no: int,
+    seconds: float,
+    warmup: float,
+) -> Run:
+    """Start the server, warm it up, run wrk while reading the tree's CPU time around it."""
+    with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp, running(spec, where) as server:
+        if warmup > 0:
+            run_wrk(wrk_command(scenario, where, server.port, warmup, Path(tmp)), warmup)
+        argv = wrk_command(scenario, where, server.port, seconds, Path(tmp))
+        before = sample_tree(server.sid)
+        result = run_wrk(argv, seconds)
+        after = sample_tree(server.sid)
+    cpu_us = (after.cpu_s - before.cpu_s) * 1e6 / result.requests if result.requests else 0.0
+    return Run(
+        server=spec.name,
+        scenario=scenario.name,
+        round=round_no,
+        requests=result.requests,
+        seconds=result.seconds,
+        rps=result.rps,
+        cpu_us_per_req=cpu_us,
+        p50_us=result.p50_us,
+        p99_us=result.p99_us,
+        peak_rss_kb=sum(after.rss_kb),
+        peak_rss_max_kb=max(after.rss_kb, default=0),
+        processes=after.procs,
+        socket_errors=result.socket_errors,
+        non_2xx=result.non_2xx,
+    )
+
+
+def schedule(
+    servers: list[ServerSpec], scenarios: list[Scenario], rounds: int
+) -> Iterator[tuple[int, Scenario, ServerSpec]]:
+    """Round after round; within a round each scenario, and within it each server in turn, so
+    that drift of the machine falls on every server alike."""
+    for round_no in range(1, rounds + 1):
+        for scenario in scenarios:
+            for spec in servers:
+                yield round_no, scenario, spec
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_all(
+    servers: list[ServerSpec],
+    scenarios: list[Scenario],
+    rounds: int,
+    seconds: float,
+    warmup: float,
+    on_failure: Callable[[int, str, str, Exception], None],
+    recoverable: tuple[type[Exception], ...],
+) -> list[Run]:
+    """Every scheduled run; a run that fails (server did not start, wrk failed) is reported
+    through ``on_failure`` and the others go on."""
+    cpus = available_cpus()
+    plan = list(schedule(servers, scenarios, rounds))
+    runs: list[Run] = []
+    started = time.monotonic()
+    for index, (round_no, scenario, spec) in enumerate(plan):
+        where = placement(scenario, cpus)
+        progress(
+            f"[{index + 1}/{len(plan)}] round {round_no}/{rounds} · {scenario.name} · "
+            f"{spec.name} · {len(plan) - index - 1} runs left · "
+            f"{time.monotonic() - started:.0f} s elapsed"
+        )
+        try:
+            run = measure(spec, scenario, where, round_no, seconds, warmup)
+        except recoverable as exc:
+            on_failure(round_no, scenario.name, spec.name, exc)
+            continue
+        progress(
+            f"    {run.rps:,.0f} rps, {run.cpu_us_per_req:.2f} µs CPU/req, "
+            f"p50 {run.p50_us:,.0f} µs, p99 {run.p99_us:,.0f} µs, errors "
+            f"{run.socket_errors + run.non_2xx}"
+        )
+        runs.append(run)
+    return runs

@@ -1,0 +1,65 @@
+"""The load scenarios: how many connections, pipelined or not, keep-alive or not, on which cores."""
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    connections: int
+    pipeline: int = 1  # requests written at once per connection (wrk Lua script when > 1)
+    close: bool = False  # send `Connection: close`: a new connection per request
+    all_cores: bool = False  # server on every core (one worker per core), load shares them
+
+
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in (
+        Scenario("ka100", "keep-alive, 100 connections, 1 core", 100),
+        Scenario("ka1000", "keep-alive, 1000 connections, 1 core", 1000),
+        Scenario("pipe16", "pipelined x16, 100 connections, 1 core", 100, pipeline=16),
+        Scenario("close", "new connection per request, 100 connections, 1 core", 100, close=True),
+        Scenario("ka100-all", "keep-alive, 100 connections, all cores", 100, all_cores=True),
+        Scenario(
+            "pipe16-all",
+            "pipelined x16, 100 connections, all cores",
+            100,
+            pipeline=16,
+            all_cores=True,
+        ),
+    )
+}
+DEFAULT_SCENARIOS = ("ka100", "ka1000", "pipe16", "close", "ka100-all")
+QUICK_SCENARIOS = ("ka100",)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which CPUs the server and the load generator run on, and how many server workers."""
+
+    server_cpus: tuple[int, ...]
+    load_cpus: tuple[int, ...]
+    workers: int
+
+    @property
+    def shared(self) -> bool:
+        return bool(set(self.server_cpus) & set(self.load_cpus))
+
+
+def available_cpus() -> tuple[int, ...]:
+    return tuple(sorted(os.sched_getaffinity(0)))
+
+
+def placement(scenario: Scenario, cpus: tuple[int, ...]) -> Placement:
+    """One core for the server and the rest for wrk; with ``all_cores`` both get every core."""
+    if scenario.all_cores:
+        return Placement(cpus, cpus, len(cpus))
+    if len(cpus) == 1:
+        return Placement(cpus, cpus, 1)
+    return Placement(cpus[:1], cpus[1:], 1)
+
+
+def cpu_list(cpus: tuple[int, ...]) -> str:
+    return ",".join(str(c) for c in cpus)

@@ -1,0 +1,279 @@
+"""The servers under test: how each is started, how readiness is checked, how it is stopped.
+
+Each server runs in a session (and process group) of its own, pinned with ``taskset``; its whole
+tree is measured through that session (see procstat) and killed through that group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.scenarios import Placement, cpu_list
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+# build(port, workers, tmpdir) -> argv (before taskset), run in ROOT
+Builder = Callable[[int, int, Path], list[str]]
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    name: str
+    description: str
+    build: Builder
+    env: tuple[tuple[str, str], ...] = ()
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+def _gunicorn(*args: str) -> list[str]:
+    return [sys.executable, "-m", "gunicorn", *args]
+
+
+def wsgi_app() -> str:
+    """The project's 3-line WSGI app if it is there, else the harness's own copy."""
+    if (ROOT / "vrypt_worker" / "wsgi.py").exists():
+        return "vrypt_worker.wsgi:application"
+    return "bench.wsgi_app:application"
+
+
+def vrypt_importable() -> bool:
+    probe = "import vrypt_worker; vrypt_worker.VryptWorker"
+    result = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, env=server_env(()), capture_output=True
+    )
+    return result.returncode == 0
+
+
+def nginx_available() -> bool:
+    return os.access(NGINX, os.X_OK)
+
+
+def _vrypt(port: int, workers: int, tmp: Path) -> list[str]:
+    return _gunicorn(
+        "-c", "conf/gunicorn.conf.py", "--workers", str(workers), "--bind", f"127.0.0.1:{port}"
+    )
+
+
+def _gevent_builder(worker_class: str) -> Builder:
+    def build(port: int, workers: int, tmp: Path) -> list[str]:
+        return _gunicorn(
+            "-k", worker_class,
+            "--workers", str(workers),
+            "--worker-connections", "10000",
+            "--bind", f"127.0.0.1:{port}",
+            wsgi_app(),
+        )  # fmt: skip
+
+    return build
+
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes {workers};
+worker_rlimit_nofile 20000;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{
+    worker_connections 10000;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_timeout 30s;
+    keepalive_requests 1000000000;
+    server {{
+        listen 127.0.0.1:{port};
+        default_type text/plain;
+        location / {{
+            return 200 "Vrypt";
+        }}
+    }}
+}}
+"""
+
+
+def _nginx(port: int, workers: int, tmp: Path) -> list[str]:
+    """nginx in the foreground (daemon off) with its master, so the master is our child and the
+    workers its children: the whole tree stays in our session and is measured."""
+    conf = tmp / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, port=port))
+    return [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
+
+
+PEER = "peer: "
+
+
+def peer_spec(arg: str) -> ServerSpec:
+    """``NAME=COMMAND``: COMMAND is run by sh, with ``{port}`` and ``{workers}`` filled in."""
+    name, sep, command = arg.partition("=")
+    if not sep or not name or "{port}" not in command:
+        raise ValueError(f"--peer {arg!r}: expected NAME=COMMAND with {{port}} in COMMAND")
+
+    def build(port: int, workers: int, tmp: Path) -> list[str]:
+        return ["sh", "-c", command.replace("{port}", str(port)).replace("{workers}", str(workers))]
+
+    return ServerSpec(name, PEER + command, build)
+
+
+BUILTIN: dict[str, ServerSpec] = {
+    "vrypt": ServerSpec(
+        "vrypt",
+        "gunicorn -c conf/gunicorn.conf.py (vrypt_worker.VryptWorker)",
+        _vrypt,
+        env=(("VRYPT_STATSD_HOST", ""),),
+    ),
+    "nginx": ServerSpec("nginx", 'nginx, return 200 "Vrypt"', _nginx),
+    "gevent": ServerSpec(
+        "gevent", "gunicorn -k gevent + 3-line WSGI app", _gevent_builder("gevent")
+    ),
+    "gevent_pywsgi": ServerSpec(
+        "gevent_pywsgi",
+        "gunicorn -k gevent_pywsgi + 3-line WSGI app",
+        _gevent_builder("gevent_pywsgi"),
+    ),
+}
+
+
+def server_env(extra: tuple[tuple[str, str], ...]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GUNICORN_CMD_ARGS", "PORT")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+PROBE = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+
+def probe(port: int, timeout: float = 1.0) -> bytes | None:
+    """Connect, send a GET, and return the response (up to the close), or None on any failure."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(PROBE)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    except OSError:
+        return None
+    return b"".join(chunks) or None
+
+
+@dataclass
+class RunningServer:
+    spec: ServerSpec
+    proc: subprocess.Popen
+    port: int
+    log: Path
+
+    @property
+    def sid(self) -> int:
+        return self.proc.pid
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _wait_ready(server: RunningServer, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise ServerError(
+                f"{server.spec.name} exited with {server.proc.returncode} before answering:\n"
+                + server.log_tail()
+            )
+        response = probe(server.port)
+        if response is not None:
+            status = response.split(b"\r\n", 1)[0]
+            if not status.startswith(b"HTTP/1.") or status.split()[1:2] != [b"200"]:
+                raise ServerError(f"{server.spec.name} answered {status!r}, not 200")
+            return
+        time.sleep(0.05)
+    raise ServerError(
+        f"{server.spec.name} gave no answer within {timeout} s:\n" + server.log_tail()
+    )
+
+
+def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL it if it lingers."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+        # The leader is gone; make sure no child is left behind in its group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return
+
+
+@contextlib.contextmanager
+def running(
+    spec: ServerSpec, where: Placement, ready_timeout: float = 20.0
+) -> Iterator[RunningServer]:
+    """Start ``spec`` pinned to ``where.server_cpus``, wait until it answers a GET, and always
+    kill its process group when the block ends (error, Ctrl-C or normal exit)."""
+    with tempfile.TemporaryDirectory(prefix=f"bench-{spec.name}-") as tmpdir:
+        tmp = Path(tmpdir)
+        port = free_port()
+        argv = ["taskset", "-c", cpu_list(where.server_cpus), *spec.build(port, where.workers, tmp)]
+        log = tmp / "server.log"
+        with open(log, "wb") as log_file:
+            proc = subprocess.Popen(
+                argv,
+                cwd=ROOT,
+                env=server_env(spec.env),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        server = RunningServer(spec, proc, port, log)
+        try:
+            _wait_ready(server, ready_timeout)
+            yield server
+        finally:
+            kill_group(proc)
+
+
+def describe_command(spec: ServerSpec, workers: int) -> str:
+    """The command line as a user would type it, with PORT and TMPDIR placeholders."""
+    if spec.name == "nginx":
+        return "nginx -p TMPDIR -e TMPDIR/error.log -c TMPDIR/nginx.conf (written by bench)"
+    if spec.description.startswith(PEER):
+        return spec.description.removeprefix(PEER)
+    argv = spec.build(0, workers, Path("TMPDIR"))
+    if argv[:3] == [sys.executable, "-m", "gunicorn"]:
+        argv = ["gunicorn", *argv[3:]]
+    text = argv[2] if argv[:2] == ["sh", "-c"] else shlex.join(argv)
+    return text.replace("127.0.0.1:0", "127.0.0.1:PORT")

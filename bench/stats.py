@@ -1,0 +1,98 @@
+"""Medians, spread, ratios to the references, and the worker's performance targets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from statistics import median
+
+from bench.runner import Run
+
+REFERENCES = ("nginx", "gevent")
+# Issue 2's targets: vrypt's CPU per request relative to nginx's, same run, one core, 100 conns.
+TARGETS = {"ka100": 1.0, "pipe16": 0.2}
+
+
+@dataclass(frozen=True)
+class Summary:
+    server: str
+    scenario: str
+    runs: int
+    rps: float
+    rps_min: float
+    rps_max: float
+    cpu_us: float
+    cpu_us_min: float
+    cpu_us_max: float
+    p50_us: float
+    p99_us: float
+    peak_rss_kb: int
+    peak_rss_max_kb: int
+    errors: int
+    # server / reference, paired within each round, then the median over rounds
+    rps_vs: dict[str, float]
+    cpu_vs: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _paired_ratio(mine: list[Run], ref: list[Run], attr: str) -> float | None:
+    ref_by_round = {r.round: getattr(r, attr) for r in ref}
+    ratios = [getattr(r, attr) / ref_by_round[r.round] for r in mine if ref_by_round.get(r.round)]
+    return median(ratios) if ratios else None
+
+
+def summarize(runs: list[Run]) -> list[Summary]:
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.server, run.scenario), []).append(run)
+    out = []
+    for (server, scenario), group in groups.items():
+        rps = [r.rps for r in group]
+        cpu = [r.cpu_us_per_req for r in group]
+        rps_vs, cpu_vs = {}, {}
+        for ref in REFERENCES:
+            ref_runs = groups.get((ref, scenario), [])
+            if (ratio := _paired_ratio(group, ref_runs, "rps")) is not None:
+                rps_vs[ref] = ratio
+            if (ratio := _paired_ratio(group, ref_runs, "cpu_us_per_req")) is not None:
+                cpu_vs[ref] = ratio
+        out.append(
+            Summary(
+                server=server,
+                scenario=scenario,
+                runs=len(group),
+                rps=median(rps),
+                rps_min=min(rps),
+                rps_max=max(rps),
+                cpu_us=median(cpu),
+                cpu_us_min=min(cpu),
+                cpu_us_max=max(cpu),
+                p50_us=median(r.p50_us for r in group),
+                p99_us=median(r.p99_us for r in group),
+                peak_rss_kb=max(r.peak_rss_kb for r in group),
+                peak_rss_max_kb=max(r.peak_rss_max_kb for r in group),
+                errors=sum(r.socket_errors + r.non_2xx for r in group),
+                rps_vs=rps_vs,
+                cpu_vs=cpu_vs,
+            )
+        )
+    return out
+
+
+@dataclass(frozen=True)
+class TargetCheck:
+    scenario: str
+    limit: float  # vrypt CPU/request at most this times nginx's
+    ratio: float
+    holds: bool
+
+
+def check_targets(summaries: list[Summary]) -> list[TargetCheck]:
+    checks = []
+    for s in summaries:
+        if s.server == "vrypt" and s.scenario in TARGETS and "nginx" in s.cpu_vs:
+            limit = TARGETS[s.scenario]
+            ratio = s.cpu_vs["nginx"]
+            checks.append(TargetCheck(s.scenario, limit, ratio, ratio <= limit))
+    return checks

@@ -1,0 +1,478 @@
+"""Request framing: bytes in, one answer per complete request out. No sockets, no clocks.
+
+A request ends after its head and its body (RFC 9112 §6): Content-Length bytes, or chunked data up
+to the last chunk and its trailers; a request with neither has no body. The framer finds those ends
+however the bytes are split across reads, decides which fixed answer each request gets (GET or
+HEAD, keep-alive or close) and rejects anything ambiguous with a 4xx/5xx that ends the connection.
+
+The hot path is the common keep-alive request: one head, already seen before on this worker. Heads
+are validated once and the verdict is cached by their exact bytes (framing is a pure function of
+the head and the limits), so a repeated head costs one dict lookup, pipelined or not.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Answers, as indexes into the response table (response.py renders the bytes). Bit 0 means HEAD:
+# the same headers without the body. Every kind from CLOSING upwards ends the connection.
+OK = 0  # HTTP/1.1, connection stays open
+OK_HEAD = 1
+OK_KEEP_ALIVE = 2  # HTTP/1.0 that asked for keep-alive: the answer must say so
+OK_KEEP_ALIVE_HEAD = 3
+OK_CLOSE = 4  # `Connection: close`, HTTP/1.0 without keep-alive, Upgrade, CONNECT, draining
+OK_CLOSE_HEAD = 5
+BAD_REQUEST = 6  # 400
+URI_TOO_LONG = 7  # 414
+FIELDS_TOO_LARGE = 8  # 431
+NOT_IMPLEMENTED = 9  # 501: a transfer coding we do not know
+VERSION_NOT_SUPPORTED = 10  # 505
+REQUEST_TIMEOUT = 11  # 408: the worker's head timeout, never chosen by the framer itself
+CONTINUE = 12  # interim `100 Continue`, not an answer
+KINDS = 13
+CLOSING = OK_CLOSE
+ERRORS = frozenset(range(BAD_REQUEST, REQUEST_TIMEOUT + 1))
+
+# A parsed head is cached as one int: the answer kind in bits 0-3, body framing in bits 4-5,
+# the 100-continue expectation in bit 6 and the Content-Length from bit 8. A head without body
+# and without expectation therefore caches as the bare kind (< 16), the value the hot path tests.
+_BODY_LENGTH = 1 << 4
+_BODY_CHUNKED = 2 << 4
+_EXPECT_CONTINUE = 1 << 6
+_LENGTH_SHIFT = 8
+
+# Parser states.
+_HEAD, _BODY, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _DONE = range(7)
+
+_TCHAR = rb"!#$%&'*+.^_`|~0-9A-Za-z-"
+_TARGET = rb"[\x21-\x7e\x80-\xff]"
+_REQUEST_LINE = re.compile(rb"([" + _TCHAR + rb"]+) (" + _TARGET + rb"+) HTTP/([0-9])\.([0-9])")
+# Every prefix of a valid request line, so that garbage is refused before its line ends.
+_VERSION_PREFIX = rb"(?:H(?:T(?:T(?:P(?:/(?:[0-9](?:\.[0-9]?)?)?)?)?)?)?)?"
+_REQUEST_LINE_PREFIX = re.compile(
+    rb"(?:[" + _TCHAR + rb"]+(?: (?:" + _TARGET + rb"+(?: " + _VERSION_PREFIX + rb")?)?)?)?"
+)
+# Field lines, each with its CRLF: a token, a colon with no space before it, then visible octets,
+# spaces and tabs. This also rejects obsolete line folding, bare CR or LF, NUL and other controls.
+_FIELD_LINES = re.compile(rb"(?:[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_FRAMING_FIELDS = re.compile(
+    rb"^(content-length|transfer-encoding|connection|expect|upgrade):([^\r]*)\r$",
+    re.MULTILINE | re.IGNORECASE,
+)
+_CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
+_TOKEN = rb"[" + _TCHAR + rb"]+"
+_CHUNK_EXT = re.compile(
+    rb"(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN + rb"|" + _QUOTED + rb"))?)*"
+)
+# Codings a request may name before the final `chunked`. We never decode them (the body is
+# discarded), but an unknown one must get 501, not a guess (RFC 9112 §6.1).
+_KNOWN_CODINGS = frozenset((b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"))
+
+# gunicorn's own ceilings for its limit settings (gunicorn/http/message.py); 0 means "the ceiling".
+MAX_REQUEST_LINE = 8190
+MAX_HEADERS = 32768
+MAX_FIELD_SIZE_UNLIMITED = 65536  # limit_request_field_size = 0: still bounded, never infinite
+_MAX_LEADING_EMPTY_LINES = 32
+_MAX_CONTENT_LENGTH_DIGITS = 18
+_CACHE_HEAD_MAX = 2048
+_CACHE_ENTRIES = 1024
+
+
+@dataclass(frozen=True)
+class Limits:
+    """gunicorn's limit_request_* settings, normalised the way gunicorn normalises them."""
+
+    request_line: int = 4094
+    fields: int = 100
+    field_size: int = 8190
+
+    @classmethod
+    def from_settings(cls, request_line: int, fields: int, field_size: int) -> Limits:
+        if request_line <= 0 or request_line > MAX_REQUEST_LINE:
+            request_line = MAX_REQUEST_LINE
+        if fields <= 0 or fields > MAX_HEADERS:
+            fields = MAX_HEADERS
+        if field_size <= 0:
+            field_size = MAX_FIELD_SIZE_UNLIMITED
+        return cls(request_line, fields, field_size)
+
+
+class FramingRules:
+    """What one worker's framers share: the limits, the head cache and the output list.
+
+    `out` is reused by every `RequestFramer.feed` of this worker (one thread, one hub): read it
+    before the next feed. `answered` and `rejected` count final answers and 4xx/5xx verdicts.
+    """
+
+    __slots__ = ("answered", "cache", "limits", "out", "rejected")
+
+    def __init__(self, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.cache: dict[bytes, int] = {}
+        self.out: list[int] = []
+        self.answered = 0
+        self.rejected = 0
+
+    def head_verdict(self, head: bytes) -> int:
+        """The packed verdict for one complete head (ending in CRLF CRLF), cached by its bytes."""
+        verdict = self.cache.get(head)
+        if verdict is None:
+            verdict = self._parse_head(head)
+            if len(head) <= _CACHE_HEAD_MAX:
+                if len(self.cache) >= _CACHE_ENTRIES:
+                    self.cache.clear()
+                self.cache[head] = verdict
+        return verdict
+
+    def _parse_head(self, head: bytes) -> int:
+        limits = self.limits
+        start = 0
+        while head.startswith(b"\r\n", start):  # empty lines before a request line (§2.2)
+            start += 2
+        if start:
+            if start == len(head) - 2 or start == len(head):
+                return _SKIP
+            if start > 2 * _MAX_LEADING_EMPTY_LINES:
+                return BAD_REQUEST
+        eol = head.find(b"\r\n", start)
+        line = head[start:eol]
+        if len(line) > limits.request_line:
+            return URI_TOO_LONG
+        match = _REQUEST_LINE.fullmatch(line)
+        if match is None:
+            return BAD_REQUEST
+        method, _target, major, minor = match.groups()
+        if major != b"1":
+            return VERSION_NOT_SUPPORTED
+        http10 = minor == b"0"
+
+        block = head[eol + 2 : -2]
+        if block:
+            if block.count(b"\r\n") > limits.fields:
+                return FIELDS_TOO_LARGE
+            if len(block) > limits.field_size and max(map(len, block.split(b"\r\n"))) > (
+                limits.field_size
+            ):
+                return FIELDS_TOO_LARGE
+            if _FIELD_LINES.fullmatch(block) is None:
+                return BAD_REQUEST
+            framing = _FRAMING_FIELDS.findall(block)
+        else:
+            framing = []
+
+        lengths: list[bytes] = []
+        codings: list[bytes] = []
+        close = http10
+        upgrade = method == b"CONNECT"
+        expect = False
+        for raw_name, raw in framing:
+            name = raw_name.lower()
+            value = raw.strip(b" \t").lower()
+            if name == b"content-length":
+                lengths.extend(part.strip(b" \t") for part in value.split(b","))
+            elif name == b"transfer-encoding":
+                codings.extend(c.split(b";")[0].strip(b" \t") for c in value.split(b","))
+            elif name == b"connection":
+                for option in value.split(b","):
+                    option = option.strip(b" \t")
+                    if option == b"close":
+                        close = True
+                        break
+                    if option == b"keep-alive" and http10:
+                        close = False
+            elif name == b"expect":
+                expect = value == b"100-continue"
+            else:
+                upgrade = True
+
+        body = 0
+        length = 0
+        if codings:
+            codings = [c for c in codings if c]
+            if lengths or http10 or not codings or codings[-1] != b"chunked":
+                return BAD_REQUEST
+            if b"chunked" in codings[:-1]:
+                return BAD_REQUEST
+            if any(c not in _KNOWN_CODINGS for c in codings[:-1]):
+                return NOT_IMPLEMENTED
+            body = _BODY_CHUNKED
+        elif lengths:
+            first = lengths[0]
+            if not first.isdigit() or len(first) > _MAX_CONTENT_LENGTH_DIGITS:
+                return BAD_REQUEST
+            if any(other != first for other in lengths):
+                return BAD_REQUEST
+            length = int(first)
+            if length:
+                body = _BODY_LENGTH
+
+        if upgrade or close:
+            kind = OK_CLOSE
+        elif http10:
+            kind = OK_KEEP_ALIVE
+        else:
+            kind = OK
+        if method == b"HEAD":
+            kind |= OK_HEAD
+        if body and expect and not http10:  # HTTP/1.0 clients must not get a 1xx (RFC 9110 §10.1.1)
+            body |= _EXPECT_CONTINUE
+        return kind | body | (length << _LENGTH_SHIFT)
+
+
+# Verdict for a "head" that was only empty lines: consume it, answer nothing.
+_SKIP = 15
+
+
+class RequestFramer:
+    """The framing state of one connection. Feed it each read; it says what to answer."""
+
+    __slots__ = (
+        "_buf",
+        "_checked",
+        "_fields",
+        "_kind",
+        "_remaining",
+        "_rules",
+        "_state",
+        "draining",
+    )
+
+    def __init__(self, rules: FramingRules) -> None:
+        self._rules = rules
+        self._state = _HEAD
+        self._buf = b""
+        self._remaining = 0  # body bytes (or chunk bytes) still to consume
+        self._kind = OK  # the answer owed once the current body is consumed
+        self._checked = 0  # how far a partial head's lines have been checked against the limits
+        self._fields = 0  # complete field lines in that checked part
+        self.draining = False  # set by the worker: the next answer is the last one
+
+    @property
+    def idle(self) -> bool:
+        """Between requests: nothing partial buffered, no body being consumed."""
+        return self._state == _HEAD and not self._buf
+
+    @property
+    def in_head(self) -> bool:
+        """A request head has started and is not complete yet (what a head timeout measures)."""
+        return self._state == _HEAD and bool(self._buf)
+
+    @property
+    def closed(self) -> bool:
+        """The last answer has been given; the connection must close once it is sent."""
+        return self._state == _DONE
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def finish(self) -> None:
+        """The worker answered for us (a timeout): accept no more input on this connection."""
+        self._state = _DONE
+        self._buf = b""
+
+    def feed(self, data: bytes) -> list[int]:
+        """Consume one read. Returns the answers owed, in order (the rules' shared list)."""
+        rules = self._rules
+        cache = rules.cache
+        out = rules.out
+        out.clear()
+        state = self._state
+        if state == _HEAD and not self._buf:
+            # The hot path: a read that is exactly one head seen before, with no body.
+            verdict = cache.get(data) if len(data) <= _CACHE_HEAD_MAX else None
+            if verdict is not None and verdict < CLOSING and not self.draining:
+                out.append(verdict)
+                rules.answered += 1
+                return out
+            buf = data
+        elif state == _DONE:
+            return out
+        else:
+            buf = self._buf + data if self._buf else data
+
+        pos = 0
+        end = len(buf)
+        continues = 0
+        last_head = None
+        while pos < end:
+            if state == _HEAD:
+                # Pipelined requests are often the same bytes again: a head identical to the
+                # previous one ends at the same offset and gets the same verdict.
+                if last_head is not None and buf.startswith(last_head, pos):
+                    pos += len(last_head)
+                else:
+                    head_end = buf.find(b"\r\n\r\n", pos)
+                    if head_end < 0:
+                        error = self._check_partial_head(buf, pos)
+                        if error:
+                            out.append(error)
+                            state = _DONE
+                        break
+                    head_end += 4
+                    last_head = buf[pos:head_end]
+                    verdict = cache.get(last_head)
+                    if verdict is None:
+                        verdict = rules.head_verdict(last_head)
+                    pos = head_end
+                self._checked = self._fields = 0
+                if verdict < 16:
+                    if verdict == _SKIP:
+                        continue
+                    if self.draining and verdict < CLOSING:
+                        verdict = OK_CLOSE | (verdict & OK_HEAD)
+                    out.append(verdict)
+                    if verdict >= CLOSING:
+                        state = _DONE
+                        break
+                    continue
+                self._kind = verdict & 0xF
+                if verdict & _EXPECT_CONTINUE:
+                    out.append(CONTINUE)
+                    continues += 1
+                if verdict & _BODY_CHUNKED:
+                    state = _CHUNK_SIZE
+                else:
+                    state = _BODY
+                    self._remaining = verdict >> _LENGTH_SHIFT
+            elif state in (_BODY, _CHUNK_DATA):
+                take = min(self._remaining, end - pos)
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    if state == _CHUNK_DATA:
+                        state = _CHUNK_END
+                    else:
+                        state = self._answer_owed(out)
+                        if state == _DONE:
+                            break
+            elif state == _CHUNK_END:
+                if end - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    out.append(BAD_REQUEST)
+                    state = _DONE
+                    break
+                pos += 2
+                state = _CHUNK_SIZE
+            else:  # _CHUNK_SIZE or _TRAILERS: line-oriented
+                eol = buf.find(b"\r\n", pos)
+                limit = self._rules.limits.field_size
+                if eol < 0:
+                    if end - pos > limit:
+                        out.append(BAD_REQUEST if state == _CHUNK_SIZE else FIELDS_TOO_LARGE)
+                        state = _DONE
+                    break
+                line = buf[pos:eol]
+                pos = eol + 2
+                if state == _CHUNK_SIZE:
+                    size = _chunk_size(line, limit)
+                    if size < 0:
+                        out.append(BAD_REQUEST)
+                        state = _DONE
+                        break
+                    if size:
+                        self._remaining = size
+                        state = _CHUNK_DATA
+                    else:
+                        state = _TRAILERS
+                        self._fields = 0
+                elif line:
+                    error = self._check_trailer(line)
+                    if error:
+                        out.append(error)
+                        state = _DONE
+                        break
+                else:
+                    self._fields = 0
+                    state = self._answer_owed(out)
+                    if state == _DONE:
+                        break
+
+        self._state = state
+        if state == _DONE:
+            self._buf = b""
+            if out and out[-1] in ERRORS:
+                rules.rejected += 1
+        else:
+            self._buf = buf[pos:] if pos < end else b""
+        rules.answered += len(out) - continues - (1 if out and out[-1] in ERRORS else 0)
+        return out
+
+    def _answer_owed(self, out: list[int]) -> int:
+        kind = self._kind
+        if self.draining and kind < CLOSING:
+            kind = OK_CLOSE | (kind & OK_HEAD)
+        out.append(kind)
+        return _DONE if kind >= CLOSING else _HEAD
+
+    def _check_partial_head(self, buf: bytes, pos: int) -> int:
+        """Apply the limits to a head still arriving, so the buffer never outgrows them."""
+        limits = self._rules.limits
+        start = pos
+        while buf.startswith(b"\r\n", start):
+            start += 2
+        if start - pos > 2 * _MAX_LEADING_EMPTY_LINES:
+            return BAD_REQUEST
+        end = len(buf)
+        eol = buf.find(b"\r\n", start)
+        if eol < 0:
+            # A request line still arriving. A CR at the end may be the first half of its CRLF.
+            pending = end - start - (1 if buf.endswith(b"\r") else 0)
+            if pending > limits.request_line:
+                return URI_TOO_LONG
+            # Reject what can never become a request line (a TLS ClientHello, binary noise) now,
+            # not after the head timeout.
+            if _REQUEST_LINE_PREFIX.fullmatch(buf, start, start + pending) is None:
+                return BAD_REQUEST
+            return 0
+        if self._checked == 0:
+            if eol - start > limits.request_line:
+                return URI_TOO_LONG
+            match = _REQUEST_LINE.fullmatch(buf, start, eol)
+            if match is None:
+                return BAD_REQUEST
+            if match.group(3) != b"1":
+                return VERSION_NOT_SUPPORTED
+        # Field lines: count and measure the complete ones not checked yet, then the partial one.
+        checked = max(self._checked, eol + 2)
+        fields = self._fields
+        while True:
+            line_end = buf.find(b"\r\n", checked)
+            if line_end < 0:
+                break
+            fields += 1
+            if fields > limits.fields or line_end - checked > limits.field_size:
+                return FIELDS_TOO_LARGE
+            checked = line_end + 2
+        self._checked = checked
+        self._fields = fields
+        pending = end - checked - (1 if buf.endswith(b"\r") else 0)
+        if pending > limits.field_size:
+            return FIELDS_TOO_LARGE
+        return 0
+
+    def _check_trailer(self, line: bytes) -> int:
+        limits = self._rules.limits
+        self._fields += 1
+        if self._fields > limits.fields or len(line) > limits.field_size:
+            return FIELDS_TOO_LARGE
+        if _FIELD_LINES.fullmatch(line + b"\r\n") is None:
+            return BAD_REQUEST
+        return 0
+
+
+def _chunk_size(line: bytes, limit: int) -> int:
+    """The size a chunk-size line announces, or -1 when the line is malformed (§7.1)."""
+    if len(line) > limit:
+        return -1
+    size, semicolon, _ = line.partition(b";")
+    if semicolon:
+        if _CHUNK_EXT.fullmatch(line, len(size.rstrip(b" \t"))) is None:
+            return -1
+        size = size.rstrip(b" \t")
+    if _CHUNK_SIZE_RE.fullmatch(size) is None:
+        return -1
+    return int(size, 16)

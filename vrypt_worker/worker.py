@@ -1,0 +1,482 @@
+"""VryptWorker: gunicorn's worker lifecycle around one gevent hub serving raw sockets.
+
+The path of one request: the hub's epoll reports a client socket readable and calls
+`Connection.on_readable` directly in the loop (no greenlet switch); it does one `recv`, hands the
+bytes to the connection's `RequestFramer`, and sends the precomputed answers for every complete
+request in that read with one `send`. Everything else here is lifecycle: accepting, the connection
+cap, timeouts, signals, draining on shutdown and recycling.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+import gevent
+import gevent.event
+from gunicorn.workers.base import Worker
+
+from vrypt_worker.framing import REQUEST_TIMEOUT, FramingRules, Limits, RequestFramer
+from vrypt_worker.response import ResponseTable
+
+_READ, _WRITE = 1, 2
+_RECV_SIZE = 65536
+# Accepts per readable event on one listener. Several workers share the load through
+# SO_REUSEPORT or a shared queue, so a worker takes a batch and lets the loop serve its clients.
+_MAX_ACCEPT = 64
+# After EMFILE/ENFILE, accepting pauses this long instead of spinning on a queue it cannot drain.
+_ACCEPT_BACKOFF = 0.5
+# A connection whose last answer said `close` is shut for writing and read until the peer closes,
+# so that unread request bytes do not turn our close into a reset that destroys the answer.
+_LINGER_TICKS = 2
+_RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+DEFAULT_HEAD_TIMEOUT = 10
+
+
+def head_timeout_from_env() -> int:
+    """VRYPT_HEAD_TIMEOUT: seconds a request head may take to arrive (slowloris guard)."""
+    raw = os.environ.get("VRYPT_HEAD_TIMEOUT", "").strip()
+    if not raw:
+        return DEFAULT_HEAD_TIMEOUT
+    value = int(raw)
+    if value <= 0:
+        raise ValueError(f"VRYPT_HEAD_TIMEOUT={raw!r}: expected a positive number of seconds")
+    return value
+
+
+class VryptWorker(Worker):
+    """A gunicorn worker that answers every HTTP/1.x request with `Vrypt`, without WSGI."""
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        """Runs once in the arbiter before any worker starts: refuse what we cannot honour."""
+        refused = []
+        if cfg.is_ssl:
+            refused.append("certfile/keyfile (TLS): terminate TLS in front of this server")
+        if "h2" in (cfg.http_protocols or []):
+            refused.append("http_protocols=h2: this worker speaks HTTP/1.x only")
+        if (cfg.proxy_protocol or "off") != "off":
+            refused.append("proxy_protocol: PROXY protocol headers are not parsed")
+        if cfg.protocol != "http":
+            refused.append(f"protocol={cfg.protocol}: only http is served")
+        if refused:
+            raise RuntimeError(
+                "vrypt_worker.VryptWorker cannot honour these settings: " + "; ".join(refused)
+            )
+        head_timeout_from_env()  # a bad value fails here, in the arbiter, not in every worker
+        log.info(
+            "vrypt_worker answers every request itself: the application %r is never imported "
+            "or called (unless preload_app imports it in the arbiter)",
+            cfg.wsgi_app or "(none)",
+        )
+        if cfg.accesslog:
+            log.warning(
+                "vrypt_worker writes no access log; accesslog=%s stays empty", cfg.accesslog
+            )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: set[Connection] = set()
+        self.rules = FramingRules(
+            Limits.from_settings(
+                self.cfg.limit_request_line,
+                self.cfg.limit_request_fields,
+                self.cfg.limit_request_field_size,
+            )
+        )
+        self.head_timeout = head_timeout_from_env()
+        self.draining = False
+        self._accepting: list[tuple[Any, socket.socket, bool]] = []
+        self._accept_paused = False
+        self._stopped = False
+        self._last_accept_error = 0.0
+
+    # gunicorn lifecycle -------------------------------------------------------------------------
+
+    def init_process(self) -> None:
+        gevent.reinit()  # the hub must not share an epoll instance with the arbiter
+        self._raise_nofile_limit()
+        super().init_process()
+
+    def load_wsgi(self) -> None:
+        self.wsgi = None  # the answer is fixed: never import the deployment's application
+
+    def init_signals(self) -> None:
+        # Signals arrive as libev watchers so their handlers run on the hub between callbacks,
+        # never interrupting a send halfway.
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        gevent.signal_handler(signal.SIGTERM, self._on_term)
+        gevent.signal_handler(signal.SIGQUIT, self._on_quit)
+        gevent.signal_handler(signal.SIGINT, self._on_quit)
+        gevent.signal_handler(signal.SIGUSR1, self.log.reopen_files)
+        gevent.signal_handler(signal.SIGABRT, self._on_abort)
+        gevent.signal_handler(signal.SIGWINCH, lambda: None)
+
+    def notify(self) -> None:
+        super().notify()
+        if self.ppid != os.getppid():
+            self.log.info("Parent changed, shutting down: %s", self)
+            self._stop()
+
+    def run(self) -> None:
+        hub = gevent.get_hub()
+        self.loop = loop = hub.loop
+        self.responses = ResponseTable(time.time())
+        self._done = gevent.event.Event()
+        for listener in self.sockets:
+            sock = listener.sock if hasattr(listener, "sock") else listener
+            sock.setblocking(False)
+            nodelay = sock.family in (socket.AF_INET, socket.AF_INET6)
+            watcher = loop.io(sock.fileno(), _READ)
+            self._accepting.append((watcher, sock, nodelay))
+        self._resume_accepting(force=True)
+        clock = loop.timer(0.25, 0.25)
+        clock.start(self._on_clock)
+        sweep = loop.timer(1.0, 1.0)
+        sweep.start(self._on_sweep)
+        self.notify()
+        try:
+            self._done.wait()
+        finally:
+            clock.stop()
+            sweep.stop()
+            for conn in list(self.connections):
+                conn.close()
+
+    # accepting ----------------------------------------------------------------------------------
+
+    def _on_acceptable(self, listener: socket.socket, nodelay: bool) -> None:
+        connections = self.connections
+        cap = self.worker_connections
+        for _ in range(_MAX_ACCEPT):
+            try:
+                sock, _addr = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    self._back_off_accepting(exc)
+                    return
+                continue  # ECONNABORTED and friends: that client is gone, the next one is not
+            try:
+                sock.setblocking(False)
+                if nodelay:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                sock.close()
+                continue
+            connections.add(Connection(self, sock))
+            if len(connections) >= cap:
+                self._pause_accepting()
+                return
+
+    @property
+    def worker_connections(self) -> int:
+        return self.cfg.worker_connections
+
+    def _pause_accepting(self) -> None:
+        if not self._accept_paused:
+            self._accept_paused = True
+            for watcher, _sock, _nodelay in self._accepting:
+                watcher.stop()
+
+    def _resume_accepting(self, force: bool = False) -> None:
+        if (self._accept_paused or force) and not self.draining:
+            self._accept_paused = False
+            for watcher, sock, nodelay in self._accepting:
+                watcher.start(self._on_acceptable, sock, nodelay)
+
+    def _back_off_accepting(self, exc: OSError) -> None:
+        now = time.monotonic()
+        if now - self._last_accept_error > 60:
+            self._last_accept_error = now
+            self.log.warning("accept failed (%s): pausing accepts for %.1fs", exc, _ACCEPT_BACKOFF)
+        self._pause_accepting()
+        timer = self.loop.timer(_ACCEPT_BACKOFF)
+        timer.start(self._end_back_off, timer)
+
+    def _end_back_off(self, timer: Any) -> None:
+        timer.close()
+        if len(self.connections) < self.worker_connections:
+            self._resume_accepting()
+
+    def connection_closed(self, conn: Connection) -> None:
+        self.connections.discard(conn)
+        if self._accept_paused and len(self.connections) < self.worker_connections:
+            self._resume_accepting()
+        if self.draining and not self.connections:
+            self._stop()
+
+    # timers ---------------------------------------------------------------------------------------
+
+    def _on_clock(self) -> None:
+        self.responses.refresh(time.time())
+
+    def _on_sweep(self) -> None:
+        self.notify()
+        keepalive = max(self.cfg.keepalive, 1)
+        for conn in list(self.connections):
+            conn.on_tick(keepalive, self.head_timeout)
+        if self.draining and (not self.connections or time.monotonic() >= self._drain_deadline):
+            if self.connections:
+                self.log.warning(
+                    "Worker graceful timeout (pid:%s): closing %d connections",
+                    self.pid,
+                    len(self.connections),
+                )
+            self._stop()
+
+    # shutdown -------------------------------------------------------------------------------------
+
+    def recycle(self) -> None:
+        """max_requests (+ jitter) reached: drain and exit so the arbiter starts a fresh worker."""
+        if not self.draining:
+            self.log.info("Autorestarting worker after current request.")
+            self.start_draining()
+
+    def start_draining(self) -> None:
+        """Stop accepting, answer what was received, close idle connections, then exit."""
+        if self.draining:
+            return
+        self.draining = True
+        self.alive = False
+        self._drain_deadline = time.monotonic() + self.cfg.graceful_timeout
+        for watcher, _sock, _nodelay in self._accepting:
+            watcher.close()
+        self._accepting.clear()
+        for listener in self.sockets:
+            self._accept_queued(listener.sock if hasattr(listener, "sock") else listener)
+            try:
+                listener.close()
+            except OSError:
+                pass
+        for conn in list(self.connections):
+            conn.drain()
+        if not self.connections:
+            self._stop()
+
+    def _accept_queued(self, listener: socket.socket) -> None:
+        """Take the connections already in this listener's queue before it closes: with
+        per-worker SO_REUSEPORT listeners, closing resets them otherwise."""
+        nodelay = listener.family in (socket.AF_INET, socket.AF_INET6)
+        for _ in range(10_000):
+            try:
+                sock, _addr = listener.accept()
+            except OSError:
+                return
+            try:
+                sock.setblocking(False)
+                if nodelay:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                sock.close()
+                continue
+            self.connections.add(Connection(self, sock))
+
+    def _stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.alive = False
+            self._done.set()
+
+    def _on_term(self) -> None:
+        self.start_draining()
+
+    def _on_quit(self) -> None:
+        self.alive = False
+        self.cfg.worker_int(self)
+        self._stop()
+
+    def _on_abort(self) -> None:
+        self.alive = False
+        self.cfg.worker_abort(self)
+        sys.exit(1)
+
+    def _raise_nofile_limit(self) -> None:
+        need = self.cfg.worker_connections + 128  # listeners, logs, heartbeat file, pipes
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < need:
+            target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+            if target > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            if target < need:
+                self.log.warning(
+                    "open-file limit %d (hard) is below worker_connections=%d: "
+                    "accepts will back off when descriptors run out",
+                    hard,
+                    self.cfg.worker_connections,
+                )
+
+
+class Connection:
+    """One client socket on the hub: read, frame, answer; back-pressure on slow readers."""
+
+    __slots__ = (
+        "framer",
+        "head_ticks",
+        "idle_ticks",
+        "lingering",
+        "pending",
+        "reader",
+        "seen",
+        "sock",
+        "table",
+        "worker",
+        "writer",
+    )
+
+    def __init__(self, worker: VryptWorker, sock: socket.socket) -> None:
+        self.worker = worker
+        self.sock = sock
+        self.framer = RequestFramer(worker.rules)
+        self.table = worker.responses.bytes_for
+        self.pending = b""  # answer bytes the kernel did not take yet
+        self.writer: Any = None
+        self.seen = True
+        self.idle_ticks = 0
+        self.head_ticks = 0
+        self.lingering = 0
+        self.reader = worker.loop.io(sock.fileno(), _READ)
+        self.reader.start(self.on_readable)
+        if worker.draining:
+            self.framer.draining = True
+
+    def on_readable(self) -> None:
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self.seen = True
+        if self.lingering:
+            return  # discarding what follows a final answer
+        try:
+            out = self.framer.feed(data)
+            if out:
+                table = self.table
+                self.send(table[out[0]] if len(out) == 1 else b"".join([table[k] for k in out]))
+                worker = self.worker
+                if worker.rules.answered >= worker.max_requests:
+                    worker.recycle()
+            if self.framer.closed and not self.pending:
+                self.linger()
+        except Exception:
+            # A bug must cost one connection, never the worker and its other clients.
+            self.worker.log.exception("vrypt_worker: closing a connection after an internal error")
+            self.close()
+
+    def send(self, payload: bytes) -> None:
+        if self.pending:
+            self.pending += payload
+            return
+        try:
+            sent = self.sock.send(payload)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        if sent < len(payload):
+            # The peer reads slower than it sends: stop reading it until it has taken our answers,
+            # so a client that pipelines without reading cannot grow our memory.
+            self.pending = payload[sent:]
+            self.reader.stop()
+            if self.writer is None:
+                self.writer = self.worker.loop.io(self.sock.fileno(), _WRITE)
+            self.writer.start(self.on_writable)
+
+    def on_writable(self) -> None:
+        try:
+            sent = self.sock.send(self.pending)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        self.pending = self.pending[sent:]
+        if self.pending:
+            return
+        self.writer.stop()
+        self.seen = True
+        if self.framer.closed:
+            self.linger()
+        elif self.reader is not None:
+            self.reader.start(self.on_readable)
+
+    def linger(self) -> None:
+        """After the final answer: half-close, then read and drop until the peer closes."""
+        if self.lingering:
+            return
+        self.lingering = 1
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close()
+            return
+        if self.reader is not None and not self.reader.active:
+            self.reader.start(self.on_readable)
+
+    def drain(self) -> None:
+        """Graceful shutdown: the next answer closes; an idle connection closes now, unless a
+        request already waits in the kernel for us."""
+        self.framer.draining = True
+        if self.framer.idle and not self.pending and not self.lingering:
+            self.on_readable()
+            if self.reader is not None and self.framer.idle and not self.pending:
+                self.close()
+
+    def on_tick(self, keepalive: int, head_timeout: int) -> None:
+        """Once a second, from the worker's sweep: keep-alive, head and linger timeouts."""
+        if self.lingering:
+            self.lingering += 1
+            if self.lingering > _LINGER_TICKS:
+                self.close()
+            return
+        if self.seen:
+            self.seen = False
+            self.idle_ticks = 0
+        else:
+            self.idle_ticks += 1
+        if self.framer.in_head:
+            self.head_ticks += 1
+            if self.head_ticks >= head_timeout:
+                self.worker.rules.rejected += 1
+                self.framer.draining = True
+                self.send(self.table[REQUEST_TIMEOUT])
+                self.close_after_send()
+                return
+        else:
+            self.head_ticks = 0
+        if self.idle_ticks >= keepalive and not self.pending:
+            self.close()
+
+    def close_after_send(self) -> None:
+        self.framer.finish()
+        if not self.pending:
+            self.linger()
+
+    def close(self) -> None:
+        if self.reader is None:
+            return
+        self.reader.close()
+        self.reader = None
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+        self.worker.connection_closed(self)
