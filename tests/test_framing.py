@@ -1,0 +1,353 @@
+"""The framing core on its own: every split point, generated input, each class of bad input."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vrypt_worker import framing as f
+from vrypt_worker.framing import FramingRules, Limits, RequestFramer
+
+GET = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n"
+HEAD = b"HEAD /x HTTP/1.1\r\nHost: example\r\n\r\n"
+POST = b"POST /p HTTP/1.1\r\nHost: e\r\nContent-Length: 11\r\n\r\nhello world"
+CHUNKED = (
+    b"PUT /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b'5;name=value;q="a \\"b"\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: yes\r\n\r\n'
+)
+FOO = b"FOO * HTTP/1.1\r\n\r\n"
+SAMPLES = [
+    (GET, f.OK),
+    (HEAD, f.OK_HEAD),
+    (POST, f.OK),
+    (CHUNKED, f.OK),
+    (FOO, f.OK),
+    (b"OPTIONS * HTTP/1.1\r\n\r\n", f.OK),
+    (b"GET http://example.com/a?b=c HTTP/1.1\r\nHost: example.com\r\n\r\n", f.OK),
+    (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", f.OK_KEEP_ALIVE),
+    (b"HEAD / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", f.OK_KEEP_ALIVE_HEAD),
+    (b"get / HTTP/1.1\r\n\r\n", f.OK),  # methods are case-sensitive: `get` is just a token
+    (b"GET / HTTP/1.1\r\nX-Empty:\r\nX-Tab:\tv\t\r\nX-Obs: \xe9t\xe9\r\n\r\n", f.OK),
+    (b"GET / HTTP/1.2\r\n\r\n", f.OK),  # a higher minor version is handled as 1.1
+]
+CLOSING_SAMPLES = [
+    (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", f.OK_CLOSE),
+    (b"GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n", f.OK_CLOSE),
+    (b"HEAD / HTTP/1.1\r\nConnection: close\r\n\r\n", f.OK_CLOSE_HEAD),
+    (b"GET / HTTP/1.0\r\n\r\n", f.OK_CLOSE),
+    (b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n", f.OK_CLOSE),
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", f.OK_CLOSE),
+    (b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", f.OK_CLOSE),
+    (b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", f.OK_CLOSE),
+]
+BAD = [
+    # ambiguous or broken framing
+    (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\nabcd", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nContent-Length: -3\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nContent-Length: 0x10\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nContent-Length: 1 2\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nContent-Length:\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding:\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: foo, chunked\r\n\r\n", f.NOT_IMPLEMENTED),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n", f.NOT_IMPLEMENTED),
+    # bad chunks
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nz\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;\r\nabc\r\n", f.BAD_REQUEST),
+    (b'POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;a="b\r\nabc\r\n', f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n", f.BAD_REQUEST),
+    (
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nBad Trailer\r\n\r\n",
+        f.BAD_REQUEST,
+    ),
+    # invalid request lines and field names
+    (b"GET  / HTTP/1.1\r\n\r\n", f.BAD_REQUEST),
+    (b"GET / HTTP/1.1 \r\n\r\n", f.BAD_REQUEST),
+    (b"GET /a b HTTP/1.1\r\n\r\n", f.BAD_REQUEST),
+    (b"GET / http/1.1\r\n\r\n", f.BAD_REQUEST),
+    (b"GET / HTTP/1.10\r\n\r\n", f.BAD_REQUEST),
+    (b"GET /\x00 HTTP/1.1\r\n\r\n", f.BAD_REQUEST),
+    (b"G(T / HTTP/1.1\r\n\r\n", f.BAD_REQUEST),
+    (b"GET /\r\n\r\n", f.BAD_REQUEST),  # HTTP/0.9 form
+    (b"GET / HTTP/1.1\nHost: x\n\n", f.BAD_REQUEST),  # bare LF
+    (b"GET / HTTP/1.1\r\nHost : x\r\n\r\n", f.BAD_REQUEST),
+    (b"GET / HTTP/1.1\r\nHo st: x\r\n\r\n", f.BAD_REQUEST),
+    (b"GET / HTTP/1.1\r\n: x\r\n\r\n", f.BAD_REQUEST),
+    (b"GET / HTTP/1.1\r\nHost\r\n\r\n", f.BAD_REQUEST),
+    (b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n", f.BAD_REQUEST),
+    (b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n", f.BAD_REQUEST),
+    (b"GET / HTTP/1.1\r\nX: a\r\n folded\r\n\r\n", f.BAD_REQUEST),
+    (b"GET / HTTP/1.1\r\n X: a\r\n\r\n", f.BAD_REQUEST),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", f.BAD_REQUEST),  # TLS ClientHello
+    (b"\x00\x00\x00", f.BAD_REQUEST),
+    (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", f.VERSION_NOT_SUPPORTED),  # HTTP/2 preface
+    (b"GET / HTTP/2.0\r\n\r\n", f.VERSION_NOT_SUPPORTED),
+    (b"GET / HTTP/0.9\r\n\r\n", f.VERSION_NOT_SUPPORTED),
+    (b"GET / HTTP/3.1\r\nHost: x", f.VERSION_NOT_SUPPORTED),  # decided at the end of the line
+]
+
+
+def frame(*chunks: bytes, limits: Limits | None = None) -> tuple[list[int], bool]:
+    framer = RequestFramer(FramingRules(limits))
+    answers: list[int] = []
+    for chunk in chunks:
+        answers += framer.feed(chunk)
+    return answers, framer.closed
+
+
+def splits(data: bytes, points: list[int]) -> list[bytes]:
+    cuts = [0, *sorted(set(points)), len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+
+
+@pytest.mark.parametrize(("request_bytes", "answer"), SAMPLES + CLOSING_SAMPLES)
+def test_each_sample_gets_its_answer(request_bytes: bytes, answer: int) -> None:
+    assert frame(request_bytes) == ([answer], answer >= f.CLOSING)
+
+
+@pytest.mark.parametrize(("request_bytes", "answer"), SAMPLES + CLOSING_SAMPLES)
+def test_every_split_point_gives_the_same_answer(request_bytes: bytes, answer: int) -> None:
+    for cut in range(1, len(request_bytes)):
+        assert frame(request_bytes[:cut], request_bytes[cut:]) == (
+            [answer],
+            answer >= f.CLOSING,
+        ), cut
+
+
+@pytest.mark.parametrize(("request_bytes", "answer"), SAMPLES + CLOSING_SAMPLES)
+def test_byte_by_byte(request_bytes: bytes, answer: int) -> None:
+    chunks = [request_bytes[i : i + 1] for i in range(len(request_bytes))]
+    assert frame(*chunks) == ([answer], answer >= f.CLOSING)
+
+
+def test_pipeline_mixing_methods_and_bodies_is_answered_in_order() -> None:
+    pipeline = GET + HEAD + POST + CHUNKED + FOO + HEAD + GET
+    expected = [f.OK, f.OK_HEAD, f.OK, f.OK, f.OK, f.OK_HEAD, f.OK]
+    assert frame(pipeline) == (expected, False)
+    for cut in range(1, len(pipeline)):
+        assert frame(pipeline[:cut], pipeline[cut:]) == (expected, False), cut
+
+
+def test_identical_pipelined_heads_then_a_different_one() -> None:
+    other = b"GET /other HTTP/1.1\r\n\r\n"
+    assert frame(GET * 16 + other + GET * 3 + HEAD) == ([f.OK] * 20 + [f.OK_HEAD], False)
+
+
+def test_body_bytes_that_look_like_requests_are_body() -> None:
+    body = GET + GET  # a POST carrying request-shaped bytes must not be answered three times
+    post = b"POST / HTTP/1.1\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    assert frame(post) == ([f.OK], False)
+    chunked = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n" % len(body)
+    assert frame(chunked + body + b"\r\n0\r\n\r\n") == ([f.OK], False)
+
+
+def test_answer_waits_for_the_whole_body() -> None:
+    framer = RequestFramer(FramingRules())
+    assert framer.feed(POST[:-3]) == []
+    assert not framer.idle
+    assert framer.feed(POST[-3:]) == [f.OK]
+    assert framer.idle
+
+
+def test_large_chunked_body_keeps_no_buffer() -> None:
+    framer = RequestFramer(FramingRules())
+    assert framer.feed(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n") == []
+    chunk = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+    for _ in range(200):
+        for piece in splits(chunk, [3, 100, 40000]):
+            assert framer.feed(piece) == []
+            assert framer.buffered < 16
+    assert framer.feed(b"0\r\n\r\n") == [f.OK]
+
+
+def test_empty_lines_before_a_request_are_ignored() -> None:
+    assert frame(b"\r\n\r\n\r\n" + GET) == ([f.OK], False)
+    assert frame(GET + b"\r\n" + GET) == ([f.OK, f.OK], False)
+
+
+def test_expect_100_continue_gets_an_interim_answer_before_the_body() -> None:
+    head = b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n"
+    framer = RequestFramer(FramingRules())
+    assert framer.feed(head) == [f.CONTINUE]
+    assert framer.feed(b"abc") == [f.OK]
+    # HTTP/1.0 clients must not get a 1xx; a request without a body needs none.
+    assert frame(head.replace(b"1.1", b"1.0") + b"abc") == ([f.OK_CLOSE], True)
+    assert frame(b"GET / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n") == ([f.OK], False)
+
+
+def test_nothing_after_a_closing_answer_is_answered() -> None:
+    assert frame(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n" + GET * 3) == ([f.OK_CLOSE], True)
+    framer = RequestFramer(FramingRules())
+    framer.feed(b"GET / HTTP/1.0\r\n\r\n")
+    assert framer.feed(GET) == []
+
+
+def test_draining_turns_the_next_answer_into_the_last() -> None:
+    framer = RequestFramer(FramingRules())
+    framer.draining = True
+    assert framer.feed(GET + GET) == [f.OK_CLOSE]
+    framer = RequestFramer(FramingRules())
+    framer.feed(POST[:-1])
+    framer.draining = True
+    assert framer.feed(POST[-1:]) == [f.OK_CLOSE]
+    assert framer.closed
+
+
+@pytest.mark.parametrize(("request_bytes", "answer"), BAD)
+def test_bad_input_gets_its_error_and_ends_the_connection(
+    request_bytes: bytes, answer: int
+) -> None:
+    answers, closed = frame(GET + request_bytes + GET)
+    assert (answers, closed) == ([f.OK, answer], True)
+
+
+@pytest.mark.parametrize(("request_bytes", "answer"), BAD)
+def test_bad_input_split_anywhere_never_gets_a_200(request_bytes: bytes, answer: int) -> None:
+    for cut in range(1, len(request_bytes)):
+        answers, _ = frame(request_bytes[:cut], request_bytes[cut:], b"\r\n\r\n" + GET)
+        assert f.OK not in answers and answers[:1] in ([answer], []), (cut, answers)
+
+
+def test_request_line_limit_is_414_before_the_line_ends() -> None:
+    limits = Limits(request_line=100, fields=10, field_size=200)
+    assert frame(b"GET /" + b"a" * 94 + b" HTTP/1.1\r\n\r\n", limits=limits)[0] == [f.URI_TOO_LONG]
+    assert frame(b"GET /" + b"a" * 85 + b" HTTP/1.1\r\n\r\n", limits=limits)[0] == [f.OK]
+    framer = RequestFramer(FramingRules(limits))
+    assert framer.feed(b"GET /" + b"a" * 95) == []
+    assert framer.feed(b"a") == [f.URI_TOO_LONG]
+
+
+def test_field_limits_are_431_before_the_head_ends() -> None:
+    limits = Limits(request_line=100, fields=3, field_size=20)
+    three = b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n"
+    assert frame(three + b"\r\n", limits=limits)[0] == [f.OK]
+    assert frame(three + b"D: 4\r\n\r\n", limits=limits)[0] == [f.FIELDS_TOO_LARGE]
+    framer = RequestFramer(FramingRules(limits))
+    assert framer.feed(three) == []
+    assert framer.feed(b"D: 4\r\n") == [f.FIELDS_TOO_LARGE]
+    assert frame(b"GET / HTTP/1.1\r\nA: " + b"x" * 17 + b"\r\n\r\n", limits=limits)[0] == [f.OK]
+    assert frame(b"GET / HTTP/1.1\r\nA: " + b"x" * 18 + b"\r\n\r\n", limits=limits)[0] == [
+        f.FIELDS_TOO_LARGE
+    ]
+    framer = RequestFramer(FramingRules(limits))
+    assert framer.feed(b"GET / HTTP/1.1\r\nA: " + b"x" * 17) == []
+    assert framer.feed(b"x") == [f.FIELDS_TOO_LARGE]
+
+
+def test_trailer_limits() -> None:
+    limits = Limits(request_line=100, fields=2, field_size=30)
+    head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+    assert frame(head + b"A: 1\r\nB: 2\r\n\r\n", limits=limits)[0] == [f.OK]
+    assert frame(head + b"A: 1\r\nB: 2\r\nC: 3\r\n\r\n", limits=limits)[0] == [f.FIELDS_TOO_LARGE]
+    assert frame(head + b"A: " + b"x" * 40, limits=limits)[0] == [f.FIELDS_TOO_LARGE]
+
+
+def test_gunicorn_limit_settings_are_normalised_like_gunicorn() -> None:
+    assert Limits.from_settings(0, 0, 0) == Limits(8190, 32768, 65536)
+    assert Limits.from_settings(99999, 99999, 10) == Limits(8190, 32768, 10)
+
+
+def test_counters() -> None:
+    rules = FramingRules()
+    RequestFramer(rules).feed(GET * 3)
+    RequestFramer(rules).feed(
+        b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx"
+    )
+    RequestFramer(rules).feed(GET + b"BAD\r\n\r\n")
+    assert (rules.answered, rules.rejected) == (5, 1)
+
+
+# --- generated input ---------------------------------------------------------------------------
+
+_method = st.sampled_from([b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"FOO", b"M-SEARCH"])
+_target = st.sampled_from([b"/", b"/a/b?c=d", b"*", b"http://h/x", b"h:443", b"/%20"])
+_field = st.tuples(
+    st.sampled_from([b"Host", b"X-A", b"Accept", b"user-agent", b"Cookie"]),
+    st.binary(max_size=20).map(lambda v: bytes(c for c in v if 0x20 <= c < 0x7F).strip()),
+)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[bytes, int]:
+    """A valid keep-alive HTTP/1.1 request and the answer it is owed."""
+    method = draw(_method)
+    fields = draw(st.lists(_field, max_size=5))
+    head = method + b" " + draw(_target) + b" HTTP/1.1\r\n"
+    head += b"".join(name + b": " + value + b"\r\n" for name, value in fields)
+    body_kind = draw(st.sampled_from(["none", "length", "chunked"]))
+    body = draw(st.binary(max_size=60))
+    if body_kind == "length":
+        head += b"Content-Length: %d\r\n" % len(body)
+        payload = body
+    elif body_kind == "chunked":
+        head += b"Transfer-Encoding: chunked\r\n"
+        sizes = draw(st.lists(st.integers(1, 20), max_size=4))
+        payload = b""
+        rest = body
+        for size in sizes:
+            piece, rest = rest[:size], rest[size:]
+            if piece:
+                payload += b"%x\r\n" % len(piece) + piece + b"\r\n"
+        payload += b"0\r\n\r\n"
+    else:
+        payload = b""
+    answer = f.OK_HEAD if method == b"HEAD" else f.OK
+    return head + b"\r\n" + payload, answer
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(requests(), min_size=1, max_size=8), st.data())
+def test_generated_pipelines_split_anywhere(
+    pipeline: list[tuple[bytes, int]], data: st.DataObject
+) -> None:
+    stream = b"".join(request for request, _ in pipeline)
+    expected = [answer for _, answer in pipeline]
+    points = data.draw(st.lists(st.integers(1, max(1, len(stream) - 1)), max_size=10))
+    assert frame(*splits(stream, points)) == (expected, False)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(requests(), min_size=1, max_size=4), st.data())
+def test_mutated_input_never_gets_more_answers_than_requests(
+    pipeline: list[tuple[bytes, int]], data: st.DataObject
+) -> None:
+    stream = bytearray(b"".join(request for request, _ in pipeline))
+    for _ in range(data.draw(st.integers(1, 4))):
+        index = data.draw(st.integers(0, len(stream) - 1))
+        action = data.draw(st.sampled_from(["flip", "insert", "delete"]))
+        if action == "flip":
+            stream[index] = data.draw(st.integers(0, 255))
+        elif action == "insert":
+            stream[index:index] = data.draw(st.sampled_from([b"\r\n", b"\n", b" ", b":", b"0"]))
+        else:
+            del stream[index]
+    answers, closed = frame(bytes(stream))
+    finals = [a for a in answers if a != f.CONTINUE]
+    assert len([a for a in finals if a not in f.ERRORS]) <= len(pipeline)
+    errors = [a for a in finals if a in f.ERRORS]
+    assert len(errors) <= 1 and (not errors or finals[-1] in f.ERRORS)
+    assert not errors or closed
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_never_crash_and_errors_close(noise: bytes) -> None:
+    answers, closed = frame(noise)
+    if any(a in f.ERRORS for a in answers):
+        assert closed and answers[-1] in f.ERRORS
