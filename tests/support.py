@@ -218,8 +218,10 @@ class StrictReader:
             while self._fill():
                 pass
         except TimeoutError:
+            assert not self.buf, f"bytes that are no answer: {self.buf!r}"
             return False
-        return not self.buf
+        assert not self.buf, f"bytes that are no answer: {self.buf!r}"
+        return True
 
 
 def read_responses(

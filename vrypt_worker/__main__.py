@@ -1,0 +1,3 @@
+from vrypt_worker.cli import main
+
+main()
