@@ -42,6 +42,17 @@ from bench.stats import check_targets, summarize
 DEFAULT_OUT = ROOT / "bench" / "results"
 
 
+class UsageError(Exception):
+    """A bad choice of servers or scenarios: reported like an argparse error, exit code 2."""
+
+
+def _peer(arg: str) -> ServerSpec:
+    try:
+        return peer_spec(arg)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
@@ -53,6 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--peer",
+        type=_peer,
         action="append",
         default=[],
         metavar="NAME=COMMAND",
@@ -90,10 +102,10 @@ def pick_servers(args: argparse.Namespace) -> list[ServerSpec]:
         names = [n.strip() for n in args.servers.split(",") if n.strip()]
         unknown = [n for n in names if n not in BUILTIN]
         if unknown:
-            raise SystemExit(f"unknown server(s) {unknown}; built-in: {list(BUILTIN)}")
+            raise UsageError(f"unknown server(s) {unknown}; built-in: {list(BUILTIN)}")
         missing = [n for n in names if not available(n)]
         if missing:
-            raise SystemExit(f"not available on this machine: {missing}")
+            raise UsageError(f"not available on this machine: {missing}")
     else:
         names = [n for n in BUILTIN if available(n)]
         for skipped in sorted(set(BUILTIN) - set(names)):
@@ -102,9 +114,9 @@ def pick_servers(args: argparse.Namespace) -> list[ServerSpec]:
             refs = [n for n in names if n != "vrypt"]
             names = [n for n in names if n == "vrypt"] + refs[:1]
     specs = [BUILTIN[n] for n in names]
-    specs += [peer_spec(p) for p in args.peer]
+    specs += args.peer
     if len({s.name for s in specs}) != len(specs):
-        raise SystemExit("server names must be unique")
+        raise UsageError("server names must be unique")
     return specs
 
 
@@ -115,7 +127,7 @@ def pick_scenarios(args: argparse.Namespace) -> list[Scenario]:
         names = list(QUICK_SCENARIOS if args.quick else DEFAULT_SCENARIOS)
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
-        raise SystemExit(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
+        raise UsageError(f"unknown scenario(s) {unknown}; known: {list(SCENARIOS)}")
     scenarios = [SCENARIOS[n] for n in names]
     if len(available_cpus()) < 2:
         progress("warning: one CPU only: server and wrk share it; all-cores scenarios skipped")
@@ -128,7 +140,8 @@ def _version(argv: list[str]) -> str:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except OSError:
         return "?"
-    return (done.stdout + done.stderr).strip().splitlines()[0] if done.returncode == 0 else "?"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    return lines[0] if lines else "?"
 
 
 def _cpu_model() -> str:
@@ -189,8 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
-    specs = pick_servers(args)
-    scenarios = pick_scenarios(args)
+    try:
+        specs = pick_servers(args)
+        scenarios = pick_scenarios(args)
+    except UsageError as exc:
+        progress(f"python -m bench: error: {exc}")
+        return 2
     meta = collect_meta(args, argv, specs, scenarios)
     runs: list[Run] = []
 

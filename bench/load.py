@@ -12,19 +12,44 @@ from bench.scenarios import Placement, Scenario, cpu_list
 
 WRK = shutil.which("wrk") or "/usr/bin/wrk"
 
-# One write of N requests per connection; wrk waits for all N responses before the next write
-# (it counts the requests in what request() returns) and records one latency per batch.
-PIPELINE_LUA = """\
+# Lua for wrk. With depth > 1, one write of `depth` requests per connection: wrk counts the
+# requests in what request() returns and waits for all their responses before the next write.
+# done() computes p50/p99 from wrk's raw latency histogram, because wrk's own "Latency
+# Distribution" is wrong with pipelining (it prints 0 for the 99th percentile, wg/wrk#236).
+SCRIPT_LUA = """\
 local depth = {depth}
-init = function(args)
-  local batch = {{}}
-  for i = 1, depth do
-    batch[i] = wrk.format(nil, "/")
+if depth > 1 then
+  init = function(args)
+    local batch = {{}}
+    for i = 1, depth do
+      batch[i] = wrk.format(nil, "/")
+    end
+    req = table.concat(batch)
   end
-  req = table.concat(batch)
+  request = function()
+    return req
+  end
 end
-request = function()
-  return req
+done = function(summary, latency, requests)
+  local total = 0
+  for i = 1, #latency do
+    local _, count = latency(i)
+    total = total + count
+  end
+  local want = {{50, 99}}
+  local found = {{}}
+  local seen = 0
+  local k = 1
+  for i = 1, #latency do
+    local value, count = latency(i)
+    seen = seen + count
+    while k <= #want and seen >= math.ceil(total * want[k] / 100) do
+      found[k] = value
+      k = k + 1
+    end
+  end
+  io.write(string.format("bench-latency samples=%d p50=%d p99=%d\\n",
+    total, found[1] or 0, found[2] or 0))
 end
 """
 
@@ -58,7 +83,7 @@ def wrk_command(
     threads = min(len(where.load_cpus), scenario.connections)
     argv = [
         "taskset", "-c", cpu_list(where.load_cpus),
-        WRK, "--latency",
+        WRK,
         "-t", str(threads),
         "-c", str(scenario.connections),
         "-d", f"{max(1, round(seconds))}s",
@@ -66,10 +91,9 @@ def wrk_command(
     ]  # fmt: skip
     if scenario.close:
         argv += ["-H", "Connection: close"]
-    if scenario.pipeline > 1:
-        script = script_dir / f"pipeline{scenario.pipeline}.lua"
-        script.write_text(PIPELINE_LUA.format(depth=scenario.pipeline))
-        argv += ["-s", str(script)]
+    script = script_dir / f"depth{scenario.pipeline}.lua"
+    script.write_text(SCRIPT_LUA.format(depth=scenario.pipeline))
+    argv += ["-s", str(script)]
     return [*argv, f"http://127.0.0.1:{port}/"]
 
 
@@ -85,9 +109,8 @@ def _duration_us(text: str) -> float:
 
 def parse_wrk(output: str) -> LoadResult:
     done = re.search(r"^\s*(\d+) requests in ([\d.]+)(us|ms|s|m)", output, re.M)
-    p50 = re.search(r"^\s*50(?:\.0+)?%\s+(\S+)", output, re.M)
-    p99 = re.search(r"^\s*99(?:\.0+)?%\s+(\S+)", output, re.M)
-    if not (done and p50 and p99):
+    latency = re.search(r"^bench-latency samples=(\d+) p50=(\d+) p99=(\d+)", output, re.M)
+    if not (done and latency):
         raise LoadError(f"unreadable wrk output:\n{output}")
     seconds = _duration_us(done[2] + done[3]) / 1e6
     requests = int(done[1])
@@ -99,8 +122,8 @@ def parse_wrk(output: str) -> LoadResult:
         requests=requests,
         seconds=seconds,
         rps=requests / seconds if seconds else 0.0,
-        p50_us=_duration_us(p50[1]),
-        p99_us=_duration_us(p99[1]),
+        p50_us=float(latency[2]),
+        p99_us=float(latency[3]),
         socket_errors=sum(int(g) for g in sock.groups()) if sock else 0,
         non_2xx=int(non_2xx[1]) if non_2xx else 0,
     )

@@ -74,3 +74,19 @@ def sample_tree(sid: int) -> TreeSample:
         cpu_s=sum(cpu_seconds(p) for p in pids),
         rss_kb=tuple(peak_rss_kb(p) for p in pids),
     )
+
+
+def cores_busy_seconds(cpus: tuple[int, ...]) -> float:
+    """Busy time (user, nice, system, irq, softirq) of the given CPUs from /proc/stat.
+
+    Unlike a process's utime+stime, this includes the softirq time the kernel spends on the
+    server's core for loopback TCP (accounted apart from tasks when the kernel has
+    IRQ_TIME_ACCOUNTING): a fuller figure when the server has its core to itself."""
+    wanted = {f"cpu{c}" for c in cpus}
+    total = 0
+    for line in (PROC / "stat").read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0] in wanted:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+            total += user + nice + system + irq + softirq
+    return total / CLK_TCK

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.load import run_wrk, wrk_command
-from bench.procstat import sample_tree
+from bench.procstat import cores_busy_seconds, sample_tree
 from bench.scenarios import Placement, Scenario, available_cpus, placement
 from bench.servers import ServerSpec, running
 
@@ -24,6 +24,7 @@ class Run:
     seconds: float
     rps: float
     cpu_us_per_req: float
+    core_us_per_req: float | None  # busy time of the server's core(s), when not shared with wrk
     p50_us: float
     p99_us: float
     peak_rss_kb: int  # sum of VmHWM over the server's processes
@@ -49,10 +50,10 @@ def measure(
         if warmup > 0:
             run_wrk(wrk_command(scenario, where, server.port, warmup, Path(tmp)), warmup)
         argv = wrk_command(scenario, where, server.port, seconds, Path(tmp))
-        before = sample_tree(server.sid)
+        before, core_before = sample_tree(server.sid), cores_busy_seconds(where.server_cpus)
         result = run_wrk(argv, seconds)
-        after = sample_tree(server.sid)
-    cpu_us = (after.cpu_s - before.cpu_s) * 1e6 / result.requests if result.requests else 0.0
+        after, core_after = sample_tree(server.sid), cores_busy_seconds(where.server_cpus)
+    per_req = 1e6 / result.requests if result.requests else 0.0
     return Run(
         server=spec.name,
         scenario=scenario.name,
@@ -60,7 +61,8 @@ def measure(
         requests=result.requests,
         seconds=result.seconds,
         rps=result.rps,
-        cpu_us_per_req=cpu_us,
+        cpu_us_per_req=(after.cpu_s - before.cpu_s) * per_req,
+        core_us_per_req=None if where.shared else (core_after - core_before) * per_req,
         p50_us=result.p50_us,
         p99_us=result.p99_us,
         peak_rss_kb=sum(after.rss_kb),
@@ -114,7 +116,9 @@ def run_all(
             on_failure(round_no, scenario.name, spec.name, exc)
             continue
         progress(
-            f"    {run.rps:,.0f} rps, {run.cpu_us_per_req:.2f} µs CPU/req, "
+            f"    {run.rps:,.0f} rps, {run.cpu_us_per_req:.2f} µs CPU/req"
+            + (f" ({run.core_us_per_req:.2f} core)" if run.core_us_per_req is not None else "")
+            + ", "
             f"p50 {run.p50_us:,.0f} µs, p99 {run.p99_us:,.0f} µs, errors "
             f"{run.socket_errors + run.non_2xx}"
         )

@@ -1,0 +1,142 @@
+"""Smoke tests of the benchmark harness (`python -m bench`): it must keep working end to end.
+
+The full benchmark is not part of the test suite; `--quick` runs one second per server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+needs_wrk = pytest.mark.skipif(
+    shutil.which("wrk") is None, reason="wrk is not installed (apt-get install wrk)"
+)
+
+
+def bench(*args: str, **kwargs) -> subprocess.Popen[str]:
+    env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
+
+
+def procs_with(marker: str) -> list[str]:
+    """Command lines of live processes that mention ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline:
+                found.append(cmdline)
+    return found
+
+
+@needs_wrk
+def test_quick_run_writes_json_markdown_and_charts(tmp_path: Path) -> None:
+    proc = bench("--quick", "--out", str(tmp_path))
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+
+    data = json.loads((tmp_path / "results.json").read_text())
+    servers = [s["name"] for s in data["servers"]]
+    assert servers[0] == "vrypt"
+    assert servers[1] in ("nginx", "gevent")
+    assert [s["name"] for s in data["scenarios"]] == ["ka100"]
+    assert data["failures"] == []
+    summary = {(s["server"], s["scenario"]): s for s in data["summary"]}
+    assert set(summary) == {(name, "ka100") for name in servers}
+    for s in summary.values():
+        assert s["rps"] > 0
+        assert s["cpu_us"] > 0
+        assert s["peak_rss_kb"] > 0
+        assert 0 < s["p50_us"] <= s["p99_us"]
+        assert s["errors"] == 0
+    assert summary[("vrypt", "ka100")]["cpu_vs"][servers[1]] > 0
+    assert len(data["runs"]) == 2
+
+    table = (tmp_path / "results.md").read_text()
+    assert "| vrypt |" in table and f"| {servers[1]} |" in table
+    for chart in ("rps.png", "cpu.png"):
+        assert (tmp_path / chart).read_bytes().startswith(b"\x89PNG")
+    # Progress goes to stderr, the table to stdout.
+    assert "ka100 · vrypt" in err
+    assert "| vrypt |" in out
+
+
+@needs_wrk
+@pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason="nginx is not installed")
+def test_pipelined_run_and_a_peer_are_measured(tmp_path: Path) -> None:
+    # A peer is any command with {port}: here nginx again, started by the peer mechanism.
+    conf = tmp_path / "peer.conf"
+    conf.write_text(
+        "daemon off; pid peer.pid; error_log stderr;\n"
+        "events {}\n"
+        "http { access_log off; client_body_temp_path body; proxy_temp_path proxy;\n"
+        "  fastcgi_temp_path fcgi; uwsgi_temp_path uwsgi; scgi_temp_path scgi;\n"
+        '  server { listen 127.0.0.1:PORT; location / { return 200 "Vrypt"; } } }\n'
+    )
+    peer = (
+        f"sed s/PORT/{{port}}/ {conf} > {tmp_path}/p{{port}}.conf && "
+        f"exec {NGINX} -p {tmp_path} -e stderr -c {tmp_path}/p{{port}}.conf"
+    )
+    proc = bench(
+        "--servers", "nginx", "--peer", f"other={peer}",
+        "--scenarios", "pipe16", "--rounds", "1", "--duration", "1", "--warmup", "0",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    summary = {s["server"]: s for s in data["summary"]}
+    assert set(summary) == {"nginx", "other"}
+    for s in summary.values():
+        assert s["scenario"] == "pipe16"
+        assert s["rps"] > 0 and s["errors"] == 0
+        # wrk's own percentiles are broken with pipelining; ours come from its histogram.
+        assert 0 < s["p50_us"] <= s["p99_us"]
+
+
+@needs_wrk
+@pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason="nginx is not installed")
+def test_interrupted_run_leaves_no_server_behind(tmp_path: Path) -> None:
+    proc = bench(
+        "--servers", "nginx", "--scenarios", "ka100", "--rounds", "1", "--duration", "5",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not procs_with("bench-nginx-") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert procs_with("bench-nginx-"), "nginx never started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err
+    assert procs_with("bench-nginx-") == []
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_bad_peer_is_refused() -> None:
+    proc = bench("--peer", "nameonly", "--quick")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert "NAME=COMMAND" in err
