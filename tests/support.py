@@ -126,7 +126,7 @@ def wait_ready(server: Server, workers: int = 1, timeout: float = 20.0) -> None:
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise AssertionError(f"gunicorn exited with {server.proc.returncode}:\n{server.log}")
-        if server.log.count("Booting worker") >= workers and len(server.worker_pids()) >= workers:
+        if len(server.worker_pids()) >= workers:
             try:
                 with server.connect(timeout=1) as sock:
                     sock.sendall(b"GET /ready HTTP/1.1\r\n\r\n")

@@ -199,14 +199,25 @@ def test_nothing_after_a_closing_answer_is_answered() -> None:
 
 
 def test_draining_turns_the_next_answer_into_the_last() -> None:
-    framer = RequestFramer(FramingRules())
-    framer.draining = True
-    assert framer.feed(GET + GET) == [f.OK_CLOSE]
-    framer = RequestFramer(FramingRules())
+    rules = FramingRules()
+    rules.open_until = 0
+    assert RequestFramer(rules).feed(GET + GET) == [f.OK_CLOSE]
+    rules = FramingRules()
+    framer = RequestFramer(rules)
     framer.feed(POST[:-1])
-    framer.draining = True
+    rules.open_until = 0
     assert framer.feed(POST[-1:]) == [f.OK_CLOSE]
     assert framer.closed
+
+
+def test_the_answer_that_reaches_the_budget_closes() -> None:
+    rules = FramingRules()
+    rules.open_until = 4  # max_requests = 5
+    framer = RequestFramer(rules)
+    assert framer.feed(GET * 3) == [f.OK] * 3
+    assert framer.feed(GET) == [f.OK]
+    assert framer.feed(HEAD + GET) == [f.OK_CLOSE_HEAD]
+    assert rules.answered == 5
 
 
 @pytest.mark.parametrize(("request_bytes", "answer"), BAD)
@@ -270,7 +281,7 @@ def test_counters() -> None:
         b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\nx"
     )
     RequestFramer(rules).feed(GET + b"BAD\r\n\r\n")
-    assert (rules.answered, rules.rejected) == (5, 1)
+    assert (rules.answered, rules.rejected) == (6, 1)  # a 400 is an answer too
 
 
 # --- generated input ---------------------------------------------------------------------------

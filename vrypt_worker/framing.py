@@ -13,6 +13,7 @@ the head and the limits), so a repeated head costs one dict lookup, pipelined or
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass
 
 # Answers, as indexes into the response table (response.py renders the bytes). Bit 0 means HEAD:
@@ -100,13 +101,16 @@ class Limits:
 
 
 class FramingRules:
-    """What one worker's framers share: the limits, the head cache and the output list.
+    """What one worker's framers share: the limits, the head cache, counters and the output list.
 
     `out` is reused by every `RequestFramer.feed` of this worker (one thread, one hub): read it
-    before the next feed. `answered` and `rejected` count final answers and 4xx/5xx verdicts.
+    before the next feed. `answered` counts final answers (4xx/5xx included), `rejected` the
+    4xx/5xx among them. Answers keep their connection open only while `answered < open_until`:
+    the worker lowers it to make the answer that reaches max_requests, and every answer once it
+    drains, say `Connection: close`.
     """
 
-    __slots__ = ("answered", "cache", "limits", "out", "rejected")
+    __slots__ = ("answered", "cache", "limits", "open_until", "out", "rejected")
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
@@ -114,6 +118,7 @@ class FramingRules:
         self.out: list[int] = []
         self.answered = 0
         self.rejected = 0
+        self.open_until = sys.maxsize
 
     def head_verdict(self, head: bytes) -> int:
         """The packed verdict for one complete head (ending in CRLF CRLF), cached by its bytes."""
@@ -236,7 +241,6 @@ class RequestFramer:
         "_remaining",
         "_rules",
         "_state",
-        "draining",
     )
 
     def __init__(self, rules: FramingRules) -> None:
@@ -247,7 +251,6 @@ class RequestFramer:
         self._kind = OK  # the answer owed once the current body is consumed
         self._checked = 0  # how far a partial head's lines have been checked against the limits
         self._fields = 0  # complete field lines in that checked part
-        self.draining = False  # set by the worker: the next answer is the last one
 
     @property
     def idle(self) -> bool:
@@ -283,7 +286,7 @@ class RequestFramer:
         if state == _HEAD and not self._buf:
             # The hot path: a read that is exactly one head seen before, with no body.
             verdict = cache.get(data) if len(data) <= _CACHE_HEAD_MAX else None
-            if verdict is not None and verdict < CLOSING and not self.draining:
+            if verdict is not None and verdict < CLOSING and rules.answered < rules.open_until:
                 out.append(verdict)
                 rules.answered += 1
                 return out
@@ -293,10 +296,12 @@ class RequestFramer:
         else:
             buf = self._buf + data if self._buf else data
 
+        answered = rules.answered
+        open_until = rules.open_until
         pos = 0
         end = len(buf)
-        continues = 0
         last_head = None
+        owed = -1  # a final answer to give at the bottom of this iteration
         while pos < end:
             if state == _HEAD:
                 # Pipelined requests are often the same bytes again: a head identical to the
@@ -306,107 +311,102 @@ class RequestFramer:
                 else:
                     head_end = buf.find(b"\r\n\r\n", pos)
                     if head_end < 0:
-                        error = self._check_partial_head(buf, pos)
-                        if error:
-                            out.append(error)
-                            state = _DONE
-                        break
-                    head_end += 4
-                    last_head = buf[pos:head_end]
-                    verdict = cache.get(last_head)
-                    if verdict is None:
-                        verdict = rules.head_verdict(last_head)
-                    pos = head_end
-                self._checked = self._fields = 0
-                if verdict < 16:
-                    if verdict == _SKIP:
+                        owed = self._check_partial_head(buf, pos) or -1
+                        if owed < 0:
+                            break
+                    else:
+                        head_end += 4
+                        last_head = buf[pos:head_end]
+                        verdict = cache.get(last_head)
+                        if verdict is None:
+                            verdict = rules.head_verdict(last_head)
+                        pos = head_end
+                if owed < 0:
+                    self._checked = self._fields = 0
+                    if verdict < 16:
+                        if verdict == _SKIP:
+                            continue
+                        owed = verdict
+                    else:
+                        self._kind = verdict & 0xF
+                        if verdict & _EXPECT_CONTINUE:
+                            out.append(CONTINUE)
+                        if verdict & _BODY_CHUNKED:
+                            state = _CHUNK_SIZE
+                        else:
+                            state = _BODY
+                            self._remaining = verdict >> _LENGTH_SHIFT
                         continue
-                    if self.draining and verdict < CLOSING:
-                        verdict = OK_CLOSE | (verdict & OK_HEAD)
-                    out.append(verdict)
-                    if verdict >= CLOSING:
-                        state = _DONE
-                        break
-                    continue
-                self._kind = verdict & 0xF
-                if verdict & _EXPECT_CONTINUE:
-                    out.append(CONTINUE)
-                    continues += 1
-                if verdict & _BODY_CHUNKED:
-                    state = _CHUNK_SIZE
-                else:
-                    state = _BODY
-                    self._remaining = verdict >> _LENGTH_SHIFT
             elif state in (_BODY, _CHUNK_DATA):
                 take = min(self._remaining, end - pos)
                 pos += take
                 self._remaining -= take
-                if self._remaining == 0:
-                    if state == _CHUNK_DATA:
-                        state = _CHUNK_END
-                    else:
-                        state = self._answer_owed(out)
-                        if state == _DONE:
-                            break
+                if self._remaining:
+                    continue
+                if state == _CHUNK_DATA:
+                    state = _CHUNK_END
+                    continue
+                owed = self._kind
             elif state == _CHUNK_END:
                 if end - pos < 2:
                     break
                 if buf[pos : pos + 2] != b"\r\n":
-                    out.append(BAD_REQUEST)
-                    state = _DONE
-                    break
-                pos += 2
-                state = _CHUNK_SIZE
-            else:  # _CHUNK_SIZE or _TRAILERS: line-oriented
-                eol = buf.find(b"\r\n", pos)
-                limit = self._rules.limits.field_size
-                if eol < 0:
-                    if end - pos > limit:
-                        out.append(BAD_REQUEST if state == _CHUNK_SIZE else FIELDS_TOO_LARGE)
-                        state = _DONE
-                    break
-                line = buf[pos:eol]
-                pos = eol + 2
-                if state == _CHUNK_SIZE:
-                    size = _chunk_size(line, limit)
-                    if size < 0:
-                        out.append(BAD_REQUEST)
-                        state = _DONE
-                        break
-                    if size:
-                        self._remaining = size
-                        state = _CHUNK_DATA
-                    else:
-                        state = _TRAILERS
-                        self._fields = 0
-                elif line:
-                    error = self._check_trailer(line)
-                    if error:
-                        out.append(error)
-                        state = _DONE
-                        break
+                    owed = BAD_REQUEST
                 else:
-                    self._fields = 0
-                    state = self._answer_owed(out)
-                    if state == _DONE:
+                    pos += 2
+                    state = _CHUNK_SIZE
+                    continue
+            else:  # _CHUNK_SIZE or _TRAILERS: line-oriented
+                limit = rules.limits.field_size
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    if end - pos <= limit:
                         break
+                    owed = BAD_REQUEST if state == _CHUNK_SIZE else FIELDS_TOO_LARGE
+                else:
+                    line = buf[pos:eol]
+                    pos = eol + 2
+                    if state == _CHUNK_SIZE:
+                        size = _chunk_size(line, limit)
+                        if size > 0:
+                            self._remaining = size
+                            state = _CHUNK_DATA
+                            continue
+                        if size < 0:
+                            owed = BAD_REQUEST
+                        else:
+                            state = _TRAILERS
+                            self._fields = 0
+                            continue
+                    elif line:
+                        owed = self._check_trailer(line)
+                        if not owed:
+                            owed = -1
+                            continue
+                    else:
+                        self._fields = 0
+                        owed = self._kind
 
+            # A request is complete (or broken): give its answer.
+            if owed < CLOSING and answered >= open_until:
+                owed = OK_CLOSE | (owed & OK_HEAD)  # draining: this answer is the last
+            out.append(owed)
+            answered += 1
+            if owed >= CLOSING:
+                if owed >= BAD_REQUEST:
+                    rules.rejected += 1
+                state = _DONE
+                break
+            state = _HEAD
+            owed = -1
+
+        rules.answered = answered
         self._state = state
         if state == _DONE:
             self._buf = b""
-            if out and out[-1] in ERRORS:
-                rules.rejected += 1
         else:
             self._buf = buf[pos:] if pos < end else b""
-        rules.answered += len(out) - continues - (1 if out and out[-1] in ERRORS else 0)
         return out
-
-    def _answer_owed(self, out: list[int]) -> int:
-        kind = self._kind
-        if self.draining and kind < CLOSING:
-            kind = OK_CLOSE | (kind & OK_HEAD)
-        out.append(kind)
-        return _DONE if kind >= CLOSING else _HEAD
 
     def _check_partial_head(self, buf: bytes, pos: int) -> int:
         """Apply the limits to a head still arriving, so the buffer never outgrows them."""

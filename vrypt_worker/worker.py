@@ -65,15 +65,24 @@ class VryptWorker(Worker):
             refused.append("proxy_protocol: PROXY protocol headers are not parsed")
         if cfg.protocol != "http":
             refused.append(f"protocol={cfg.protocol}: only http is served")
+        if cfg.reuse_port and any(not isinstance(address, tuple) for address in cfg.address):
+            # gunicorn sets SO_REUSEPORT on every listener it creates; unix sockets refuse it and
+            # inherited descriptors are ignored, so the worker would loop on errors instead.
+            refused.append(
+                "reuse_port with a unix: or fd:// bind: set VRYPT_REUSE_PORT=0 (one shared "
+                "listener) for unix sockets and inherited descriptors"
+            )
         if refused:
             raise RuntimeError(
                 "vrypt_worker.VryptWorker cannot honour these settings: " + "; ".join(refused)
             )
         head_timeout_from_env()  # a bad value fails here, in the arbiter, not in every worker
+        # An APP_MODULE argument shows up as the default process name, the conf's as wsgi_app.
+        named = cfg.default_proc_name if cfg.default_proc_name != "gunicorn" else cfg.wsgi_app
         log.info(
             "vrypt_worker answers every request itself: the application %r is never imported "
             "or called (unless preload_app imports it in the arbiter)",
-            cfg.wsgi_app or "(none)",
+            named or "(none)",
         )
         if cfg.accesslog:
             log.warning(
@@ -90,6 +99,8 @@ class VryptWorker(Worker):
                 self.cfg.limit_request_field_size,
             )
         )
+        # The answer that reaches max_requests says `Connection: close` (see FramingRules).
+        self.rules.open_until = self.max_requests - 1
         self.head_timeout = head_timeout_from_env()
         self.draining = False
         self._accepting: list[tuple[Any, socket.socket, bool]] = []
@@ -141,6 +152,10 @@ class VryptWorker(Worker):
         clock.start(self._on_clock)
         sweep = loop.timer(1.0, 1.0)
         sweep.start(self._on_sweep)
+        if self.cfg.reuse_port:  # the arbiter has no listeners of its own to announce
+            self.log.info(
+                "Listening at: %s (worker %s)", ",".join(map(str, self.sockets)), self.pid
+            )
         self.notify()
         try:
             self._done.wait()
@@ -247,6 +262,7 @@ class VryptWorker(Worker):
             return
         self.draining = True
         self.alive = False
+        self.rules.open_until = 0
         self._drain_deadline = time.monotonic() + self.cfg.graceful_timeout
         for watcher, _sock, _nodelay in self._accepting:
             watcher.close()
@@ -345,8 +361,6 @@ class Connection:
         self.lingering = 0
         self.reader = worker.loop.io(sock.fileno(), _READ)
         self.reader.start(self.on_readable)
-        if worker.draining:
-            self.framer.draining = True
 
     def on_readable(self) -> None:
         try:
@@ -429,9 +443,8 @@ class Connection:
             self.reader.start(self.on_readable)
 
     def drain(self) -> None:
-        """Graceful shutdown: the next answer closes; an idle connection closes now, unless a
-        request already waits in the kernel for us."""
-        self.framer.draining = True
+        """Graceful shutdown (the rules now make every answer close): an idle connection closes
+        now, unless a request already waits in the kernel for us."""
         if self.framer.idle and not self.pending and not self.lingering:
             self.on_readable()
             if self.reader is not None and self.framer.idle and not self.pending:
@@ -453,7 +466,7 @@ class Connection:
             self.head_ticks += 1
             if self.head_ticks >= head_timeout:
                 self.worker.rules.rejected += 1
-                self.framer.draining = True
+                self.worker.rules.answered += 1
                 self.send(self.table[REQUEST_TIMEOUT])
                 self.close_after_send()
                 return

@@ -1,0 +1,309 @@
+"""The worker inside gunicorn's arbiter: signals, recycling, the connection cap, listeners."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support import (
+    ROOT,
+    StrictReader,
+    base_env,
+    exchange,
+    free_port,
+    is_vrypt,
+    read_responses,
+    running,
+    start_server,
+    wait_ready,
+)
+
+GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+def pid_alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def wait_gone(pid: int, timeout: float) -> float:
+    started = time.monotonic()
+    while pid_alive(pid):
+        assert time.monotonic() - started < timeout, f"pid {pid} still alive after {timeout}s"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_term_answers_a_half_received_request_and_closes_idle_connections() -> None:
+    with running("--graceful-timeout", "10") as server:
+        (worker,) = server.worker_pids()
+        idle = server.connect()
+        idle.sendall(GET)
+        assert is_vrypt(read_responses(idle, 1)[0])
+        busy = server.connect()
+        busy.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nX-Half: ")
+        time.sleep(0.3)
+        server.signal(signal.SIGTERM)
+        started = time.monotonic()
+        # the idle keep-alive connection is closed at once, not after the 30 s keepalive
+        assert StrictReader(idle).at_eof(timeout=5) and time.monotonic() - started < 3
+        time.sleep(0.5)
+        busy.sendall(b"yes\r\n\r\n")
+        reader = StrictReader(busy)
+        response = reader.read()
+        assert response is not None and is_vrypt(response)
+        assert response.header(b"Connection") == b"close" and reader.at_eof()
+        wait_gone(worker, 5)
+        assert server.proc.wait(10) == 0
+        idle.close()
+        busy.close()
+
+
+def test_term_gives_up_on_a_stalled_request_after_graceful_timeout() -> None:
+    with running("--graceful-timeout", "2") as server:
+        (worker,) = server.worker_pids()
+        with server.connect() as stalled:
+            stalled.sendall(b"GET / HTTP/1.1\r\nHost: never-finished")
+            time.sleep(0.2)
+            server.signal(signal.SIGTERM)
+            assert 1 < wait_gone(worker, 8) < 5
+        server.proc.wait(10)
+
+
+def test_quit_exits_at_once() -> None:
+    with running("--graceful-timeout", "30") as server:
+        (worker,) = server.worker_pids()
+        with server.connect() as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: half")
+            time.sleep(0.2)
+            server.signal(signal.SIGQUIT)
+            assert wait_gone(worker, 5) < 3
+        server.proc.wait(10)
+
+
+def test_usr1_reopens_the_log_file(tmp_path: Path) -> None:
+    log = tmp_path / "error.log"
+    with running("--error-logfile", str(log)) as server:
+        (worker,) = server.worker_pids()
+        rotated = tmp_path / "error.log.1"
+        log.rename(rotated)
+        server.signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while not log.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # the arbiter forwards USR1 to its workers
+        os.kill(worker, signal.SIGTERM)  # make the worker write a line: "Worker exiting"
+        wait_gone(worker, 5)
+        time.sleep(0.3)
+        assert f"Worker exiting (pid: {worker})" in log.read_text()
+        assert f"Worker exiting (pid: {worker})" not in rotated.read_text()
+
+
+def test_max_requests_recycles_the_worker_without_failing_a_request() -> None:
+    args = ("--max-requests", "40", "--max-requests-jitter", "0")
+    with running(*args, env=base_env(VRYPT_REUSE_PORT="0")) as server:
+        first = server.worker_pids()
+        answered = 0
+        closes = 0
+        while answered < 150:
+            with server.connect() as sock:
+                reader = StrictReader(sock)
+                while answered < 150:
+                    sock.sendall(GET)
+                    response = reader.read()
+                    assert response is not None and is_vrypt(response)
+                    answered += 1
+                    if response.header(b"Connection") == b"close":
+                        closes += 1
+                        assert reader.at_eof()
+                        break
+        assert closes >= 3
+        assert server.log.count("Autorestarting worker after current request.") >= 3
+        assert server.worker_pids() != first
+
+
+def test_worker_connections_is_a_real_cap() -> None:
+    with running("--worker-connections", "3") as server:
+        held = [server.connect() for _ in range(3)]
+        for sock in held:
+            sock.sendall(GET)
+            assert is_vrypt(read_responses(sock, 1)[0])
+        with server.connect() as waiting:  # the kernel completes the handshake; we do not accept
+            waiting.sendall(GET)
+            waiting.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                waiting.recv(100)
+            held.pop().close()
+            waiting.settimeout(5)
+            assert is_vrypt(read_responses(waiting, 1)[0])
+        for sock in held:
+            sock.close()
+
+
+def test_worker_exits_when_the_arbiter_dies() -> None:
+    server = start_server()
+    try:
+        (worker,) = server.worker_pids()
+        os.kill(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(5)
+        wait_gone(worker, 8)
+    finally:
+        server.stop()
+
+
+def test_heartbeat_keeps_an_idle_worker_alive_and_open_files_limit_is_raised() -> None:
+    with running("--timeout", "2") as server:
+        (worker,) = server.worker_pids()
+        limits = Path(f"/proc/{worker}/limits").read_text()
+        time.sleep(5)
+        assert server.worker_pids() == [worker]
+        assert "WORKER TIMEOUT" not in server.log
+    line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+    soft, hard = (int(value) for value in line.split()[3:5])
+    assert soft == min(hard, 50_000 + 128)
+
+
+def test_drop_in_worker_class_never_imports_the_application() -> None:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "gunicorn",
+        "-k", "vrypt_worker.VryptWorker",
+        "--bind", f"127.0.0.1:{port}",
+        "--no-control-socket",
+        "no_such_module_anywhere:app",
+    ]  # fmt: skip
+    with running(cmd=cmd, port=port) as server:
+        responses, _ = exchange(server, GET, 1)
+        assert is_vrypt(responses[0])
+        assert server.log.count("never imported") == 1
+        assert "no_such_module_anywhere:app" in server.log
+
+
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--certfile", "{cert}", "--keyfile", "{cert}"], "certfile"),
+        (["--http-protocols", "h2,h1"], "http_protocols"),
+        (["--proxy-protocol", "v1"], "proxy_protocol"),
+        (["--bind", "unix:{cert}.sock"], "reuse_port with a unix"),
+    ],
+)
+def test_settings_it_cannot_honour_refuse_to_start(
+    flags: list[str], named: str, tmp_path: Path
+) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("not really a certificate\n")
+    args = [flag.format(cert=cert) for flag in flags]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "conf/gunicorn.conf.py",
+            "--no-control-socket",
+            "--bind",
+            f"127.0.0.1:{free_port()}",
+            *args,
+        ],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert named in result.stderr + result.stdout
+
+
+def test_unix_socket_listener(tmp_path: Path) -> None:
+    path = tmp_path / "vrypt.sock"
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "gunicorn", "-c", str(ROOT / "conf" / "gunicorn.conf.py"),
+        "--bind", f"unix:{path}", "--bind", f"127.0.0.1:{port}",
+        "--workers", "1", "--no-control-socket",
+    ]  # fmt: skip
+    env = base_env(VRYPT_REUSE_PORT="0")
+    with running(cmd=cmd, port=port, env=env), socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        sock.sendall(GET)
+        assert is_vrypt(read_responses(sock, 1)[0])
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 in this Python")
+def test_ipv6_listener() -> None:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+            port = probe.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    cmd = [
+        sys.executable, "-m", "gunicorn", "-c", str(ROOT / "conf" / "gunicorn.conf.py"),
+        "--bind", f"[::1]:{port}", "--workers", "1", "--no-control-socket",
+    ]  # fmt: skip
+    server = start_server(cmd=cmd, port=port, ready=False)
+    server.host = "::1"
+    try:
+        wait_ready(server)
+        responses, _ = exchange(server, GET, 1)
+        assert is_vrypt(responses[0])
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["{python}", "-m", "vrypt_worker", "{port}"],
+        ["{script}", "-p", "{port}"],
+        ["{script}", "--port", "{port}"],
+    ],
+)
+def test_command_line_forms(argv: list[str]) -> None:
+    port = free_port()
+    script = str(Path(sys.executable).with_name("vrypt-server"))
+    cmd = [a.format(python=sys.executable, script=script, port=port) for a in argv]
+    env = base_env(GUNICORN_CMD_ARGS="--no-control-socket")
+    with running(cmd=cmd, port=port, workers=2, env=env) as server:
+        responses, _ = exchange(server, GET, 1)
+        assert is_vrypt(responses[0])
+        assert f"0.0.0.0:{port}" in server.log
+
+
+@pytest.mark.parametrize("bad", ["0", "65536", "http", "-1", "80.5"])
+def test_command_line_rejects_a_bad_port(bad: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vrypt_worker", "--port", bad],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "port" in result.stderr
+
+
+def test_command_line_help() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vrypt_worker", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0 and "vrypt-server" in result.stdout and "PORT" in result.stdout
