@@ -63,6 +63,7 @@ class LoadResult:
     p99_us: float
     socket_errors: int
     non_2xx: int
+    socket_error_kinds: dict[str, int]  # connect, read, write, timeout
 
     @property
     def errors(self) -> int:
@@ -118,14 +119,17 @@ def parse_wrk(output: str) -> LoadResult:
         r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", output
     )
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    kinds = ("connect", "read", "write", "timeout")
+    counts = dict(zip(kinds, (int(g) for g in sock.groups()), strict=True)) if sock else {}
     return LoadResult(
         requests=requests,
         seconds=seconds,
         rps=requests / seconds if seconds else 0.0,
         p50_us=float(latency[2]),
         p99_us=float(latency[3]),
-        socket_errors=sum(int(g) for g in sock.groups()) if sock else 0,
+        socket_errors=sum(counts.values()),
         non_2xx=int(non_2xx[1]) if non_2xx else 0,
+        socket_error_kinds=counts,
     )
 
 

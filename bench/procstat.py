@@ -35,14 +35,15 @@ def session_pids(sid: int) -> list[int]:
     return sorted(pids)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), plus cutime + cstime of the children it
-    has reaped, so that a worker that exits during a run is still counted once."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process and all its threads, plus those of the children
+    it has reaped (cutime, cstime), so that a worker that exits during a run still counts."""
     fields = _stat_fields(pid)
     if fields is None:
-        return 0.0
+        return 0.0, 0.0
     # stat fields 14-17: utime stime cutime cstime -> indexes 11-14 here.
-    return sum(int(v) for v in fields[11:15]) / CLK_TCK
+    utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
+    return (utime + cutime) / CLK_TCK, (stime + cstime) / CLK_TCK
 
 
 def peak_rss_kb(pid: int) -> int:
@@ -58,10 +59,15 @@ def peak_rss_kb(pid: int) -> int:
 
 @dataclass(frozen=True)
 class TreeSample:
-    """One reading of a process tree: total CPU seconds, per-process peak RSS, process count."""
+    """One reading of a process tree: CPU seconds (user, system), per-process peak RSS."""
 
-    cpu_s: float
+    user_s: float
+    sys_s: float
     rss_kb: tuple[int, ...]
+
+    @property
+    def cpu_s(self) -> float:
+        return self.user_s + self.sys_s
 
     @property
     def procs(self) -> int:
@@ -70,8 +76,10 @@ class TreeSample:
 
 def sample_tree(sid: int) -> TreeSample:
     pids = session_pids(sid)
+    times = [cpu_seconds(p) for p in pids]
     return TreeSample(
-        cpu_s=sum(cpu_seconds(p) for p in pids),
+        user_s=sum(u for u, _ in times),
+        sys_s=sum(s for _, s in times),
         rss_kb=tuple(peak_rss_kb(p) for p in pids),
     )
 

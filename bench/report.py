@@ -20,6 +20,40 @@ def _us(value: float) -> str:
     return f"{value / 1000:,.1f} ms" if value >= 10_000 else f"{value:,.0f} µs"
 
 
+COLUMNS = [
+    "server",
+    "req/s",
+    "CPU µs/req",
+    "user / sys",
+    "core µs/req",
+    "p50",
+    "p99",
+    "peak RSS MB",
+    "errors",
+    *(f"{what} vs {ref}" for ref in REFERENCES for what in ("req/s", "CPU")),
+]
+
+
+def _row(s: Summary) -> list[str]:
+    return [
+        s.server,
+        f"{s.rps:,.0f} ({s.rps_min:,.0f}-{s.rps_max:,.0f})",
+        f"{s.cpu_us:.2f} ({s.cpu_us_min:.2f}-{s.cpu_us_max:.2f})",
+        f"{s.user_us:.2f} / {s.sys_us:.2f}",
+        _opt(s.core_us),
+        _us(s.p50_us),
+        _us(s.p99_us),
+        f"{s.peak_rss_kb / 1024:.1f} / {s.peak_rss_max_kb / 1024:.1f}",
+        str(s.errors),
+        *(_ratio(vs.get(ref)) for ref in REFERENCES for vs in (s.rps_vs, s.cpu_vs)),
+    ]
+
+
+def _table(rows: list[Summary]) -> list[str]:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|---" * len(COLUMNS) + "|"]
+    return lines + ["| " + " | ".join(_row(s)) + " |" for s in rows]
+
+
 def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -> str:
     lines = [
         "# Benchmark results",
@@ -36,7 +70,8 @@ def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -
         f"CPU {meta['placement']['one_core_load']}; all-cores scenarios: server and wrk share "
         f"CPUs {meta['placement']['all_cores']} (noisier: wrk takes CPU from the server)",
         "- CPU/req: utime+stime of all the server's processes (master and workers) from "
-        "/proc/PID/stat around the run, divided by the requests wrk completed",
+        "/proc/PID/stat around the run, divided by the requests wrk completed; user / sys: "
+        "its two parts (medians)",
         "- core µs/req: busy time (user+system+irq+softirq) of the server's core from /proc/stat, "
         "per request; it includes the loopback TCP softirq work that the kernel does not charge "
         "to processes; one-core scenarios only",
@@ -46,28 +81,8 @@ def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -
     ]
     for scenario in meta["scenarios"]:
         rows = [s for s in summaries if s.scenario == scenario["name"]]
-        if not rows:
-            continue
-        lines += [
-            f"## {scenario['name']}: {scenario['title']}",
-            "",
-            "| server | req/s | CPU µs/req | core µs/req | p50 | p99 | peak RSS MB | errors | "
-            + " | ".join(f"req/s vs {r} | CPU vs {r}" for r in REFERENCES)
-            + " |",
-            "|---" * (8 + 2 * len(REFERENCES)) + "|",
-        ]
-        for s in rows:
-            ratios = " | ".join(
-                f"{_ratio(s.rps_vs.get(r))} | {_ratio(s.cpu_vs.get(r))}" for r in REFERENCES
-            )
-            lines.append(
-                f"| {s.server} | {s.rps:,.0f} ({s.rps_min:,.0f}-{s.rps_max:,.0f}) "
-                f"| {s.cpu_us:.2f} ({s.cpu_us_min:.2f}-{s.cpu_us_max:.2f}) "
-                f"| {_opt(s.core_us)} | {_us(s.p50_us)} | {_us(s.p99_us)} "
-                f"| {s.peak_rss_kb / 1024:.1f} / {s.peak_rss_max_kb / 1024:.1f} "
-                f"| {s.errors} | {ratios} |"
-            )
-        lines.append("")
+        if rows:
+            lines += [f"## {scenario['name']}: {scenario['title']}", "", *_table(rows), ""]
     if targets:
         lines += [
             "## Targets (issue 2): vrypt CPU per request relative to nginx's",
@@ -104,8 +119,12 @@ def charts(out: Path, meta: dict, summaries: list[Summary]) -> list[Path]:
     by_key = {(s.server, s.scenario): s for s in summaries}
     paths = []
     for field, title, filename in (
-        ("rps", "requests per second (median, min-max)", "rps.png"),
-        ("cpu_us", "server CPU µs per request (median, min-max; lower is better)", "cpu.png"),
+        ("rps", "requests per second (median, min-max; log scale)", "rps.png"),
+        (
+            "cpu_us",
+            "server CPU µs per request (median, min-max; log scale, lower is better)",
+            "cpu.png",
+        ),
     ):
         fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(scenarios) + 2), 4.5))
         width = 0.8 / max(1, len(servers))
@@ -120,10 +139,14 @@ def charts(out: Path, meta: dict, summaries: list[Summary]) -> list[Path]:
                 ys.append(value)
                 lo.append(value - getattr(s, f"{field}_min"))
                 hi.append(getattr(s, f"{field}_max") - value)
-            ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=server)
+            bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=server)
+            ax.bar_label(bars, fmt="{:,.3g}", fontsize="x-small", padding=2)
         ax.set_xticks(range(len(scenarios)), scenarios)
+        ax.set_yscale("log")
         ax.set_title(title)
-        ax.legend(fontsize="small")
+        ax.legend(
+            fontsize="small", ncols=len(servers), loc="upper center", bbox_to_anchor=(0.5, -0.08)
+        )
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = out / filename

@@ -23,7 +23,9 @@ class Run:
     requests: int
     seconds: float
     rps: float
-    cpu_us_per_req: float
+    cpu_us_per_req: float  # user + system, all the server's processes
+    user_us_per_req: float
+    sys_us_per_req: float
     core_us_per_req: float | None  # busy time of the server's core(s), when not shared with wrk
     p50_us: float
     p99_us: float
@@ -31,6 +33,7 @@ class Run:
     peak_rss_max_kb: int  # the largest single process (e.g. one worker)
     processes: int
     socket_errors: int
+    socket_error_kinds: dict[str, int]
     non_2xx: int
 
     def to_dict(self) -> dict:
@@ -62,6 +65,8 @@ def measure(
         seconds=result.seconds,
         rps=result.rps,
         cpu_us_per_req=(after.cpu_s - before.cpu_s) * per_req,
+        user_us_per_req=(after.user_s - before.user_s) * per_req,
+        sys_us_per_req=(after.sys_s - before.sys_s) * per_req,
         core_us_per_req=None if where.shared else (core_after - core_before) * per_req,
         p50_us=result.p50_us,
         p99_us=result.p99_us,
@@ -69,6 +74,7 @@ def measure(
         peak_rss_max_kb=max(after.rss_kb, default=0),
         processes=after.procs,
         socket_errors=result.socket_errors,
+        socket_error_kinds=result.socket_error_kinds,
         non_2xx=result.non_2xx,
     )
 
@@ -119,8 +125,8 @@ def run_all(
             f"    {run.rps:,.0f} rps, {run.cpu_us_per_req:.2f} µs CPU/req"
             + (f" ({run.core_us_per_req:.2f} core)" if run.core_us_per_req is not None else "")
             + ", "
-            f"p50 {run.p50_us:,.0f} µs, p99 {run.p99_us:,.0f} µs, errors "
-            f"{run.socket_errors + run.non_2xx}"
+            f"p50 {run.p50_us:,.0f} µs, p99 {run.p99_us:,.0f} µs, errors: "
+            f"{run.non_2xx} non-2xx, socket {run.socket_error_kinds or 0}"
         )
         runs.append(run)
     return runs

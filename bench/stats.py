@@ -23,6 +23,8 @@ class Summary:
     cpu_us: float
     cpu_us_min: float
     cpu_us_max: float
+    user_us: float
+    sys_us: float
     core_us: float | None
     p50_us: float
     p99_us: float
@@ -78,6 +80,8 @@ def summarize(runs: list[Run]) -> list[Summary]:
                 cpu_us=median(cpu),
                 cpu_us_min=min(cpu),
                 cpu_us_max=max(cpu),
+                user_us=median(r.user_us_per_req for r in group),
+                sys_us=median(r.sys_us_per_req for r in group),
                 core_us=_median_or_none([r.core_us_per_req for r in group]),
                 p50_us=median(r.p50_us for r in group),
                 p99_us=median(r.p99_us for r in group),
