@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from bench.stats import REFERENCES, Summary, TargetCheck
@@ -109,7 +110,15 @@ def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -
 
 
 def charts(out: Path, meta: dict, summaries: list[Summary]) -> list[Path]:
-    import matplotlib
+    """rps.png and cpu.png; none (and a warning) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print(
+            "warning: matplotlib is not installed (pip install -e '.[bench]'): no charts",
+            file=sys.stderr,
+        )
+        return []
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
