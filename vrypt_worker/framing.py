@@ -56,10 +56,16 @@ _REQUEST_LINE_PREFIX = re.compile(
 )
 # Field lines, each with its CRLF: a token, a colon with no space before it, then visible octets,
 # spaces and tabs. This also rejects obsolete line folding, bare CR or LF, NUL and other controls.
-_FIELD_LINES = re.compile(rb"(?:[" + _TCHAR + rb"]+:[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_FIELD_LINES = re.compile(rb"(?:[" + _TCHAR + rb"]++:[\t\x20-\x7e\x80-\xff]*+\r\n)*+")
+# A whole head in one pass (possessive: nothing to backtrack into): request line, field lines,
+# the empty line. Groups: method, major and minor version.
+_HEAD_RE = re.compile(
+    rb"([" + _TCHAR + rb"]++) " + _TARGET + rb"++ HTTP/([0-9])\.([0-9])\r\n"
+    rb"(?:[" + _TCHAR + rb"]++:[\t\x20-\x7e\x80-\xff]*+\r\n)*+\r\n"
+)
+# The fields that decide framing, found in the lowered head (names are case-insensitive).
 _FRAMING_FIELDS = re.compile(
-    rb"^(content-length|transfer-encoding|connection|expect|upgrade):([^\r]*)\r$",
-    re.MULTILINE | re.IGNORECASE,
+    rb"\n(content-length|transfer-encoding|connection|expect|upgrade):([^\r]*)"
 )
 _CHUNK_SIZE_RE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _QUOTED = rb'"(?:[\t\x20\x21\x23-\x5b\x5d-\x7e\x80-\xff]|\\[\t\x20-\x7e\x80-\xff])*"'
@@ -141,29 +147,37 @@ class FramingRules:
                 return _SKIP
             if start > 2 * _MAX_LEADING_EMPTY_LINES:
                 return BAD_REQUEST
-        eol = head.find(b"\r\n", start)
-        line = head[start:eol]
-        if len(line) > limits.request_line:
+            head = head[start:]
+        eol = head.find(b"\r\n")
+        if eol > limits.request_line:
             return URI_TOO_LONG
-        match = _REQUEST_LINE.fullmatch(line)
+        if head.count(b"\r\n") - 2 > limits.fields:
+            return FIELDS_TOO_LARGE
+        fields_size = len(head) - eol - 4
+        if fields_size > limits.field_size and (
+            max(map(len, head[eol + 2 : -4].split(b"\r\n"))) > limits.field_size
+        ):
+            return FIELDS_TOO_LARGE
+        match = _HEAD_RE.fullmatch(head)
         if match is None:
-            return BAD_REQUEST
-        method, _target, major, minor = match.groups()
+            line = _REQUEST_LINE.fullmatch(head, 0, eol)
+            return VERSION_NOT_SUPPORTED if line and line.group(3) != b"1" else BAD_REQUEST
+        method, major, minor = match.groups()
         if major != b"1":
             return VERSION_NOT_SUPPORTED
         http10 = minor == b"0"
 
-        block = head[eol + 2 : -2]
-        if block:
-            if block.count(b"\r\n") > limits.fields:
-                return FIELDS_TOO_LARGE
-            if len(block) > limits.field_size and max(map(len, block.split(b"\r\n"))) > (
-                limits.field_size
-            ):
-                return FIELDS_TOO_LARGE
-            if _FIELD_LINES.fullmatch(block) is None:
-                return BAD_REQUEST
-            framing = _FRAMING_FIELDS.findall(block)
+        # Only five field names matter for framing; most heads carry none but Connection, so a
+        # substring test on the lowered head spares the field scan.
+        low = head.lower()
+        if (
+            b"\nconnection:" in low
+            or b"\ncontent-length:" in low
+            or b"\ntransfer-encoding:" in low
+            or b"\nexpect:" in low
+            or b"\nupgrade:" in low
+        ):
+            framing = _FRAMING_FIELDS.findall(low)
         else:
             framing = []
 
@@ -172,9 +186,8 @@ class FramingRules:
         close = http10
         upgrade = method == b"CONNECT"
         expect = False
-        for raw_name, raw in framing:
-            name = raw_name.lower()
-            value = raw.strip(b" \t").lower()
+        for name, raw in framing:
+            value = raw.strip(b" \t")
             if name == b"content-length":
                 lengths.extend(part.strip(b" \t") for part in value.split(b","))
             elif name == b"transfer-encoding":
