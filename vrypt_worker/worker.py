@@ -50,6 +50,15 @@ def head_timeout_from_env() -> int:
     return value
 
 
+def tcp_migrate_req_enabled() -> bool:
+    """Whether the kernel hands a closing SO_REUSEPORT listener's queue to its siblings."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as sysctl:
+            return sysctl.read().strip() == "1"
+    except OSError:
+        return False
+
+
 class VryptWorker(Worker):
     """A gunicorn worker that answers every HTTP/1.x request with `Vrypt`, without WSGI."""
 
@@ -77,6 +86,13 @@ class VryptWorker(Worker):
                 "vrypt_worker.VryptWorker cannot honour these settings: " + "; ".join(refused)
             )
         head_timeout_from_env()  # a bad value fails here, in the arbiter, not in every worker
+        if cfg.reuse_port and not tcp_migrate_req_enabled():
+            log.warning(
+                "reuse_port is on but net.ipv4.tcp_migrate_req is not 1: connections still queued "
+                "on a worker's own listener when it exits (reload, max_requests, stop) are reset "
+                "by the kernel. Set the sysctl to 1 (Linux 5.14+), or VRYPT_REUSE_PORT=0 for one "
+                "shared listener; see docs/reliability.md"
+            )
         # An APP_MODULE argument shows up as the default process name, the conf's as wsgi_app.
         named = cfg.default_proc_name if cfg.default_proc_name != "gunicorn" else cfg.wsgi_app
         log.info(
