@@ -59,6 +59,7 @@ class LoadResult:
     requests: int
     seconds: float
     rps: float
+    latency_samples: int  # responses (or pipelined batches) whose latency wrk recorded
     p50_us: float
     p99_us: float
     socket_errors: int
@@ -124,6 +125,7 @@ def parse_wrk(output: str) -> LoadResult:
     return LoadResult(
         requests=requests,
         seconds=seconds,
+        latency_samples=int(latency[1]),
         rps=requests / seconds if seconds else 0.0,
         p50_us=float(latency[2]),
         p99_us=float(latency[3]),

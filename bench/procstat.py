@@ -98,3 +98,19 @@ def cores_busy_seconds(cpus: tuple[int, ...]) -> float:
             user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
             total += user + nice + system + irq + softirq
     return total / CLK_TCK
+
+
+def tcp_passive_opens() -> int:
+    """Connections accepted by this network namespace so far (Tcp PassiveOpens, /proc/net/snmp).
+
+    Its change across a run, divided by the requests, tells how many connections the load
+    really opened per request: about 1 when each request gets a new connection, about 0 with
+    keep-alive. A server that ignores `Connection: close` shows up here."""
+    header: list[str] = []
+    for line in (PROC / "net" / "snmp").read_text().splitlines():
+        if line.startswith("Tcp:"):
+            if not header:
+                header = line.split()
+            else:
+                return int(line.split()[header.index("PassiveOpens")])
+    return 0

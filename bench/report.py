@@ -31,6 +31,7 @@ COLUMNS = [
     "p99",
     "peak RSS MB",
     "errors",
+    "conn/req",
     *(f"{what} vs {ref}" for ref in REFERENCES for what in ("req/s", "CPU")),
 ]
 
@@ -46,6 +47,7 @@ def _row(s: Summary) -> list[str]:
         _us(s.p99_us),
         f"{s.peak_rss_kb / 1024:.1f} / {s.peak_rss_max_kb / 1024:.1f}",
         str(s.errors),
+        f"{s.connections_per_req:.2f}",
         *(_ratio(vs.get(ref)) for ref in REFERENCES for vs in (s.rps_vs, s.cpu_vs)),
     ]
 
@@ -76,6 +78,10 @@ def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -
         "- core µs/req: busy time (user+system+irq+softirq) of the server's core from /proc/stat, "
         "per request; it includes the loopback TCP softirq work that the kernel does not charge "
         "to processes; one-core scenarios only",
+        "- conn/req: TCP connections the server's namespace accepted per request during the run "
+        "(/proc/net/snmp PassiveOpens): ~1 in the close scenario if the server honours "
+        "`Connection: close`, ~0 with keep-alive",
+        "- errors: non-2xx responses plus wrk's socket errors (connect, read, write, timeout)",
         "- RSS: peak (VmHWM) summed over the server's processes / of its largest process",
         "- ratios: server ÷ reference within each round, median over rounds",
         "",
@@ -84,6 +90,13 @@ def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -
         rows = [s for s in summaries if s.scenario == scenario["name"]]
         if rows:
             lines += [f"## {scenario['name']}: {scenario['title']}", "", *_table(rows), ""]
+            kept = [s.server for s in rows if scenario["close"] and s.connections_per_req < 0.5]
+            if kept:
+                lines += [
+                    f"Not a new connection per request for {', '.join(kept)}: it kept the "
+                    "connections open despite `Connection: close` (see conn/req).",
+                    "",
+                ]
     if targets:
         lines += [
             "## Targets (issue 2): vrypt CPU per request relative to nginx's",
@@ -100,7 +113,8 @@ def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -
     if meta["failures"]:
         lines += ["## Failed runs", ""]
         lines += [
-            f"- {f['server']} / {f['scenario']} / round {f['round']}: {f['error']}"
+            f"- {f['server']} / {f['scenario']} / round {f['round']}: "
+            + " / ".join(f["error"].splitlines())
             for f in meta["failures"]
         ]
         lines.append("")

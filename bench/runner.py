@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from bench.load import run_wrk, wrk_command
-from bench.procstat import cores_busy_seconds, sample_tree
+from bench.load import LoadError, run_wrk, wrk_command
+from bench.procstat import cores_busy_seconds, sample_tree, tcp_passive_opens
 from bench.scenarios import Placement, Scenario, available_cpus, placement
 from bench.servers import ServerSpec, running
 
@@ -32,6 +32,7 @@ class Run:
     peak_rss_kb: int  # sum of VmHWM over the server's processes
     peak_rss_max_kb: int  # the largest single process (e.g. one worker)
     processes: int
+    connections_per_req: float  # TCP connections accepted per request (~1 when closing)
     socket_errors: int
     socket_error_kinds: dict[str, int]
     non_2xx: int
@@ -54,9 +55,17 @@ def measure(
             run_wrk(wrk_command(scenario, where, server.port, warmup, Path(tmp)), warmup)
         argv = wrk_command(scenario, where, server.port, seconds, Path(tmp))
         before, core_before = sample_tree(server.sid), cores_busy_seconds(where.server_cpus)
+        opens_before = tcp_passive_opens()
         result = run_wrk(argv, seconds)
+        opens = tcp_passive_opens() - opens_before
         after, core_after = sample_tree(server.sid), cores_busy_seconds(where.server_cpus)
-    per_req = 1e6 / result.requests if result.requests else 0.0
+    if not result.requests or not result.latency_samples:
+        # A server that answers a pipelined batch only in part leaves wrk waiting forever.
+        raise LoadError(
+            f"{result.requests} responses but no complete round trip in {seconds} s"
+            + (" (does it answer every pipelined request?)" if scenario.pipeline > 1 else "")
+        )
+    per_req = 1e6 / result.requests
     return Run(
         server=spec.name,
         scenario=scenario.name,
@@ -73,6 +82,7 @@ def measure(
         peak_rss_kb=sum(after.rss_kb),
         peak_rss_max_kb=max(after.rss_kb, default=0),
         processes=after.procs,
+        connections_per_req=opens / result.requests,
         socket_errors=result.socket_errors,
         socket_error_kinds=result.socket_error_kinds,
         non_2xx=result.non_2xx,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -35,6 +36,7 @@ class ServerSpec:
     description: str
     build: Builder
     env: tuple[tuple[str, str], ...] = ()
+    command: str = ""  # how to show the command line in reports, when build() would not do
 
 
 class ServerError(RuntimeError):
@@ -121,9 +123,6 @@ def _nginx(port: int, workers: int, tmp: Path) -> list[str]:
     return [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
 
 
-PEER = "peer: "
-
-
 def peer_spec(arg: str) -> ServerSpec:
     """``NAME=COMMAND``: COMMAND is run by sh, with ``{port}`` and ``{workers}`` filled in."""
     name, sep, command = arg.partition("=")
@@ -133,7 +132,7 @@ def peer_spec(arg: str) -> ServerSpec:
     def build(port: int, workers: int, tmp: Path) -> list[str]:
         return ["sh", "-c", command.replace("{port}", str(port)).replace("{workers}", str(workers))]
 
-    return ServerSpec(name, PEER + command, build)
+    return ServerSpec(name, "given with --peer", build, command=command)
 
 
 BUILTIN: dict[str, ServerSpec] = {
@@ -143,7 +142,12 @@ BUILTIN: dict[str, ServerSpec] = {
         _vrypt,
         env=(("VRYPT_STATSD_HOST", ""),),
     ),
-    "nginx": ServerSpec("nginx", 'nginx, return 200 "Vrypt"', _nginx),
+    "nginx": ServerSpec(
+        "nginx",
+        'nginx, return 200 "Vrypt"',
+        _nginx,
+        command="nginx -p TMPDIR -e TMPDIR/error.log -c TMPDIR/nginx.conf (written by bench)",
+    ),
     "gevent": ServerSpec(
         "gevent", "gunicorn -k gevent + 3-line WSGI app", _gevent_builder("gevent")
     ),
@@ -172,16 +176,27 @@ PROBE = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
 def probe(port: int, timeout: float = 1.0) -> bytes | None:
-    """Connect, send a GET, and return the response (up to the close), or None on any failure."""
+    """Connect, send a GET, and return the response's status line once its head and body
+    (Content-Length, else up to the close) have arrived; None on any failure. It does not wait
+    for the close, so servers that ignore `Connection: close` are probed too."""
+    buf = b""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
             sock.sendall(PROBE)
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
+            while True:
+                head_end = buf.find(b"\r\n\r\n")
+                if head_end >= 0:
+                    head = buf[:head_end].lower()
+                    length = re.search(rb"\r\ncontent-length:\s*(\d+)", head)
+                    if length and len(buf) >= head_end + 4 + int(length[1]):
+                        break
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                buf += chunk
     except OSError:
         return None
-    return b"".join(chunks) or None
+    return buf.split(b"\r\n", 1)[0] if b"\r\n\r\n" in buf else None
 
 
 @dataclass
@@ -210,9 +225,8 @@ def _wait_ready(server: RunningServer, timeout: float) -> None:
                 f"{server.spec.name} exited with {server.proc.returncode} before answering:\n"
                 + server.log_tail()
             )
-        response = probe(server.port)
-        if response is not None:
-            status = response.split(b"\r\n", 1)[0]
+        status = probe(server.port)
+        if status is not None:
             if not status.startswith(b"HTTP/1.") or status.split()[1:2] != [b"200"]:
                 raise ServerError(f"{server.spec.name} answered {status!r}, not 200")
             return
@@ -268,10 +282,8 @@ def running(
 
 def describe_command(spec: ServerSpec, workers: int) -> str:
     """The command line as a user would type it, with PORT and TMPDIR placeholders."""
-    if spec.name == "nginx":
-        return "nginx -p TMPDIR -e TMPDIR/error.log -c TMPDIR/nginx.conf (written by bench)"
-    if spec.description.startswith(PEER):
-        return spec.description.removeprefix(PEER)
+    if spec.command:
+        return spec.command
     argv = spec.build(0, workers, Path("TMPDIR"))
     if argv[:3] == [sys.executable, "-m", "gunicorn"]:
         argv = ["gunicorn", *argv[3:]]

@@ -31,6 +31,7 @@ class Summary:
     peak_rss_kb: int
     peak_rss_max_kb: int
     errors: int
+    connections_per_req: float
     # server / reference, paired within each round, then the median over rounds
     rps_vs: dict[str, float]
     cpu_vs: dict[str, float]
@@ -88,6 +89,7 @@ def summarize(runs: list[Run]) -> list[Summary]:
                 peak_rss_kb=max(r.peak_rss_kb for r in group),
                 peak_rss_max_kb=max(r.peak_rss_max_kb for r in group),
                 errors=sum(r.socket_errors + r.non_2xx for r in group),
+                connections_per_req=median(r.connections_per_req for r in group),
                 rps_vs=ratios["rps"],
                 cpu_vs=ratios["cpu_us_per_req"],
                 core_vs=ratios["core_us_per_req"],
