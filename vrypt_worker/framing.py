@@ -245,6 +245,7 @@ class RequestFramer:
         "_remaining",
         "_rules",
         "_state",
+        "closed",
     )
 
     def __init__(self, rules: FramingRules) -> None:
@@ -255,6 +256,7 @@ class RequestFramer:
         self._kind = OK  # the answer owed once the current body is consumed
         self._checked = 0  # how far a partial head's lines have been checked against the limits
         self._fields = 0  # complete field lines in that checked part
+        self.closed = False  # the last answer was given: close once it is sent
 
     @property
     def idle(self) -> bool:
@@ -267,11 +269,6 @@ class RequestFramer:
         return self._state == _HEAD and bool(self._buf)
 
     @property
-    def closed(self) -> bool:
-        """The last answer has been given; the connection must close once it is sent."""
-        return self._state == _DONE
-
-    @property
     def buffered(self) -> int:
         return len(self._buf)
 
@@ -279,6 +276,7 @@ class RequestFramer:
         """The worker answered for us (a timeout): accept no more input on this connection."""
         self._state = _DONE
         self._buf = b""
+        self.closed = True
 
     def feed(self, data: bytes) -> list[int]:
         """Consume one read. Returns the answers owed, in order (the rules' shared list)."""
@@ -408,6 +406,7 @@ class RequestFramer:
         self._state = state
         if state == _DONE:
             self._buf = b""
+            self.closed = True
         else:
             self._buf = buf[pos:] if pos < end else b""
         return out

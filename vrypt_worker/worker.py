@@ -392,15 +392,29 @@ class Connection:
         self.seen = True
         if self.lingering:
             return  # discarding what follows a final answer
+        framer = self.framer
         try:
-            out = self.framer.feed(data)
+            out = framer.feed(data)
             if out:
                 table = self.table
-                self.send(table[out[0]] if len(out) == 1 else b"".join([table[k] for k in out]))
+                payload = table[out[0]] if len(out) == 1 else b"".join([table[k] for k in out])
+                if self.pending:
+                    self.pending += payload
+                else:
+                    # The common case inline: one send that the kernel takes whole.
+                    try:
+                        sent = self.sock.send(payload)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        self.close()
+                        return
+                    if sent != len(payload):
+                        self.wait_writable(payload[sent:])
                 worker = self.worker
                 if worker.rules.answered >= worker.max_requests:
                     worker.recycle()
-            if self.framer.closed and not self.pending:
+            if framer.closed and not self.pending:
                 self.linger()
         except Exception:
             # A bug must cost one connection, never the worker and its other clients.
@@ -418,14 +432,17 @@ class Connection:
         except OSError:
             self.close()
             return
-        if sent < len(payload):
-            # The peer reads slower than it sends: stop reading it until it has taken our answers,
-            # so a client that pipelines without reading cannot grow our memory.
-            self.pending = payload[sent:]
-            self.reader.stop()
-            if self.writer is None:
-                self.writer = self.worker.loop.io(self.sock.fileno(), _WRITE)
-            self.writer.start(self.on_writable)
+        if sent != len(payload):
+            self.wait_writable(payload[sent:])
+
+    def wait_writable(self, rest: bytes) -> None:
+        # The peer reads slower than it sends: stop reading it until it has taken our answers,
+        # so a client that pipelines without reading cannot grow our memory.
+        self.pending = rest
+        self.reader.stop()
+        if self.writer is None:
+            self.writer = self.worker.loop.io(self.sock.fileno(), _WRITE)
+        self.writer.start(self.on_writable)
 
     def on_writable(self) -> None:
         try:
