@@ -343,3 +343,10 @@ def test_a_slow_client_does_not_delay_others(impatient: Server) -> None:
             fast.sendall(GET)
             assert is_vrypt(read_responses(fast, 1)[0])
             assert time.monotonic() - started < 1
+
+
+def test_keepalive_zero_closes_after_every_answer() -> None:
+    with running("--keep-alive", "0") as srv:
+        responses, closed = exchange(srv, GET + GET, 2)
+        assert len(responses) == 1 and closed
+        assert responses[0].header(b"Connection") == b"close"

@@ -115,8 +115,9 @@ class VryptWorker(Worker):
                 self.cfg.limit_request_field_size,
             )
         )
-        # The answer that reaches max_requests says `Connection: close` (see FramingRules).
-        self.rules.open_until = self.max_requests - 1
+        # The answer that reaches max_requests says `Connection: close` (see FramingRules);
+        # keepalive = 0 means no keep-alive at all, as in gunicorn's own workers.
+        self.rules.open_until = self.max_requests - 1 if self.cfg.keepalive > 0 else 0
         self.head_timeout = head_timeout_from_env()
         self.draining = False
         self._accepting: list[tuple[Any, socket.socket, bool]] = []
@@ -252,7 +253,7 @@ class VryptWorker(Worker):
 
     def _on_sweep(self) -> None:
         self.notify()
-        keepalive = max(self.cfg.keepalive, 1)
+        keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
         for conn in list(self.connections):
             conn.on_tick(keepalive, self.head_timeout)
         if self.draining and (not self.connections or time.monotonic() >= self._drain_deadline):
