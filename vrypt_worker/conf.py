@@ -9,6 +9,7 @@ operator never edits this file to change a mode:
   WEB_CONCURRENCY    number of workers (default: the CPUs this process may run on)
   VRYPT_REUSE_PORT   1 (default): one SO_REUSEPORT listener per worker; 0: one shared listener
   VRYPT_STATSD_HOST  host:port of the StatsD collector (default 127.0.0.1:8125); empty disables
+  VRYPT_STATSD_INTERVAL  seconds between two sends of the metrics pusher (default 1)
 """
 
 import os
@@ -47,3 +48,6 @@ errorlog = "-"
 loglevel = "info"
 
 statsd_host = os.environ.get("VRYPT_STATSD_HOST", "127.0.0.1:8125") or None
+# gunicorn's statsd logger, reporting a collector it cannot reach once rather than per metric;
+# without statsd_host it is gunicorn's plain logger (see docs/metrics.md).
+logger_class = "vrypt_worker.metrics.StatsdLogger"

@@ -22,6 +22,7 @@ import gevent
 import gevent.event
 from gunicorn.workers.base import Worker
 
+from vrypt_worker import metrics
 from vrypt_worker.framing import REQUEST_TIMEOUT, FramingRules, Limits, RequestFramer
 from vrypt_worker.response import ResponseTable
 
@@ -104,6 +105,7 @@ class VryptWorker(Worker):
             log.warning(
                 "vrypt_worker writes no access log; accesslog=%s stays empty", cfg.accesslog
             )
+        metrics.start(cfg, log)  # shared counter slots and the StatsD pusher, before any fork
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -115,6 +117,11 @@ class VryptWorker(Worker):
                 self.cfg.limit_request_field_size,
             )
         )
+        # Metrics: a counter slot in shared memory, claimed here in the arbiter (metrics.py). A
+        # reused slot goes on from its counts, and the recycling threshold moves with them.
+        self.counts, self.slot_base, self.rules.answered, self.rules.rejected = metrics.claim(self)
+        if self.max_requests < sys.maxsize:
+            self.max_requests += self.rules.answered
         # The answer that reaches max_requests says `Connection: close` (see FramingRules);
         # keepalive = 0 means no keep-alive at all, as in gunicorn's own workers.
         self.rules.open_until = self.max_requests - 1 if self.cfg.keepalive > 0 else 0
@@ -128,6 +135,7 @@ class VryptWorker(Worker):
     # gunicorn lifecycle -------------------------------------------------------------------------
 
     def init_process(self) -> None:
+        metrics.attach(self)
         gevent.reinit()  # the hub must not share an epoll instance with the arbiter
         self._raise_nofile_limit()
         super().init_process()
@@ -253,6 +261,7 @@ class VryptWorker(Worker):
 
     def _on_sweep(self) -> None:
         self.notify()
+        metrics.publish(self)
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
         for conn in list(self.connections):
             conn.on_tick(keepalive, self.head_timeout)
@@ -397,6 +406,8 @@ class Connection:
         try:
             out = framer.feed(data)
             if out:
+                worker = self.worker
+                worker.counts[worker.slot_base] = worker.rules.answered  # metrics: one store
                 table = self.table
                 payload = table[out[0]] if len(out) == 1 else b"".join([table[k] for k in out])
                 if self.pending:
@@ -412,7 +423,6 @@ class Connection:
                         return
                     if sent != len(payload):
                         self.wait_writable(payload[sent:])
-                worker = self.worker
                 if worker.rules.answered >= worker.max_requests:
                     worker.recycle()
             if framer.closed and not self.pending:
@@ -440,6 +450,7 @@ class Connection:
         # The peer reads slower than it sends: stop reading it until it has taken our answers,
         # so a client that pipelines without reading cannot grow our memory.
         self.pending = rest
+        metrics.publish(self.worker)  # a final (rejected?) answer may wait here
         self.reader.stop()
         if self.writer is None:
             self.writer = self.worker.loop.io(self.sock.fileno(), _WRITE)
@@ -467,6 +478,7 @@ class Connection:
         """After the final answer: half-close, then read and drop until the peer closes."""
         if self.lingering:
             return
+        metrics.publish(self.worker)  # the final answer left: a rejection is counted now
         self.lingering = 1
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -501,6 +513,7 @@ class Connection:
             if self.head_ticks >= head_timeout:
                 self.worker.rules.rejected += 1
                 self.worker.rules.answered += 1
+                metrics.publish(self.worker)
                 self.send(self.table[REQUEST_TIMEOUT])
                 self.close_after_send()
                 return

@@ -1,0 +1,386 @@
+"""Metrics: the shared counter slots and the StatsD pusher (vrypt_worker/metrics.py).
+
+The server tests run real gunicorn processes against a real UDP socket standing in for the
+collector, and check what arrives: exact totals across everything gunicorn does to its workers,
+cadence, names, tags, and quiet failure when nobody listens."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from tests.support import base_env, is_vrypt, read_responses, running, start_server
+from vrypt_worker import metrics
+
+# --- the counter module itself --------------------------------------------------------------
+
+
+def sleeper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+
+
+def test_slot_is_reused_only_when_its_holder_is_gone_and_counts_go_on():
+    board = metrics.Board(3)
+    live, dead, zombie = sleeper(), sleeper(), sleeper()
+    try:
+        dead.kill()
+        dead.wait()
+        zombie.kill()  # not waited for: a zombie until the end of the test
+        while metrics.alive_child(zombie.pid, os.getpid()):
+            time.sleep(0.01)
+        holders = [SimpleNamespace(pid=live.pid), SimpleNamespace(pid=dead.pid)]
+        assert board.claim(holders[0]) == 0
+        assert board.claim(holders[1]) == 1
+        # The holder of slot 1 counted, then died: its slot is the next one given out.
+        board.words[1 * metrics.WORDS + metrics.ANSWERED] = 41
+        board.words[1 * metrics.WORDS + metrics.REJECTED] = 2
+        board.words[1 * metrics.WORDS + metrics.OPEN] = 7
+        assert board.claim(SimpleNamespace(pid=zombie.pid)) == 1
+        assert board.values(1) == (41, 2), "a reused slot keeps its counts"
+        assert board.words[1 * metrics.WORDS + metrics.OPEN] == 0
+        # A zombie holder is dead too; a holder not forked yet ("[booting]") never ran.
+        assert board.claim(SimpleNamespace(pid="[booting]")) == 1
+        assert board.claim(SimpleNamespace(pid=live.pid)) == 1
+        assert board.claim(SimpleNamespace(pid=live.pid)) == 2
+        assert board.claim(SimpleNamespace(pid=live.pid)) is None, "all slots held by a live pid"
+    finally:
+        for proc in (live, dead, zombie):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_slot_whose_writer_lives_is_not_given_out_even_without_a_record():
+    """The pid a worker wrote into its slot counts too (e.g. a record lost with a reload)."""
+    live = sleeper()
+    try:
+        board = metrics.Board(2)
+        board.words[0 * metrics.WORDS + metrics.OWNER] = live.pid
+        board.words[board.header + metrics.USED] = 1
+        assert board.claim(SimpleNamespace(pid="[booting]")) == 1
+        assert not metrics.alive_child(live.pid, parent=1), "a child of another parent"
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_deltas_are_differences_of_monotonic_sums_kept_in_shared_memory():
+    board = metrics.Board(4)
+    words = board.words
+    words[board.header + metrics.USED] = 3  # slots 0..2 handed out
+    assert board.take() == (0, 0)
+    words[0 * 8 + metrics.ANSWERED] = 10
+    words[2 * 8 + metrics.ANSWERED] = 5
+    words[2 * 8 + metrics.REJECTED] = 1
+    assert board.take() == (15, 1)
+    assert board.take() == (0, 0)
+    # A slot taken over goes on from its values: the sum never drops, the delta never goes
+    # negative, and the final counts of the previous holder were already in the sum.
+    words[2 * 8 + metrics.ANSWERED] = 9
+    assert board.take() == (4, 0)
+    # What was sent lives in the mapping: a pusher forked later (after one died) goes on from it.
+    words[0 * 8 + metrics.ANSWERED] = 12
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if board.take() == (2, 0) else 1)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert board.take() == (0, 0)
+    # uint64 counters: no wrap-around at any rate this server reaches (2**64 requests).
+    words[1 * 8 + metrics.ANSWERED] = 2**63
+    assert board.take() == (2**63, 0)
+
+
+def test_open_connections_count_only_live_writers():
+    live, dead = sleeper(), sleeper()
+    dead.kill()
+    dead.wait()
+    try:
+        board = metrics.Board(3)
+        board.words[board.header + metrics.USED] = 3
+        for slot, (pid, conns) in enumerate([(live.pid, 4), (dead.pid, 100), (0, 50)]):
+            board.words[slot * 8 + metrics.OWNER] = pid
+            board.words[slot * 8 + metrics.OPEN] = conns
+        assert board.open_connections(os.getpid()) == 4
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_settings_follow_gunicorn_prefix_and_interval_env(monkeypatch):
+    assert metrics.statsd_prefix("") == ""
+    assert metrics.statsd_prefix("app") == "app."
+    assert metrics.statsd_prefix("app...") == "app."
+    monkeypatch.setenv("VRYPT_STATSD_INTERVAL", "0.5")
+    assert metrics.interval_from_env() == 0.5
+    for bad in ("0", "-1", "x", "4000"):
+        monkeypatch.setenv("VRYPT_STATSD_INTERVAL", bad)
+        with pytest.raises(ValueError, match="VRYPT_STATSD_INTERVAL"):
+            metrics.interval_from_env()
+
+
+def test_clients_append_tags_and_speak_unix_datagrams(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        udp.settimeout(2)
+        client = metrics.TaggedStatsClient("127.0.0.1", udp.getsockname()[1], "a:1,b:2")
+        client.gauge("vrypt.rps", 3)
+        client.incr("gunicorn.requests", 3)
+        assert udp.recv(512) == b"vrypt.rps:3|g|#a:1,b:2"
+        assert udp.recv(512) == b"gunicorn.requests:3|c|#a:1,b:2"
+        client.close()
+    path = str(tmp_path / "statsd.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as unix:
+        unix.bind(path)
+        unix.settimeout(2)
+        client = metrics.make_client(metrics.Settings(host=path))
+        client.gauge("vrypt.rps", 0)
+        assert unix.recv(512) == b"vrypt.rps:0|g"
+        client.close()
+
+
+# --- real servers ---------------------------------------------------------------------------
+
+
+class Collector:
+    """A UDP socket on 127.0.0.1 and a thread that keeps every StatsD line with its time."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.1)
+        self.port = self.sock.getsockname()[1]
+        self.lines: list[tuple[float, str]] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                packet = self.sock.recv(65535)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            now = time.monotonic()
+            self.lines += [(now, line) for line in packet.decode().splitlines() if line]
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(2)
+        self.sock.close()
+
+    def values(self, name: str, kind: str = "g") -> list[int]:
+        pattern = re.compile(rf"{re.escape(name)}:(\d+)\|{kind}(\||$)")
+        return [int(m.group(1)) for _t, line in list(self.lines) if (m := pattern.match(line))]
+
+    def rps_sum(self) -> int:
+        return sum(self.values("vrypt.rps"))
+
+    def wait_sum(self, expected: int, interval: float, timeout: float = 6.0) -> int:
+        """Until the rps gauges add up to `expected`, then two more intervals: still equal?"""
+        deadline = time.monotonic() + timeout
+        while self.rps_sum() < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2 * interval + 0.1)
+        return self.rps_sum()
+
+
+@pytest.fixture
+def collector():
+    c = Collector()
+    yield c
+    c.close()
+
+
+def metrics_env(collector: Collector | None, interval: float = 0.2, **extra: str) -> dict:
+    host = f"127.0.0.1:{collector.port}" if collector else ""
+    return base_env(
+        VRYPT_STATSD_HOST=host,
+        VRYPT_STATSD_INTERVAL=str(interval),
+        VRYPT_REUSE_PORT="0",  # one shared listener: no connection reset when a worker goes
+        **extra,
+    )
+
+
+def hit(server, requests: int, per_connection: int = 5) -> int:
+    """Send `requests` GETs, pipelined `per_connection` at a time; return how many were
+    answered (a connection a dying worker drops does not count: it was not answered)."""
+    answered = 0
+    while requests > 0:
+        batch = min(per_connection, requests)
+        requests -= batch
+        try:
+            with server.connect() as sock:
+                sock.sendall(b"GET /m HTTP/1.1\r\nHost: x\r\n\r\n" * batch)
+                responses = read_responses(sock, batch)
+        except OSError:
+            continue
+        assert all(is_vrypt(r) for r in responses)
+        answered += len(responses)
+    return answered
+
+
+def pusher_pid(server) -> int:
+    """The current pusher: the last one the arbiter started."""
+    server.wait_for_log(r"vrypt metrics: pusher pid \d+ sends")
+    started = re.findall(r"pusher pid (\d+) sends|; started pid (\d+)", server.log)
+    return int("".join(started[-1]))
+
+
+def workers(server, count: int, timeout: float = 10.0) -> list[int]:
+    """The worker pids (not the pusher's), once there are `count` of them."""
+    deadline = time.monotonic() + timeout
+    pusher = pusher_pid(server)
+    while True:
+        pids = [pid for pid in server.worker_pids() if pid != pusher]
+        if len(pids) == count or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
+
+
+READY = 1  # support.wait_ready's GET /ready, answered once
+
+
+def test_rps_gauges_add_up_across_worker_sigkill(collector):
+    interval = 1.0  # long enough that the kill lands between two sends
+    with running(workers=2, env=metrics_env(collector, interval)) as server:
+        answered = READY + hit(server, 40)
+        for pid in workers(server, 2):  # counted since the last send, then SIGKILL
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)
+        answered += hit(server, 30)  # queued on the shared listener until the new workers
+        assert len(workers(server, 2)) == 2
+        answered += hit(server, 25)
+        assert collector.wait_sum(answered, interval) == answered
+        assert "Traceback" not in server.log
+
+
+def test_rps_gauges_add_up_across_hup_reload(collector):
+    interval = 0.2
+    with running(workers=2, env=metrics_env(collector, interval)) as server:
+        answered = READY + hit(server, 30)
+        old = set(workers(server, 2))
+        server.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while old & set(server.worker_pids()) and time.monotonic() < deadline:
+            answered += hit(server, 10)  # old and new workers answer side by side
+        assert not old & set(server.worker_pids()), "the old workers did not leave"
+        answered += hit(server, 20)
+        assert collector.wait_sum(answered, interval) == answered
+
+
+def test_rps_gauges_add_up_across_recycling_and_ttin_ttou(collector):
+    """max_requests: a reused slot continues from its counts and the recycling threshold moves
+    with them (neither at once nor never); TTIN/TTOU add and remove workers."""
+    interval = 0.2
+    with running("--max-requests", "5", workers=2, env=metrics_env(collector, interval)) as s:
+        answered = READY + hit(s, 40, per_connection=1)
+        # A pusher that dies is started again at the next spawn, from where it stopped.
+        os.kill(pusher_pid(s), signal.SIGKILL)
+        answered += hit(s, 5, per_connection=1)
+        s.signal(signal.SIGTTIN)
+        s.wait_for_log(r"vrypt metrics: pusher pid \d+ was gone; started pid \d+")
+        assert len(workers(s, 3)) == 3
+        answered += hit(s, 20, per_connection=1)
+        s.signal(signal.SIGTTOU)
+        assert len(workers(s, 2)) == 2
+        answered += hit(s, 10, per_connection=1)
+        assert collector.wait_sum(answered, interval) == answered
+        recycled = s.log.count("Autorestarting worker")
+        assert "ERROR" not in s.log
+        assert answered // 5 - 4 <= recycled <= answered // 5 + 1, recycled
+
+
+def test_cadence_names_prefix_tags_and_gunicorn_metrics(collector):
+    """The default interval (1 s), gunicorn's statsd_prefix and dogstatsd_tags on every line
+    the pusher sends, open connections, bad requests, and gunicorn's own gauge still arriving."""
+    env = metrics_env(collector, interval=1.0)
+    del env["VRYPT_STATSD_INTERVAL"]
+    args = ("--statsd-prefix", "edge", "--dogstatsd-tags", "env:test,role:canary")
+    with running(*args, workers=2, env=env) as server:
+        idle = [server.connect() for _ in range(3)]
+        with server.connect() as bad:
+            bad.sendall(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+            assert read_responses(bad, 1)[0].status == 400
+        start = time.monotonic()
+        time.sleep(3.6)
+        for sock in idle:
+            sock.close()
+    sent = [(t, line) for t, line in collector.lines if t >= start]
+    tags = "|#env:test,role:canary"
+    ours = [line for _t, line in sent if ".vrypt." in line or ".gunicorn.requests" in line]
+    assert ours and all(line.startswith("edge.") and line.endswith(tags) for line in ours), ours
+    times = [t for t, line in sent if line.startswith("edge.vrypt.rps:")]
+    assert 3 <= len(times) <= 4, times
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(0.8 <= gap <= 1.2 for gap in gaps), gaps
+    assert 3 in collector.values("edge.vrypt.connections"), collector.lines
+    assert sum(collector.values("edge.vrypt.bad_requests", "c")) == 1
+    rps = collector.values("edge.vrypt.rps")
+    assert sum(collector.values("edge.gunicorn.requests", "c")) == sum(rps) >= 2
+    assert any(line == f"edge.gunicorn.workers:2|g{tags}" for _t, line in collector.lines)
+
+
+def test_k_form_sends_metrics_exactly_when_statsd_host_is_set(collector):
+    cmd_k = ["-k", "vrypt_worker.VryptWorker", "vrypt_worker.wsgi:application"]
+    env = metrics_env(None)
+    with running(*cmd_k, conf=False, workers=2, env=env) as server:
+        assert hit(server, 5) == 5
+        time.sleep(0.6)
+        assert len(server.worker_pids()) == 2, "no pusher without statsd_host"
+        assert "vrypt metrics" not in server.log
+    with running(
+        *cmd_k, "--statsd-host", f"127.0.0.1:{collector.port}", conf=False, workers=2, env=env
+    ) as server:
+        pusher_pid(server)
+        answered = READY + hit(server, 5)
+        assert collector.wait_sum(answered, 0.2) == answered
+        assert any(line == "gunicorn.workers:2|g" for _t, line in collector.lines)
+
+
+def statsd_complaints(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "statsd" in line.lower()]
+
+
+@pytest.mark.parametrize(
+    "host",
+    ["127.0.0.1:{port}", "no-such-host.invalid:8125"],
+    ids=["nobody-listening", "unresolvable"],
+)
+def test_a_missing_collector_changes_nothing_and_is_reported_once(host):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: nobody listens there
+    env = base_env(
+        VRYPT_STATSD_HOST=host.format(port=port),
+        VRYPT_STATSD_INTERVAL="0.1",
+        VRYPT_REUSE_PORT="0",
+    )
+    server = start_server(workers=2, env=env)
+    try:
+        started = time.monotonic()
+        answered = hit(server, 200, per_connection=10)
+        assert answered == 200
+        server.signal(signal.SIGTTIN)  # gunicorn's own gauge (gunicorn.workers) to send too
+        assert len(workers(server, 3)) == 3
+        while time.monotonic() - started < 2.0:
+            assert hit(server, 10) == 10
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(15) == 0
+        time.sleep(0.3)  # the pusher's last send
+        complaints = statsd_complaints(server.log)
+        assert len(complaints) == 1, server.log
+        assert "not logged again" in complaints[0]
+        assert "Traceback" not in server.log
+    finally:
+        server.stop()

@@ -1,0 +1,607 @@
+"""Per-worker counters in shared memory and the one StatsD pusher of the server.
+
+docs/metrics.md explains the design; in short:
+
+- `start()` runs once in the arbiter (from `VryptWorker.check_config`) when `statsd_host` is set.
+  It maps an anonymous shared `Board` of counter slots, 64 bytes (one cache line) each, before any
+  worker forks, and forks the pusher: one small process that closes every inherited descriptor
+  but the log's and sends, once per interval, what the workers counted.
+- `claim()` runs in the arbiter too, in `VryptWorker.__init__` (gunicorn builds the worker object
+  there before it forks), so giving out slots needs no lock. A slot whose holder died is given to
+  the next worker, which goes on counting from the slot's values: every slot counter only ever
+  grows, and the pusher sends differences of sums.
+- Workers store into their own slot: `answered` once per read that produced answers (one
+  memoryview store, no lock, no syscall), the rest where it changes and in the 1 s sweep.
+
+Slot layout (uint64 words): answered, rejected, open connections, owner pid, 4 words of padding.
+After the slots one more line holds the pusher's bookkeeping: the totals it has sent, the number
+of slots ever handed out, and the pid of the current pusher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import mmap
+import os
+import re
+import resource
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from gunicorn import util
+from gunicorn.glogging import Logger
+from gunicorn.instrument.statsd import Statsd
+from statsd.client.base import StatsClientBase
+from statsd.client.udp import StatsClient
+
+SLOT_BYTES = 64  # one cache line: a worker's stores never share a line with another worker's
+WORDS = SLOT_BYTES // 8
+ANSWERED, REJECTED, OPEN, OWNER = 0, 1, 2, 3
+# The line after the slots: written by the pusher (SENT_*, PUSHER) and the arbiter (USED).
+SENT_ANSWERED, SENT_REJECTED, USED, PUSHER = 0, 1, 2, 3
+MIN_SLOTS = 1024
+DEFAULT_INTERVAL = 1.0
+_RESOLVE_BACKOFF_MAX = 30.0
+_PR_SET_PDEATHSIG = 1
+# Signals meant for the arbiter; a pusher in the same process group must not die of them (a
+# Ctrl-C in a terminal reaches the whole group) and leaves when the arbiter does.
+_IGNORED_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGTTIN,
+    signal.SIGTTOU,
+    signal.SIGWINCH,
+)
+
+
+class Holder(Protocol):
+    """What the arbiter knows of a slot's holder: gunicorn sets `pid` right after the fork."""
+
+    pid: Any
+
+
+def alive_child(pid: int, parent: int) -> bool:
+    """True if `pid` runs (not a zombie) as a child of `parent`: a pid reused by some other
+    process after its worker was reaped does not count."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            raw = stat.read()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no procfs here: fall back to "the pid exists"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return fields[0] not in (b"Z", b"X", b"x") and int(fields[1]) == parent
+
+
+class Board:
+    """The shared counter slots. Made before the workers fork, so every process of the server
+    maps the same pages (MAP_SHARED | MAP_ANONYMOUS, no file, no descriptor)."""
+
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError("a board needs at least one slot")
+        self.slots = slots
+        self._map = mmap.mmap(-1, (slots + 1) * SLOT_BYTES)
+        self.words = memoryview(self._map).cast("Q")
+        self.header = slots * WORDS
+        self._holders: dict[int, Holder] = {}
+
+    # the arbiter ------------------------------------------------------------------------------
+
+    def claim(self, holder: Holder, parent: int | None = None) -> int | None:
+        """Give `holder` a slot whose previous holder is gone; None when all are taken.
+
+        Runs only in the arbiter, which is single-threaded and reaps dead workers before it
+        spawns their replacements. A slot is free when both the arbiter's record of its holder
+        and the pid the holder wrote into it name no live child of the arbiter. The counters are
+        left as they are: the new holder goes on from them (`values`)."""
+        parent = os.getpid() if parent is None else parent
+        words = self.words
+        for slot in range(self.slots):
+            previous = self._holders.get(slot)
+            if previous is not None:
+                pid = previous.pid
+                if isinstance(pid, int) and alive_child(pid, parent):
+                    continue
+            owner = words[slot * WORDS + OWNER]
+            if owner and alive_child(owner, parent):
+                continue
+            self._holders[slot] = holder
+            words[slot * WORDS + OWNER] = 0
+            words[slot * WORDS + OPEN] = 0
+            if slot >= words[self.header + USED]:
+                words[self.header + USED] = slot + 1
+            return slot
+        return None
+
+    def values(self, slot: int) -> tuple[int, int]:
+        """The slot's (answered, rejected): where its next holder starts counting."""
+        base = slot * WORDS
+        return self.words[base + ANSWERED], self.words[base + REJECTED]
+
+    # the pusher -------------------------------------------------------------------------------
+
+    def totals(self) -> tuple[int, int]:
+        """(answered, rejected) summed over every slot ever used: both only ever grow."""
+        words = self.words
+        answered = rejected = 0
+        for base in range(0, words[self.header + USED] * WORDS, WORDS):
+            answered += words[base + ANSWERED]
+            rejected += words[base + REJECTED]
+        return answered, rejected
+
+    def take(self) -> tuple[int, int]:
+        """Requests (answered, rejected) since the last take, and remember the new totals.
+
+        The totals sent so far live in the shared header, so a pusher started after another one
+        died goes on where the dead one stopped: nothing counted twice."""
+        answered, rejected = self.totals()
+        header = self.header
+        words = self.words
+        delta = answered - words[header + SENT_ANSWERED], rejected - words[header + SENT_REJECTED]
+        words[header + SENT_ANSWERED] = answered
+        words[header + SENT_REJECTED] = rejected
+        return delta
+
+    def open_connections(self, parent: int) -> int:
+        """Open connections of the slots whose writer is a live worker of `parent`."""
+        words = self.words
+        total = 0
+        for base in range(0, words[self.header + USED] * WORDS, WORDS):
+            owner = words[base + OWNER]
+            if owner and alive_child(owner, parent):
+                total += words[base + OPEN]
+        return total
+
+
+# --- settings --------------------------------------------------------------------------------
+
+
+def interval_from_env() -> float:
+    """VRYPT_STATSD_INTERVAL: seconds between two sends of the pusher (default 1)."""
+    raw = os.environ.get("VRYPT_STATSD_INTERVAL", "").strip()
+    if not raw:
+        return DEFAULT_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.05 <= value <= 3600:
+        raise ValueError(f"VRYPT_STATSD_INTERVAL={raw!r}: expected seconds between 0.05 and 3600")
+    return value
+
+
+def statsd_prefix(raw: str | None) -> str:
+    """gunicorn's normalisation of statsd_prefix (gunicorn/instrument/statsd.py): one dot."""
+    return re.sub(r"^(.+[^.]+)\.*$", "\\g<1>.", raw or "")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the pusher sends where, from gunicorn's own statsd settings."""
+
+    host: Any  # gunicorn's parsed statsd_host: (host, port), or a path for unix://PATH
+    prefix: str = ""
+    tags: str = ""
+    interval: float = DEFAULT_INTERVAL
+    grace: float = 30.0  # how long a pusher sent SIGTERM waits for the arbiter to leave
+
+    @classmethod
+    def from_cfg(cls, cfg: Any) -> Settings | None:
+        if cfg.statsd_host is None:
+            return None
+        return cls(
+            host=cfg.statsd_host,
+            prefix=statsd_prefix(cfg.statsd_prefix),
+            tags=cfg.dogstatsd_tags or "",
+            interval=interval_from_env(),
+            grace=float(cfg.graceful_timeout),
+        )
+
+    @property
+    def target(self) -> str:
+        host = self.host
+        return f"unix:{host}" if isinstance(host, str) else f"{host[0]}:{host[1]}"
+
+
+# --- StatsD clients --------------------------------------------------------------------------
+
+
+class TaggedStatsClient(StatsClient):
+    """pystatsd's UDP client with dogstatsd tags (`|#k:v,...` on every line, as gunicorn does),
+    on a connected socket whose send errors reach the caller: pystatsd swallows them, and an
+    unconnected socket never hears that nobody listens."""
+
+    def __init__(self, host: str, port: int, tags: str = "", ipv6: bool = False) -> None:
+        super().__init__(host, port, prefix=None, ipv6=ipv6)  # resolves: may raise gaierror
+        try:
+            self._sock.connect(self._addr)
+        except OSError:
+            self._sock.close()
+            raise
+        self._suffix = f"|#{tags}" if tags else ""
+
+    def _send(self, data: str) -> None:
+        self._sock.send((data + self._suffix).encode("ascii"))
+
+
+class UnixDatagramStatsClient(StatsClientBase):
+    """The same for `statsd_host = "unix://PATH"`: a datagram socket, like gunicorn's logger."""
+
+    def __init__(self, path: str, tags: str = "") -> None:
+        self._prefix = None
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            self._sock.connect(path)
+        except OSError:
+            self._sock.close()
+            raise
+        self._suffix = f"|#{tags}" if tags else ""
+
+    def _send(self, data: str) -> None:
+        self._sock.send((data + self._suffix).encode("ascii"))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def make_client(settings: Settings) -> StatsClientBase:
+    host = settings.host
+    if isinstance(host, str):
+        return UnixDatagramStatsClient(host, settings.tags)
+    return TaggedStatsClient(host[0], int(host[1]), settings.tags, ipv6=util.is_ipv6(host[0]))
+
+
+# --- reporting a broken collector once ---------------------------------------------------------
+
+_notice_map: mmap.mmap | None = None
+_notice_words: memoryview | None = None
+
+
+def _notices() -> memoryview:
+    """A shared page of "already reported" flags, mapped by the arbiter before it forks (the
+    logger maps it when gunicorn builds it, `start` at the latest)."""
+    global _notice_map, _notice_words
+    if _notice_words is None:
+        _notice_map = mmap.mmap(-1, mmap.PAGESIZE)
+        _notice_words = memoryview(_notice_map).cast("Q")
+    return _notice_words
+
+
+def first_report() -> bool:
+    """True the first time any process of this server asks (a process that mapped the page
+    itself, after the fork, counts on its own)."""
+    flags = _notices()
+    if flags[0]:
+        return False
+    flags[0] = 1
+    return True
+
+
+def _collector_problem(emit: Any, target: str, exc: BaseException) -> None:
+    if first_report():
+        emit(
+            "statsd: cannot send to %s (%s: %s); metrics are dropped until it is back, and this "
+            "is not logged again",
+            target,
+            type(exc).__name__,
+            exc,
+        )
+
+
+class StatsdLogger(Statsd):
+    """gunicorn's statsd logger, set by vrypt_worker/conf.py, that reports a collector it cannot
+    reach once for the whole server instead of a warning with a traceback per metric. Without
+    statsd_host it is the plain gunicorn logger (with an explicit logger_class gunicorn no longer
+    switches between the two by itself)."""
+
+    def __init__(self, cfg: Any) -> None:
+        Logger.__init__(self, cfg)
+        self.prefix = statsd_prefix(cfg.statsd_prefix)
+        self.dogstatsd_tags = cfg.dogstatsd_tags
+        self.sock: socket.socket | None = None
+        host = cfg.statsd_host
+        if host is None:
+            return
+        if isinstance(host, str):
+            family = socket.AF_UNIX
+        elif util.is_ipv6(host[0]):
+            family = socket.AF_INET6
+        else:
+            family = socket.AF_INET
+        self._target = f"unix:{host}" if isinstance(host, str) else f"{host[0]}:{host[1]}"
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.connect(host)
+        except Exception as exc:
+            sock.close()
+            _collector_problem(self._warn, self._target, exc)
+            return
+        self.sock = sock
+
+    def _warn(self, msg: str, *args: Any) -> None:
+        Logger.warning(self, msg, *args)  # not self.warning: that would send a metric
+
+    def _sock_send(self, msg: str | bytes) -> None:
+        sock = self.sock
+        if sock is None:
+            return
+        try:
+            if isinstance(msg, str):
+                msg = msg.encode("ascii")
+            if self.dogstatsd_tags:
+                msg = msg + b"|#" + self.dogstatsd_tags.encode("ascii")
+            sock.send(msg)
+        except Exception as exc:
+            _collector_problem(self._warn, self._target, exc)
+
+
+# --- the pusher --------------------------------------------------------------------------------
+
+
+class Pusher:
+    """Once per interval: read the board, send the differences. Runs in its own process."""
+
+    def __init__(self, board: Board, settings: Settings, parent: int, log: Any) -> None:
+        self.board = board
+        self.settings = settings
+        self.parent = parent
+        self.log = log
+        prefix = settings.prefix
+        self.names = (
+            prefix + "vrypt.rps",
+            prefix + "vrypt.connections",
+            prefix + "vrypt.bad_requests",
+            prefix + "gunicorn.requests",
+        )
+        self.client: StatsClientBase | None = None
+        self._failed = False
+        self._resolve_at = 0.0
+        self._backoff = settings.interval
+
+    def _warn(self, msg: str, *args: Any) -> None:
+        # Through the logging.Logger underneath: gunicorn's statsd logger would send a metric.
+        getattr(self.log, "error_log", self.log).warning(msg, *args)
+
+    def connect(self, now: float) -> None:
+        if self.client is not None or now < self._resolve_at:
+            return
+        try:
+            self.client = make_client(self.settings)
+            self._backoff = self.settings.interval
+        except OSError as exc:  # unresolvable (gaierror), no route, no such unix socket
+            _collector_problem(self._warn, self.settings.target, exc)
+            self._resolve_at = now + self._backoff
+            self._backoff = min(self._backoff * 2, _RESOLVE_BACKOFF_MAX)
+
+    def push(self) -> None:
+        answered, rejected = self.board.take()
+        connections = self.board.open_connections(self.parent)
+        self.connect(time.monotonic())
+        client = self.client
+        if client is None:
+            return
+        rps, conns, bad, requests = self.names
+        try:
+            client.gauge(rps, answered)
+            client.gauge(conns, connections)
+            client.incr(bad, rejected)
+            client.incr(requests, answered)
+        except OSError as exc:
+            _collector_problem(self._warn, self.settings.target, exc)
+
+    def push_safely(self) -> None:
+        try:
+            self.push()
+        except Exception:
+            if not self._failed:
+                self._failed = True
+                getattr(self.log, "error_log", self.log).exception("vrypt metrics: push failed")
+
+    def run(self) -> None:
+        """Send every interval until the arbiter is gone, then send the last one.
+
+        SIGTERM (the arbiter's death through PR_SET_PDEATHSIG, or a stop sent to the whole
+        process group) does not end the pusher at once while the arbiter lives: the workers are
+        still answering their last requests, which the final send must include."""
+        interval = self.settings.interval
+        next_at = time.monotonic() + interval
+        leave_at: float | None = None
+        while os.getppid() == self.parent:
+            now = time.monotonic()
+            if leave_at is not None and now >= leave_at:
+                break
+            if now >= next_at:
+                self.push_safely()
+                next_at += interval
+                if next_at <= now:  # we were stopped for a while: no burst of catching up
+                    next_at = now + interval
+                continue
+            if signal.sigtimedwait((signal.SIGTERM,), next_at - now) and leave_at is None:
+                leave_at = now + self.settings.grace + 2 * interval
+        self.push_safely()
+
+
+# --- the process that runs the pusher ------------------------------------------------------------
+
+
+def _kept_fds(log: Any) -> set[int]:
+    """stdio and whatever the log writes to: every other descriptor of the arbiter (listeners,
+    worker heartbeat files, the control socket) is closed in the pusher."""
+    keep = {0, 1, 2}
+    loggers = [logging.getLogger()] + [
+        item
+        for item in logging.Logger.manager.loggerDict.values()
+        if isinstance(item, logging.Logger)
+    ]
+    for item in loggers:
+        for handler in item.handlers:
+            for attr in ("stream", "socket"):
+                with contextlib.suppress(Exception):
+                    keep.add(getattr(handler, attr).fileno())
+    with contextlib.suppress(Exception):
+        keep.add(log.sock.fileno())
+    return {fd for fd in keep if fd >= 0}
+
+
+def _close_fds_except(keep: set[int]) -> None:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    top = max(4096 if soft == resource.RLIM_INFINITY else soft, max(keep) + 1)
+    low = 0
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, top)
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+def _pusher_main(board: Board, settings: Settings, parent: int, log: Any, keep: set[int]) -> None:
+    for sig in _IGNORED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with contextlib.suppress(ValueError):
+        signal.set_wakeup_fd(-1)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    _close_fds_except(keep)
+    _die_with_parent()  # then check: the arbiter may have died before prctl took effect
+    board.words[board.header + PUSHER] = os.getpid()
+    with contextlib.suppress(Exception):
+        util._setproctitle(f"vrypt metrics [{getattr(log.cfg, 'proc_name', 'gunicorn')}]")
+    Pusher(board, settings, parent, log).run()
+
+
+@dataclass
+class _Server:
+    """This arbiter's metrics state (module-level: one arbiter per process)."""
+
+    board: Board
+    settings: Settings
+    arbiter: int
+    pusher: int = 0
+
+
+_server: _Server | None = None
+
+
+def _fork_pusher(server: _Server, log: Any) -> int:
+    keep = _kept_fds(log)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the pusher: never return into gunicorn's code
+        code = 0
+        try:
+            _pusher_main(server.board, server.settings, server.arbiter, log, keep)
+        except BaseException:
+            code = 1
+            with contextlib.suppress(BaseException):
+                getattr(log, "error_log", log).exception("vrypt metrics: the pusher failed")
+        finally:
+            os._exit(code)
+    server.pusher = pid
+    return pid
+
+
+def _pusher_alive(pid: int) -> bool:
+    """In the arbiter. gunicorn's reap_workers (waitpid(-1)) may already have reaped our child:
+    it logs "Reaped unknown child process" at debug level and goes on, and then so do we."""
+    try:
+        done, _status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return done == 0
+
+
+def start(cfg: Any, log: Any) -> None:
+    """In the arbiter, once, before any worker forks (VryptWorker.check_config)."""
+    global _server
+    settings = Settings.from_cfg(cfg)  # a bad VRYPT_STATSD_INTERVAL fails here, at start
+    _notices()  # map the shared "reported once" page before anything forks
+    if settings is None or _server is not None:
+        return
+    workers = max(int(cfg.workers or 1), 1)
+    server = _Server(Board(max(MIN_SLOTS, 4 * workers)), settings, os.getpid())
+    _server = server
+    pid = _fork_pusher(server, log)
+    log.info(
+        "vrypt metrics: pusher pid %s sends to %s every %gs",
+        pid,
+        settings.target,
+        settings.interval,
+    )
+
+
+def _ensure_pusher(server: _Server, log: Any) -> None:
+    if server.pusher and not _pusher_alive(server.pusher):
+        old = server.pusher
+        pid = _fork_pusher(server, log)
+        log.warning("vrypt metrics: pusher pid %s was gone; started pid %s", old, pid)
+
+
+def _private_counts() -> memoryview:
+    return memoryview(bytearray(SLOT_BYTES)).cast("Q")
+
+
+_warned_full = False
+
+
+def claim(worker: Any) -> tuple[memoryview, int, int, int]:
+    """In the arbiter, from VryptWorker.__init__: (counts, base, answered, rejected).
+
+    The worker stores its counters at `counts[base + ANSWERED]` etc. and starts counting at
+    `answered`/`rejected` (a reused slot goes on from its values). Without metrics, or with every
+    slot taken, `counts` is a private array nobody reads: the stores cost the same."""
+    global _warned_full
+    server = _server
+    if server is None or os.getpid() != server.arbiter:
+        return _private_counts(), 0, 0, 0
+    _ensure_pusher(server, worker.log)
+    slot = server.board.claim(worker)
+    if slot is None:
+        if not _warned_full:
+            _warned_full = True
+            worker.log.warning(
+                "vrypt metrics: all %d counter slots are taken; a worker goes uncounted",
+                server.board.slots,
+            )
+        return _private_counts(), 0, 0, 0
+    answered, rejected = server.board.values(slot)
+    return server.board.words, slot * WORDS, answered, rejected
+
+
+def attach(worker: Any) -> None:
+    """In the worker after the fork: mark the slot as this process's, for the pusher."""
+    worker.counts[worker.slot_base + OWNER] = os.getpid()
+
+
+def publish(worker: Any) -> None:
+    """Store all of a worker's counters in its slot (sweep, final answers, slow sends)."""
+    counts = worker.counts
+    base = worker.slot_base
+    rules = worker.rules
+    counts[base + ANSWERED] = rules.answered
+    counts[base + REJECTED] = rules.rejected
+    counts[base + OPEN] = len(worker.connections)
