@@ -78,6 +78,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--duration", type=int, default=5, help="seconds per run (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up seconds per run (default 1)")
     p.add_argument(
+        "--max-other-load",
+        type=float,
+        default=0.1,
+        help="redo a run if other processes took more than this share of the server's core "
+        "(default 0.1)",
+    )
+    p.add_argument("--retries", type=int, default=2, help="redos of a disturbed run (default 2)")
+    p.add_argument(
         "--quick",
         action="store_true",
         help="smoke run: 1 round of 1 s, keep-alive only, vrypt and one reference",
@@ -170,6 +178,8 @@ def collect_meta(args: argparse.Namespace, argv: list[str], specs, scenarios) ->
         "rounds": args.rounds,
         "seconds": args.duration,
         "warmup": args.warmup,
+        "max_other_load": args.max_other_load,
+        "retries": args.retries,
         "placement": {
             "one_core_server": cpu_list(one.server_cpus),
             "one_core_load": cpu_list(one.load_cpus),
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.quick:
-        args.rounds, args.duration, args.warmup = 1, 1, 0
+        args.rounds, args.duration, args.warmup, args.retries = 1, 1, 0, 0
     if not wrk_available():
         progress("wrk is not installed (apt-get install wrk)")
         return 2
@@ -220,12 +230,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = run_all(
             specs, scenarios, args.rounds, args.duration, args.warmup, on_failure,
-            (ServerError, LoadError),
+            (ServerError, LoadError), args.max_other_load, args.retries,
         )  # fmt: skip
     except KeyboardInterrupt:
         progress("interrupted: servers stopped, nothing written")
         return 130
-    summaries = summarize(runs)
+    summaries = summarize(runs, args.max_other_load)
     targets = check_targets(summaries)
     paths = report.write(args.out, meta, [r.to_dict() for r in runs], summaries, targets)
     progress("")

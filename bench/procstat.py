@@ -84,20 +84,31 @@ def sample_tree(sid: int) -> TreeSample:
     )
 
 
-def cores_busy_seconds(cpus: tuple[int, ...]) -> float:
-    """Busy time (user, nice, system, irq, softirq) of the given CPUs from /proc/stat.
+@dataclass(frozen=True)
+class CoreTimes:
+    """Busy time of some CPUs from /proc/stat, in seconds."""
 
-    Unlike a process's utime+stime, this includes the softirq time the kernel spends on the
-    server's core for loopback TCP (accounted apart from tasks when the kernel has
-    IRQ_TIME_ACCOUNTING): a fuller figure when the server has its core to itself."""
+    task_s: float  # user + nice + system: whatever ran there, our server or anything else
+    irq_s: float  # irq + softirq: with IRQ_TIME_ACCOUNTING, charged to no process
+
+    @property
+    def busy_s(self) -> float:
+        return self.task_s + self.irq_s
+
+
+def core_times(cpus: tuple[int, ...]) -> CoreTimes:
+    """Busy time of the given CPUs. Unlike a process's utime+stime, it includes the softirq
+    time the kernel spends on the server's core for loopback TCP, and it shows whether other
+    processes ran on the server's core during a run."""
     wanted = {f"cpu{c}" for c in cpus}
-    total = 0
+    task = irq = 0
     for line in (PROC / "stat").read_text().splitlines():
         fields = line.split()
         if fields and fields[0] in wanted:
-            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
-            total += user + nice + system + irq + softirq
-    return total / CLK_TCK
+            user, nice, system, _idle, _iowait, hard, soft = (int(v) for v in fields[1:8])
+            task += user + nice + system
+            irq += hard + soft
+    return CoreTimes(task / CLK_TCK, irq / CLK_TCK)
 
 
 def tcp_passive_opens() -> int:

@@ -23,6 +23,7 @@ def _us(value: float) -> str:
 
 COLUMNS = [
     "server",
+    "runs",
     "req/s",
     "CPU µs/req",
     "user / sys",
@@ -39,6 +40,7 @@ COLUMNS = [
 def _row(s: Summary) -> list[str]:
     return [
         s.server,
+        f"{s.runs} ({s.disturbed} disturbed)" if s.disturbed else str(s.runs),
         f"{s.rps:,.0f} ({s.rps_min:,.0f}-{s.rps_max:,.0f})",
         f"{s.cpu_us:.2f} ({s.cpu_us_min:.2f}-{s.cpu_us_max:.2f})",
         f"{s.user_us:.2f} / {s.sys_us:.2f}",
@@ -83,6 +85,10 @@ def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -
         "`Connection: close`, ~0 with keep-alive",
         "- errors: non-2xx responses plus wrk's socket errors (connect, read, write, timeout)",
         "- RSS: peak (VmHWM) summed over the server's processes / of its largest process",
+        f"- disturbed: a run during which other processes used more than "
+        f"{meta['max_other_load']:.0%} of the server's core (/proc/stat user+system of the core "
+        f"minus the server's own CPU time) was done again, up to {meta['retries']} times; "
+        "runs still disturbed are kept and counted in the runs column",
         "- ratios: server ÷ reference within each round, median over rounds",
         "",
     ]

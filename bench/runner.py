@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.load import LoadError, run_wrk, wrk_command
-from bench.procstat import cores_busy_seconds, sample_tree, tcp_passive_opens
+from bench.procstat import core_times, sample_tree, tcp_passive_opens
 from bench.scenarios import Placement, Scenario, available_cpus, placement
 from bench.servers import ServerSpec, running
 
@@ -27,6 +27,7 @@ class Run:
     user_us_per_req: float
     sys_us_per_req: float
     core_us_per_req: float | None  # busy time of the server's core(s), when not shared with wrk
+    other_load: float | None  # share of the server's core(s) used by other processes
     p50_us: float
     p99_us: float
     peak_rss_kb: int  # sum of VmHWM over the server's processes
@@ -54,11 +55,11 @@ def measure(
         if warmup > 0:
             run_wrk(wrk_command(scenario, where, server.port, warmup, Path(tmp)), warmup)
         argv = wrk_command(scenario, where, server.port, seconds, Path(tmp))
-        before, core_before = sample_tree(server.sid), cores_busy_seconds(where.server_cpus)
-        opens_before = tcp_passive_opens()
+        before, core_before = sample_tree(server.sid), core_times(where.server_cpus)
+        opens_before, started = tcp_passive_opens(), time.monotonic()
         result = run_wrk(argv, seconds)
-        opens = tcp_passive_opens() - opens_before
-        after, core_after = sample_tree(server.sid), cores_busy_seconds(where.server_cpus)
+        opens, wall = tcp_passive_opens() - opens_before, time.monotonic() - started
+        after, core_after = sample_tree(server.sid), core_times(where.server_cpus)
     if not result.requests or not result.latency_samples:
         # A server that answers a pipelined batch only in part leaves wrk waiting forever.
         raise LoadError(
@@ -66,6 +67,9 @@ def measure(
             + (" (does it answer every pipelined request?)" if scenario.pipeline > 1 else "")
         )
     per_req = 1e6 / result.requests
+    server_cpu = after.cpu_s - before.cpu_s
+    # Share of the server's core(s) that other processes used during the run.
+    other = (core_after.task_s - core_before.task_s - server_cpu) / (wall * len(where.server_cpus))
     return Run(
         server=spec.name,
         scenario=scenario.name,
@@ -73,10 +77,13 @@ def measure(
         requests=result.requests,
         seconds=result.seconds,
         rps=result.rps,
-        cpu_us_per_req=(after.cpu_s - before.cpu_s) * per_req,
+        cpu_us_per_req=server_cpu * per_req,
         user_us_per_req=(after.user_s - before.user_s) * per_req,
         sys_us_per_req=(after.sys_s - before.sys_s) * per_req,
-        core_us_per_req=None if where.shared else (core_after - core_before) * per_req,
+        core_us_per_req=None
+        if where.shared
+        else (core_after.busy_s - core_before.busy_s) * per_req,
+        other_load=None if where.shared else max(0.0, other),
         p50_us=result.p50_us,
         p99_us=result.p99_us,
         peak_rss_kb=sum(after.rss_kb),
@@ -112,9 +119,12 @@ def run_all(
     warmup: float,
     on_failure: Callable[[int, str, str, Exception], None],
     recoverable: tuple[type[Exception], ...],
+    max_other_load: float = 0.1,
+    retries: int = 0,
 ) -> list[Run]:
     """Every scheduled run; a run that fails (server did not start, wrk failed) is reported
-    through ``on_failure`` and the others go on."""
+    through ``on_failure`` and the others go on. A run during which other processes took more
+    than ``max_other_load`` of the server's core is done again, up to ``retries`` times."""
     cpus = available_cpus()
     plan = list(schedule(servers, scenarios, rounds))
     runs: list[Run] = []
@@ -126,14 +136,28 @@ def run_all(
             f"{spec.name} · {len(plan) - index - 1} runs left · "
             f"{time.monotonic() - started:.0f} s elapsed"
         )
-        try:
-            run = measure(spec, scenario, where, round_no, seconds, warmup)
-        except recoverable as exc:
-            on_failure(round_no, scenario.name, spec.name, exc)
+        for attempt in range(retries + 1):
+            try:
+                run = measure(spec, scenario, where, round_no, seconds, warmup)
+            except recoverable as exc:
+                on_failure(round_no, scenario.name, spec.name, exc)
+                run = None
+                break
+            if run.other_load is None or run.other_load <= max_other_load:
+                break
+            progress(
+                f"    disturbed: other processes used {run.other_load:.0%} of the server's core"
+                + (" - again" if attempt < retries else " - kept, flagged in the report")
+            )
+        if run is None:
             continue
         progress(
             f"    {run.rps:,.0f} rps, {run.cpu_us_per_req:.2f} µs CPU/req"
-            + (f" ({run.core_us_per_req:.2f} core)" if run.core_us_per_req is not None else "")
+            + (
+                f" ({run.core_us_per_req:.2f} core, {run.other_load:.0%} other load)"
+                if run.core_us_per_req is not None and run.other_load is not None
+                else ""
+            )
             + ", "
             f"p50 {run.p50_us:,.0f} µs, p99 {run.p99_us:,.0f} µs, errors: "
             f"{run.non_2xx} non-2xx, socket {run.socket_error_kinds or 0}"

@@ -17,6 +17,7 @@ class Summary:
     server: str
     scenario: str
     runs: int
+    disturbed: int  # runs kept although other processes loaded the server's core
     rps: float
     rps_min: float
     rps_max: float
@@ -52,7 +53,7 @@ def _median_or_none(values: list[float | None]) -> float | None:
     return median(present) if present else None
 
 
-def summarize(runs: list[Run]) -> list[Summary]:
+def summarize(runs: list[Run], max_other_load: float) -> list[Summary]:
     groups: dict[tuple[str, str], list[Run]] = {}
     for run in runs:
         groups.setdefault((run.server, run.scenario), []).append(run)
@@ -75,6 +76,9 @@ def summarize(runs: list[Run]) -> list[Summary]:
                 server=server,
                 scenario=scenario,
                 runs=len(group),
+                disturbed=sum(
+                    1 for r in group if r.other_load is not None and r.other_load > max_other_load
+                ),
                 rps=median(rps),
                 rps_min=min(rps),
                 rps_max=max(rps),
