@@ -248,6 +248,31 @@ def workers(server, count: int, timeout: float = 10.0) -> list[int]:
         time.sleep(0.05)
 
 
+def fd_targets(pid: int) -> dict[int, str]:
+    fds = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            fds[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            pass
+    return fds
+
+
+def listening_sockets() -> set[str]:
+    """`socket:[inode]` of every listening TCP socket of this machine."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as rows:
+                for row in list(rows)[1:]:
+                    fields = row.split()
+                    if fields[3] == "0A":  # TCP_LISTEN
+                        found.add(f"socket:[{fields[9]}]")
+        except OSError:
+            pass
+    return found
+
+
 READY = 1  # support.wait_ready's GET /ready, answered once
 
 
@@ -262,21 +287,37 @@ def test_rps_gauges_add_up_across_worker_sigkill(collector):
         assert len(workers(server, 2)) == 2
         answered += hit(server, 25)
         assert collector.wait_sum(answered, interval) == answered
+        # The pusher kept stdio (its log) and dropped every other descriptor of the arbiter:
+        # the listener must not stay open in a process that never accepts.
+        pusher, arbiter = fd_targets(pusher_pid(server)), fd_targets(server.proc.pid)
+        assert pusher[1] == arbiter[1] and pusher[2] == arbiter[2]
+        listeners = listening_sockets() & set(arbiter.values())
+        assert listeners and not listeners & set(pusher.values()), (pusher, arbiter)
         assert "Traceback" not in server.log
 
 
-def test_rps_gauges_add_up_across_hup_reload(collector):
-    interval = 0.2
+def test_rps_gauges_add_up_across_hup_reload_and_the_last_send_at_stop(collector):
+    interval = 5.0  # longer than the test: the last send, as the server stops, carries it all
     with running(workers=2, env=metrics_env(collector, interval)) as server:
         answered = READY + hit(server, 30)
         old = set(workers(server, 2))
         server.signal(signal.SIGHUP)
         deadline = time.monotonic() + 5
+        reloading = 0
         while old & set(server.worker_pids()) and time.monotonic() < deadline:
-            answered += hit(server, 10)  # old and new workers answer side by side
+            reloading += hit(server, 10)  # old and new workers answer side by side
         assert not old & set(server.worker_pids()), "the old workers did not leave"
-        answered += hit(server, 20)
-        assert collector.wait_sum(answered, interval) == answered
+        assert reloading
+        answered += reloading + hit(server, 20)
+        # TERM right away: what was answered since the last send goes out as the pusher leaves
+        # with the arbiter.
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(10) == 0
+        deadline = time.monotonic() + 3
+        while collector.rps_sum() < answered and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        assert collector.rps_sum() == answered
 
 
 def test_rps_gauges_add_up_across_recycling_and_ttin_ttou(collector):

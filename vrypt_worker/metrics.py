@@ -466,9 +466,11 @@ def _close_fds_except(keep: set[int]) -> None:
     top = max(4096 if soft == resource.RLIM_INFINITY else soft, max(keep) + 1)
     low = 0
     for fd in sorted(keep):
-        os.closerange(low, fd)
+        if low < fd:  # never an empty range: CPython 3.11 turns closerange(0, 0) into "all"
+            os.closerange(low, fd)
         low = fd + 1
-    os.closerange(low, top)
+    if low < top:
+        os.closerange(low, top)
 
 
 def _die_with_parent() -> None:
