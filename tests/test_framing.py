@@ -39,6 +39,7 @@ CLOSING_SAMPLES = [
     (b"HEAD / HTTP/1.1\r\nConnection: close\r\n\r\n", f.OK_CLOSE_HEAD),
     (b"GET / HTTP/1.0\r\n\r\n", f.OK_CLOSE),
     (b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n", f.OK_CLOSE),
+    (b"GET / HTTP/1.0\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n", f.OK_CLOSE),
     (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", f.OK_CLOSE),
     (b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", f.OK_CLOSE),
     (b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", f.OK_CLOSE),

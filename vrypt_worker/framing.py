@@ -175,6 +175,7 @@ class FramingRules:
         lengths: list[bytes] = []
         codings: list[bytes] = []
         close = http10
+        asked_close = False  # `close` in any Connection field wins over a later `keep-alive`
         upgrade = method == b"CONNECT"
         expect = False
         for name, raw in framing:
@@ -187,9 +188,9 @@ class FramingRules:
                 for option in value.split(b","):
                     option = option.strip(b" \t")
                     if option == b"close":
-                        close = True
+                        close = asked_close = True
                         break
-                    if option == b"keep-alive" and http10:
+                    if option == b"keep-alive" and http10 and not asked_close:
                         close = False
             elif name == b"expect":
                 expect = value == b"100-continue"
