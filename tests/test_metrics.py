@@ -147,6 +147,25 @@ def test_clients_append_tags_and_speak_unix_datagrams(tmp_path):
         client.close()
 
 
+def test_statsd_logger_is_the_plain_logger_without_statsd_host():
+    """The conf names the logger class explicitly, so gunicorn no longer picks its plain logger
+    by itself when statsd_host is unset: ours must then send nothing and need no socket."""
+    from gunicorn.config import Config
+
+    cfg = Config()
+    cfg.set("logger_class", "vrypt_worker.metrics.StatsdLogger")
+    assert cfg.logger_class is metrics.StatsdLogger
+    log = cfg.logger_class(cfg)
+    assert log.sock is None
+    log.info("", extra={"metric": "gunicorn.workers", "value": 2, "mtype": "gauge"})
+    log.warning("a warning that would count in gunicorn.log.warning")
+    cfg.set("statsd_host", "127.0.0.1:9")
+    cfg.set("statsd_prefix", "edge")
+    log = cfg.logger_class(cfg)
+    assert log.sock is not None and log.prefix == "edge."
+    log.sock.close()
+
+
 # --- real servers ---------------------------------------------------------------------------
 
 

@@ -70,15 +70,13 @@ class Holder(Protocol):
     pid: Any
 
 
+_PROCFS = os.path.exists("/proc/self/stat")
+
+
 def alive_child(pid: int, parent: int) -> bool:
     """True if `pid` runs (not a zombie) as a child of `parent`: a pid reused by some other
     process after its worker was reaped does not count."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat:
-            raw = stat.read()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no procfs here: fall back to "the pid exists"
+    if not _PROCFS:  # no procfs: "the pid exists" (a zombie counts; the arbiter reaps first)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -86,6 +84,11 @@ def alive_child(pid: int, parent: int) -> bool:
         except PermissionError:
             return True
         return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            raw = stat.read()
+    except OSError:
+        return False
     fields = raw[raw.rindex(b")") + 2 :].split()
     return fields[0] not in (b"Z", b"X", b"x") and int(fields[1]) == parent
 
