@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -307,3 +308,83 @@ def test_command_line_help() -> None:
         check=False,
     )
     assert result.returncode == 0 and "vrypt-server" in result.stdout and "PORT" in result.stdout
+
+
+def _worker_socket(worker_pid: int, peer: tuple[str, int]) -> socket.socket:
+    """A duplicate of the worker's own end of our connection (pidfd_getfd, Linux 5.6+, root)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = libc.syscall(434, worker_pid, 0)  # pidfd_open
+    if pidfd < 0:
+        pytest.skip("pidfd_open is not available")
+    try:
+        for entry in Path(f"/proc/{worker_pid}/fd").iterdir():
+            if not os.readlink(entry).startswith("socket:"):
+                continue
+            fd = libc.syscall(438, pidfd, int(entry.name), 0)  # pidfd_getfd
+            if fd < 0:
+                pytest.skip("pidfd_getfd is not permitted here")
+            sock = socket.socket(fileno=fd)
+            try:
+                if sock.type == socket.SOCK_STREAM and sock.getpeername() == peer:
+                    return sock
+            except OSError:
+                pass
+            sock.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError("the worker holds no socket connected to us")
+
+
+def test_accepted_tcp_sockets_have_nodelay() -> None:
+    with running() as server, server.connect() as client:
+        client.sendall(GET)
+        assert is_vrypt(read_responses(client, 1)[0])
+        (worker,) = server.worker_pids()
+        with _worker_socket(worker, client.getsockname()) as theirs:
+            assert theirs.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+
+
+def test_systemd_socket_activation_with_a_shared_listener() -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(64)
+    port = listener.getsockname()[1]
+    fd = listener.fileno()
+    # What systemd does before it executes the service: the socket as fd 3, LISTEN_PID, LISTEN_FDS.
+    gunicorn = [sys.executable, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py", "--workers", "2"]
+    launcher = (
+        "import os, sys\n"
+        f"os.dup2({fd}, 3)\n"
+        f"os.close({fd})\n"
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1')\n"
+        "os.execv(sys.argv[1], sys.argv[1:])\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", launcher, *gunicorn, "--no-control-socket"],
+        cwd=ROOT,
+        env=base_env(VRYPT_REUSE_PORT="0"),
+        pass_fds=(fd,),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    listener.close()  # the server holds it now, as under systemd
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as sock:
+                    sock.sendall(GET)
+                    assert is_vrypt(read_responses(sock, 1)[0])
+                    break
+            except (OSError, IndexError):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    raise AssertionError(proc.communicate(timeout=10)[0].decode()) from None
+                time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
