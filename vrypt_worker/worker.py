@@ -36,6 +36,15 @@ _ACCEPT_BACKOFF = 0.5
 # A connection whose last answer said `close` is shut for writing and read until the peer closes,
 # so that unread request bytes do not turn our close into a reset that destroys the answer.
 _LINGER_TICKS = 2
+# Draining: a connection with no request in progress may have one on the wire (a client that has
+# just connected, a keep-alive client about to send its next request). It gets this long for that
+# request to arrive and be answered with `Connection: close` before it is closed as idle.
+_DRAIN_GRACE = 0.2
+# TERM with per-worker SO_REUSEPORT listeners: a reload (HUP) forks the new workers and TERMs the
+# old ones at once, before the new ones have bound their listeners. An old worker that closed its
+# listener at once could leave the port with no listener for a moment (connections refused), so
+# it keeps accepting this long (every answer now says close) before it takes its queue and closes.
+_HANDOVER = 0.2
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 DEFAULT_HEAD_TIMEOUT = 10
 
@@ -251,7 +260,7 @@ class VryptWorker(Worker):
         self.connections.discard(conn)
         if self._accept_paused and len(self.connections) < self.worker_connections:
             self._resume_accepting()
-        if self.draining and not self.connections:
+        if self.draining and not self.connections and not self._accepting:
             self._stop()
 
     # timers ---------------------------------------------------------------------------------------
@@ -265,7 +274,11 @@ class VryptWorker(Worker):
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
         for conn in list(self.connections):
             conn.on_tick(keepalive, self.head_timeout)
-        if self.draining and (not self.connections or time.monotonic() >= self._drain_deadline):
+        if (
+            self.draining
+            and not self._accepting  # still listening during a handover
+            and (not self.connections or time.monotonic() >= self._drain_deadline)
+        ):
             if self.connections:
                 self.log.warning(
                     "Worker graceful timeout (pid:%s): closing %d connections",
@@ -282,14 +295,24 @@ class VryptWorker(Worker):
             self.log.info("Autorestarting worker after current request.")
             self.start_draining()
 
-    def start_draining(self) -> None:
-        """Stop accepting, answer what was received, close idle connections, then exit."""
+    def start_draining(self, handover: bool = False) -> None:
+        """Stop accepting, answer what was received, close idle connections, then exit.
+        With `handover`, keep accepting for _HANDOVER seconds first."""
         if self.draining:
             return
         self.draining = True
         self.alive = False
         self.rules.open_until = 0
         self._drain_deadline = time.monotonic() + self.cfg.graceful_timeout
+        if handover and self._accepting:
+            timer = self.loop.timer(_HANDOVER)
+            timer.start(self._close_listeners, timer)
+        else:
+            self._close_listeners()
+
+    def _close_listeners(self, timer: Any = None) -> None:
+        if timer is not None:
+            timer.close()
         for watcher, _sock, _nodelay in self._accepting:
             watcher.close()
         self._accepting.clear()
@@ -303,6 +326,14 @@ class VryptWorker(Worker):
             conn.drain()
         if not self.connections:
             self._stop()
+        else:
+            grace = self.loop.timer(_DRAIN_GRACE)
+            grace.start(self._close_idle, grace)
+
+    def _close_idle(self, timer: Any) -> None:
+        timer.close()
+        for conn in list(self.connections):
+            conn.close_if_idle()
 
     def _accept_queued(self, listener: socket.socket) -> None:
         """Take the connections already in this listener's queue before it closes: with
@@ -329,7 +360,7 @@ class VryptWorker(Worker):
             self._done.set()
 
     def _on_term(self) -> None:
-        self.start_draining()
+        self.start_draining(handover=self.cfg.reuse_port)
 
     def _on_quit(self) -> None:
         self.alive = False
@@ -489,12 +520,14 @@ class Connection:
             self.reader.start(self.on_readable)
 
     def drain(self) -> None:
-        """Graceful shutdown (the rules now make every answer close): an idle connection closes
-        now, unless a request already waits in the kernel for us."""
+        """Graceful shutdown (the rules now make every answer close): a request already waiting
+        in the kernel is answered now; an idle connection is closed after _DRAIN_GRACE."""
         if self.framer.idle and not self.pending and not self.lingering:
             self.on_readable()
-            if self.reader is not None and self.framer.idle and not self.pending:
-                self.close()
+
+    def close_if_idle(self) -> None:
+        if self.reader is not None and self.framer.idle and not self.pending and not self.lingering:
+            self.close()
 
     def on_tick(self, keepalive: int, head_timeout: int) -> None:
         """Once a second, from the worker's sweep: keep-alive, head and linger timeouts."""

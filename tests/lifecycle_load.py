@@ -1,0 +1,149 @@
+"""Reload (HUP) and max_requests recycling under load, counted request by request.
+
+`python -m tests.lifecycle_load --listener reuse|shared --event hup|recycle` starts gunicorn with
+VryptWorker on 127.0.0.1, drives it with two load clients (tests/loadgen.py: keep-alive
+connections, and a new connection per request), reloads or recycles the workers for the whole run,
+and prints one JSON object: what each client saw (ok / refused / stale / lost by kind), how many
+workers booted, whether the worker warned about net.ipv4.tcp_migrate_req, and the sysctl's value.
+
+`--netns` runs the same thing inside a private network namespace (`unshare --net`, root only) with
+net.ipv4.tcp_migrate_req set to 1 there; the host's sysctls are never touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests import loadgen
+from tests.support import ROOT, base_env, start_server
+
+MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+WARNING = "net.ipv4.tcp_migrate_req is not 1"
+
+
+def migrate_req() -> str:
+    try:
+        return MIGRATE_REQ.read_text().strip()
+    except OSError:
+        return "absent"
+
+
+def run(
+    listener: str,
+    event: str,
+    workers: int = 2,
+    duration: float = 6.0,
+    connections: int = 20,
+    max_requests: int = 3000,
+    hup_every: float = 0.7,
+    modes: tuple[str, ...] = ("keepalive", "close"),
+) -> dict[str, object]:
+    env = base_env(VRYPT_REUSE_PORT="1" if listener == "reuse" else "0")
+    args = ["--graceful-timeout", "10", "--timeout", "30"]
+    if event == "recycle":
+        jitter = str(max_requests // 4)
+        args += ["--max-requests", str(max_requests), "--max-requests-jitter", jitter]
+    server = start_server(*args, workers=workers, env=env)
+    try:
+        clients = {mode: loadgen.spawn(server.port, mode, connections, duration) for mode in modes}
+        started = time.monotonic()
+        hups = 0
+        if event == "hup":
+            # a reload every hup_every seconds, the last one well before the clients stop
+            while time.monotonic() - started < duration - 1.5:
+                time.sleep(hup_every)
+                server.signal(signal.SIGHUP)
+                hups += 1
+        tallies = {mode: loadgen.collect(p, timeout=duration + 60) for mode, p in clients.items()}
+        alive = server.proc.poll() is None
+        time.sleep(0.5)
+        log = server.log
+    finally:
+        server.stop()
+    return {
+        "listener": listener,
+        "event": event,
+        "workers": workers,
+        "duration_s": duration,
+        "connections_per_client": connections,
+        "tcp_migrate_req": migrate_req(),
+        "hups": hups,  # signals sent; gunicorn runs one reload for HUPs that arrive during one
+        "reloads": log.count("Hang up: "),
+        "workers_booted": log.count("Booting worker with pid"),
+        "recycles": log.count("Autorestarting worker"),
+        "warned_migrate_req": WARNING in log,
+        "traceback": "Traceback" in log,
+        "arbiter_alive": alive,
+        "clients": {mode: tally.summary() for mode, tally in tallies.items()},
+        "lost": sum(tally.lost for tally in tallies.values()),
+    }
+
+
+def netns_available() -> bool:
+    try:
+        result = subprocess.run(
+            ["unshare", "--net", "sh", "-c", "ip link set lo up && sysctl -qw "
+             "net.ipv4.tcp_migrate_req=1 && cat /proc/sys/net/ipv4/tcp_migrate_req"],
+            capture_output=True, text=True, timeout=20, check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return result.returncode == 0 and result.stdout.strip() == "1"
+
+
+def run_in_netns(argv: list[str], migrate: int = 1, timeout: float = 180) -> dict[str, object]:
+    """This module's command line, run inside a fresh network namespace with the sysctl set."""
+    inner = shlex.join([sys.executable, "-m", "tests.lifecycle_load", *argv])
+    script = f"ip link set lo up && sysctl -qw net.ipv4.tcp_migrate_req={migrate} && exec {inner}"
+    result = subprocess.run(
+        ["unshare", "--net", "sh", "-c", script],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr + result.stdout
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.lifecycle_load", description=__doc__)
+    parser.add_argument("--listener", choices=("reuse", "shared"), default="reuse")
+    parser.add_argument("--event", choices=("hup", "recycle"), default="hup")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--connections", type=int, default=20, help="per client")
+    parser.add_argument("--max-requests", type=int, default=3000)
+    parser.add_argument("--hup-every", type=float, default=0.7)
+    parser.add_argument("--modes", default="keepalive,close")
+    parser.add_argument(
+        "--netns", type=int, choices=(0, 1), default=None,
+        help="run inside `unshare --net` with net.ipv4.tcp_migrate_req set to this value",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    if args.netns is not None:
+        inner = [a for a in (argv if argv is not None else sys.argv[1:])]
+        i = inner.index("--netns")
+        del inner[i : i + 2]
+        print(json.dumps(run_in_netns(inner, args.netns)))
+        return 0
+    result = run(
+        args.listener,
+        args.event,
+        workers=args.workers,
+        duration=args.duration,
+        connections=args.connections,
+        max_requests=args.max_requests,
+        hup_every=args.hup_every,
+        modes=tuple(args.modes.split(",")),
+    )
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
