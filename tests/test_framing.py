@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -363,3 +364,19 @@ def test_arbitrary_bytes_never_crash_and_errors_close(noise: bytes) -> None:
     answers, closed = frame(noise)
     if any(a in f.ERRORS for a in answers):
         assert closed and answers[-1] in f.ERRORS
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.randoms(use_true_random=False))
+def test_mutated_pipelines_against_an_independent_reference(rnd: random.Random) -> None:
+    """tests/fuzz_corpus.py's mutations, held against its RFC 9112 reference framer: no 200 for
+    a request whose framing is broken, and HEAD / `Connection: close` as the request says."""
+    from tests import fuzz_corpus
+
+    data, pieces = fuzz_corpus.generate(rnd)
+    expected = fuzz_corpus.reference_frame(data)
+    answers, _ = frame(*pieces)
+    oks = [a for a in answers if a < f.BAD_REQUEST]
+    assert len(oks) <= len(expected.answers), (data, expected)
+    for answer, owed in zip(oks, expected.answers, strict=False):
+        assert bool(answer & f.OK_HEAD) == owed.head and (answer >= f.CLOSING) == owed.close, data
