@@ -227,18 +227,22 @@ def main(argv: list[str] | None = None) -> int:
             {"server": server, "scenario": scenario, "round": run_round, "error": str(error)}
         )
 
+    interrupted = False
     try:
-        runs = run_all(
+        run_all(
             specs, scenarios, args.rounds, args.duration, args.warmup, on_failure,
-            (ServerError, LoadError), args.max_other_load, args.retries,
+            (ServerError, LoadError), args.max_other_load, args.retries, runs,
         )  # fmt: skip
     except KeyboardInterrupt:
-        progress("interrupted: servers stopped, nothing written")
-        return 130
+        interrupted = True
+        progress(f"interrupted: servers stopped; {len(runs)} completed run(s) kept")
+        if not runs:
+            return 130
+    meta["interrupted"] = interrupted
     summaries = summarize(runs, args.max_other_load)
     targets = check_targets(summaries)
     paths = report.write(args.out, meta, [r.to_dict() for r in runs], summaries, targets)
     progress("")
     print(report.markdown(meta, summaries, targets))
     progress("wrote " + ", ".join(str(p) for p in paths))
-    return 1 if meta["failures"] else 0
+    return 130 if interrupted else 1 if meta["failures"] else 0

@@ -63,6 +63,7 @@ def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -
     lines = [
         "# Benchmark results",
         "",
+        *(["**Interrupted: partial results.**", ""] if meta.get("interrupted") else []),
         f"- command: `{meta['command']}`",
         f"- date: {meta['date']}",
         f"- machine: {meta['machine']['cpu']}, {meta['machine']['cpus']} CPUs, "

@@ -60,7 +60,7 @@ def measure(
         result = run_wrk(argv, seconds)
         opens, wall = tcp_passive_opens() - opens_before, time.monotonic() - started
         after, core_after = sample_tree(server.sid), core_times(where.server_cpus)
-    if not result.requests or not result.latency_samples:
+    if not result.requests or not result.p50_us:
         # A server that answers a pipelined batch only in part leaves wrk waiting forever.
         raise LoadError(
             f"{result.requests} responses but no complete round trip in {seconds} s"
@@ -121,13 +121,15 @@ def run_all(
     recoverable: tuple[type[Exception], ...],
     max_other_load: float = 0.1,
     retries: int = 0,
+    runs: list[Run] | None = None,
 ) -> list[Run]:
     """Every scheduled run; a run that fails (server did not start, wrk failed) is reported
     through ``on_failure`` and the others go on. A run during which other processes took more
-    than ``max_other_load`` of the server's core is done again, up to ``retries`` times."""
+    than ``max_other_load`` of the server's core is done again, up to ``retries`` times.
+    Completed runs are appended to ``runs`` as they finish, so an interrupted caller keeps them."""
     cpus = available_cpus()
     plan = list(schedule(servers, scenarios, rounds))
-    runs: list[Run] = []
+    runs = [] if runs is None else runs
     started = time.monotonic()
     for index, (round_no, scenario, spec) in enumerate(plan):
         where = placement(scenario, cpus)
