@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import sys
@@ -444,6 +445,7 @@ def test_a_100_mb_chunked_upload_runs_at_full_speed_in_flat_memory() -> None:
     assert rate > 100
 
 
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
 def test_running_out_of_descriptors_neither_spins_nor_crashes_and_recovers() -> None:
     """RLIMIT_NOFILE 64 for gunicorn: the worker accepts until EMFILE, then pauses accepting
     (no busy loop on a listener it cannot drain), stays alive, and serves again once
