@@ -421,7 +421,7 @@ class Connection:
 
     def on_readable(self) -> None:
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            data = self.sock.recv(65536)  # _RECV_SIZE, as a constant: this is the hot path
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -431,8 +431,6 @@ class Connection:
             self.close()
             return
         self.seen = True
-        if self.lingering:
-            return  # discarding what follows a final answer
         framer = self.framer
         try:
             out = framer.feed(data)
@@ -454,13 +452,22 @@ class Connection:
                         return
                     if sent != len(payload):
                         self.wait_writable(payload[sent:])
-                if worker.rules.answered >= worker.max_requests:
-                    worker.recycle()
             if framer.closed and not self.pending:
                 self.linger()
         except Exception:
             # A bug must cost one connection, never the worker and its other clients.
             self.worker.log.exception("vrypt_worker: closing a connection after an internal error")
+            self.close()
+
+    def on_discard(self) -> None:
+        """Lingering after the final answer: read and drop until the peer closes."""
+        try:
+            data = self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
             self.close()
 
     def send(self, payload: bytes) -> None:
@@ -509,15 +516,21 @@ class Connection:
         """After the final answer: half-close, then read and drop until the peer closes."""
         if self.lingering:
             return
-        metrics.publish(self.worker)  # the final answer left: a rejection is counted now
+        worker = self.worker
+        # The answer that reaches max_requests always closes (FramingRules.open_until), so
+        # recycling is checked here, off the keep-alive path.
+        if worker.rules.answered >= worker.max_requests:
+            worker.recycle()
+        metrics.publish(worker)  # the final answer left: a rejection is counted now
         self.lingering = 1
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
             self.close()
             return
-        if self.reader is not None and not self.reader.active:
-            self.reader.start(self.on_readable)
+        if self.reader is not None:
+            self.reader.stop()
+            self.reader.start(self.on_discard)
 
     def drain(self) -> None:
         """Graceful shutdown (the rules now make every answer close): a request already waiting
