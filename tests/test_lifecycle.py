@@ -388,3 +388,16 @@ def test_systemd_socket_activation_with_a_shared_listener() -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(10)
+
+
+def test_heartbeat_is_not_starved_under_load() -> None:
+    """A worker kept busy for several `timeout` periods must still tell the arbiter it lives."""
+    from tests.loadgen import collect, spawn
+
+    with running("--timeout", "2") as server:
+        (worker,) = server.worker_pids()
+        clients = [spawn(server.port, "keepalive", 50, 7.0) for _ in range(2)]
+        tallies = [collect(client) for client in clients]
+        assert sum(t.ok for t in tallies) > 1000
+        assert server.worker_pids() == [worker]
+        assert "WORKER TIMEOUT" not in server.log
