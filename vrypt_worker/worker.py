@@ -438,7 +438,13 @@ class Connection:
                 worker = self.worker
                 worker.counts[worker.slot_base] = worker.rules.answered  # metrics: one store
                 table = self.table
-                payload = table[out[0]] if len(out) == 1 else b"".join([table[k] for k in out])
+                first = out[0]
+                if len(out) == 1:
+                    payload = table[first]
+                elif out.count(first) == len(out):  # pipelined, all alike: no list to build
+                    payload = table[first] * len(out)
+                else:
+                    payload = b"".join([table[kind] for kind in out])
                 if self.pending:
                     self.pending += payload
                 else:
