@@ -159,7 +159,9 @@ def _cpu_model() -> str:
     return platform.processor() or "?"
 
 
-def collect_meta(args: argparse.Namespace, argv: list[str], specs, scenarios) -> dict:
+def collect_meta(
+    args: argparse.Namespace, argv: list[str], specs: list[ServerSpec], scenarios: list[Scenario]
+) -> dict:
     versions = {"python": platform.python_version()}
     for dist in ("gunicorn", "gevent"):
         try:
@@ -194,7 +196,13 @@ def collect_meta(args: argparse.Namespace, argv: list[str], specs, scenarios) ->
     }
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    # Once: a second Ctrl-C must not interrupt the cleanup that kills the servers.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 
@@ -206,9 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     if not wrk_available():
         progress("wrk is not installed (apt-get install wrk)")
         return 2
-    # SIGTERM/SIGHUP unwind like Ctrl-C, so every started server's process group is killed.
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    # Ctrl-C, SIGTERM and SIGHUP unwind the run, so every started server's group is killed.
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, _raise_interrupt)
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
