@@ -246,6 +246,7 @@ class RequestFramer:
         "_remaining",
         "_rules",
         "_state",
+        "clean",
         "closed",
     )
 
@@ -258,6 +259,7 @@ class RequestFramer:
         self._checked = 0  # how far a partial head's lines have been checked against the limits
         self._fields = 0  # complete field lines in that checked part
         self.closed = False  # the last answer was given: close once it is sent
+        self.clean = False  # ...and it was a 200 with no byte after its request: a plain close
 
     @property
     def idle(self) -> bool:
@@ -408,6 +410,7 @@ class RequestFramer:
         if state == _DONE:
             self._buf = b""
             self.closed = True
+            self.clean = owed < BAD_REQUEST and pos == end
         else:
             self._buf = buf[pos:] if pos < end else b""
         return out

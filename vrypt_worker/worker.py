@@ -136,7 +136,12 @@ class VryptWorker(Worker):
         self.rules.open_until = self.max_requests - 1 if self.cfg.keepalive > 0 else 0
         self.head_timeout = head_timeout_from_env()
         self.draining = False
-        self._accepting: list[tuple[Any, socket.socket, bool]] = []
+        self._accepting: list[tuple[Any, socket.socket]] = []
+        self.max_connections = self.cfg.worker_connections
+        # One receive buffer for the whole worker: the hub runs one callback at a time and each
+        # read is copied out at once, so no connection holds a buffer between reads.
+        self.recv_buffer = bytearray(_RECV_SIZE)
+        self.recv_view = memoryview(self.recv_buffer)
         self._accept_paused = False
         self._stopped = False
         self._last_accept_error = 0.0
@@ -178,9 +183,11 @@ class VryptWorker(Worker):
         for listener in self.sockets:
             sock = listener.sock if hasattr(listener, "sock") else listener
             sock.setblocking(False)
-            nodelay = sock.family in (socket.AF_INET, socket.AF_INET6)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                # Accepted sockets inherit TCP_NODELAY from their listener on Linux: set it once.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             watcher = loop.io(sock.fileno(), _READ)
-            self._accepting.append((watcher, sock, nodelay))
+            self._accepting.append((watcher, sock))
         self._resume_accepting(force=True)
         clock = loop.timer(0.25, 0.25)
         clock.start(self._on_clock)
@@ -201,46 +208,49 @@ class VryptWorker(Worker):
 
     # accepting ----------------------------------------------------------------------------------
 
-    def _on_acceptable(self, listener: socket.socket, nodelay: bool) -> None:
-        connections = self.connections
-        cap = self.worker_connections
+    def _on_acceptable(self, listener: socket.socket) -> None:
         for _ in range(_MAX_ACCEPT):
             try:
-                sock, _addr = listener.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                if exc.errno in _RESOURCE_ERRORS:
-                    self._back_off_accepting(exc)
+                if not self._accept_one(listener):
                     return
-                continue  # ECONNABORTED and friends: that client is gone, the next one is not
-            try:
-                sock.setblocking(False)
-                if nodelay:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                sock.close()
-                continue
-            connections.add(Connection(self, sock))
-            if len(connections) >= cap:
+            except OSError as exc:
+                self._back_off_accepting(exc)
+                return
+            if len(self.connections) >= self.max_connections:
                 self._pause_accepting()
                 return
 
-    @property
-    def worker_connections(self) -> int:
-        return self.cfg.worker_connections
+    def _accept_one(self, listener: socket.socket) -> bool:
+        """Accept one queued connection: False when the queue is empty. Raises OSError when
+        the process is out of descriptors or memory (EMFILE and friends)."""
+        while True:
+            try:
+                sock, _addr = listener.accept()
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno in _RESOURCE_ERRORS:
+                    raise
+                continue  # ECONNABORTED and the like: that client is gone, the next one is not
+            try:
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                continue
+            self.connections.add(Connection(self, sock))
+            return True
 
     def _pause_accepting(self) -> None:
         if not self._accept_paused:
             self._accept_paused = True
-            for watcher, _sock, _nodelay in self._accepting:
+            for watcher, _sock in self._accepting:
                 watcher.stop()
 
     def _resume_accepting(self, force: bool = False) -> None:
         if (self._accept_paused or force) and not self.draining:
             self._accept_paused = False
-            for watcher, sock, nodelay in self._accepting:
-                watcher.start(self._on_acceptable, sock, nodelay)
+            for watcher, sock in self._accepting:
+                watcher.start(self._on_acceptable, sock)
 
     def _back_off_accepting(self, exc: OSError) -> None:
         now = time.monotonic()
@@ -253,12 +263,12 @@ class VryptWorker(Worker):
 
     def _end_back_off(self, timer: Any) -> None:
         timer.close()
-        if len(self.connections) < self.worker_connections:
+        if len(self.connections) < self.max_connections:
             self._resume_accepting()
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
-        if self._accept_paused and len(self.connections) < self.worker_connections:
+        if self._accept_paused and len(self.connections) < self.max_connections:
             self._resume_accepting()
         if self.draining and not self.connections and not self._accepting:
             self._stop()
@@ -313,7 +323,7 @@ class VryptWorker(Worker):
     def _close_listeners(self, timer: Any = None) -> None:
         if timer is not None:
             timer.close()
-        for watcher, _sock, _nodelay in self._accepting:
+        for watcher, _sock in self._accepting:
             watcher.close()
         self._accepting.clear()
         for listener in self.sockets:
@@ -338,20 +348,12 @@ class VryptWorker(Worker):
     def _accept_queued(self, listener: socket.socket) -> None:
         """Take the connections already in this listener's queue before it closes: with
         per-worker SO_REUSEPORT listeners, closing resets them otherwise."""
-        nodelay = listener.family in (socket.AF_INET, socket.AF_INET6)
         for _ in range(10_000):
             try:
-                sock, _addr = listener.accept()
+                if not self._accept_one(listener):
+                    return
             except OSError:
                 return
-            try:
-                sock.setblocking(False)
-                if nodelay:
-                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            except OSError:
-                sock.close()
-                continue
-            self.connections.add(Connection(self, sock))
 
     def _stop(self) -> None:
         if not self._stopped:
@@ -420,22 +422,25 @@ class Connection:
         self.reader.start(self.on_readable)
 
     def on_readable(self) -> None:
+        worker = self.worker
         try:
-            data = self.sock.recv(65536)  # _RECV_SIZE, as a constant: this is the hot path
+            # Into the worker's buffer, then copied out at its size: a fresh 64 KiB bytes per
+            # read, shrunk afterwards, is what recv() would cost.
+            size = self.sock.recv_into(worker.recv_buffer)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
             self.close()
             return
-        if not data:
+        if not size:
             self.close()
             return
+        data = bytes(worker.recv_view[:size])
         self.seen = True
         framer = self.framer
         try:
             out = framer.feed(data)
             if out:
-                worker = self.worker
                 worker.counts[worker.slot_base] = worker.rules.answered  # metrics: one store
                 table = self.table
                 first = out[0]
@@ -519,7 +524,8 @@ class Connection:
             self.reader.start(self.on_readable)
 
     def linger(self) -> None:
-        """After the final answer: half-close, then read and drop until the peer closes."""
+        """After the final answer: close; when bytes may still come (an error, or requests after
+        the last one), half-close first and read and drop them until the peer closes."""
         if self.lingering:
             return
         worker = self.worker
@@ -528,6 +534,11 @@ class Connection:
         if worker.rules.answered >= worker.max_requests:
             worker.recycle()
         metrics.publish(worker)  # the final answer left: a rejection is counted now
+        if self.framer.clean:
+            # A 200 after which the client sent nothing: no unread byte can turn our close into
+            # a reset that destroys the answer, so close now (as nginx does), without lingering.
+            self.close()
+            return
         self.lingering = 1
         try:
             self.sock.shutdown(socket.SHUT_WR)
