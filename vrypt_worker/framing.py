@@ -114,6 +114,11 @@ class FramingRules:
     4xx/5xx among them. Answers keep their connection open only while `answered < open_until`:
     the worker lowers it to make the answer that reaches max_requests, and every answer once it
     drains, say `Connection: close`.
+
+    `cache` maps complete heads to packed verdicts. The hot-path contract: a read that is exactly
+    a cached head whose verdict is below CLOSING (a keep-alive answer, no body), fed to a framer
+    that is `fresh`, while `answered < open_until`, gets `[verdict]` and leaves the framer fresh.
+    The worker applies that shortcut itself, counting `answered`, without calling `feed`.
     """
 
     __slots__ = ("answered", "cache", "limits", "open_until", "out", "rejected")
@@ -248,6 +253,7 @@ class RequestFramer:
         "_state",
         "clean",
         "closed",
+        "fresh",
     )
 
     def __init__(self, rules: FramingRules) -> None:
@@ -260,6 +266,7 @@ class RequestFramer:
         self._fields = 0  # complete field lines in that checked part
         self.closed = False  # the last answer was given: close once it is sent
         self.clean = False  # ...and it was a 200 with no byte after its request: a plain close
+        self.fresh = True  # at a request boundary with nothing buffered (see FramingRules)
 
     @property
     def idle(self) -> bool:
@@ -280,6 +287,7 @@ class RequestFramer:
         self._state = _DONE
         self._buf = b""
         self.closed = True
+        self.fresh = False
 
     def feed(self, data: bytes) -> list[int]:
         """Consume one read. Returns the answers owed, in order (the rules' shared list)."""
@@ -289,12 +297,6 @@ class RequestFramer:
         out.clear()
         state = self._state
         if state == _HEAD and not self._buf:
-            # The hot path: a read that is exactly one head seen before, with no body.
-            verdict = cache.get(data) if len(data) <= _CACHE_HEAD_MAX else None
-            if verdict is not None and verdict < CLOSING and rules.answered < rules.open_until:
-                out.append(verdict)
-                rules.answered += 1
-                return out
             buf = data
         elif state == _DONE:
             return out
@@ -411,8 +413,10 @@ class RequestFramer:
             self._buf = b""
             self.closed = True
             self.clean = owed < BAD_REQUEST and pos == end
+            self.fresh = False
         else:
             self._buf = buf[pos:] if pos < end else b""
+            self.fresh = state == _HEAD and not self._buf
         return out
 
     def _check_partial_head(self, buf: bytes, pos: int) -> int:
