@@ -223,20 +223,25 @@ class StrictReader:
         assert not self.buf, f"bytes that are no answer: {self.buf!r}"
         return True
 
+    def read_many(
+        self, count: int, heads: set[int] | frozenset[int] = frozenset()
+    ) -> list[Response]:
+        """Up to `count` final answers, 1xx skipped; indexes in `heads` answered a HEAD."""
+        responses: list[Response] = []
+        while len(responses) < count:
+            response = self.read(head_request=len(responses) in heads)
+            if response is None:
+                break
+            if response.status != 100:
+                responses.append(response)
+        return responses
+
 
 def read_responses(
     sock: socket.socket, count: int, heads: set[int] | frozenset[int] = frozenset()
 ) -> list[Response]:
     """Read `count` responses (indexes in `heads` answered a HEAD and carry no body)."""
-    reader = StrictReader(sock)
-    responses: list[Response] = []
-    while len(responses) < count:
-        response = reader.read(head_request=len(responses) in heads)
-        if response is None:
-            break
-        if response.status != 100:
-            responses.append(response)
-    return responses
+    return StrictReader(sock).read_many(count, heads)
 
 
 def exchange(
@@ -246,13 +251,7 @@ def exchange(
     with server.connect() as sock:
         sock.sendall(payload)
         reader = StrictReader(sock)
-        responses = []
-        while len(responses) < count:
-            response = reader.read(head_request=len(responses) in heads)
-            if response is None:
-                break
-            if response.status != 100:
-                responses.append(response)
+        responses = reader.read_many(count, heads)
         return responses, reader.at_eof(timeout=0.5)
 
 
