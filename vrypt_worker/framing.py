@@ -131,15 +131,14 @@ class FramingRules:
         self.rejected = 0
         self.open_until = sys.maxsize
 
-    def head_verdict(self, head: bytes) -> int:
-        """The packed verdict for one complete head (ending in CRLF CRLF), cached by its bytes."""
-        verdict = self.cache.get(head)
-        if verdict is None:
-            verdict = self._parse_head(head)
-            if len(head) <= _CACHE_HEAD_MAX:
-                if len(self.cache) >= _CACHE_ENTRIES:
-                    self.cache.clear()
-                self.cache[head] = verdict
+    def parse_and_cache(self, head: bytes) -> int:
+        """The packed verdict for a complete head (ending in CRLF CRLF) that is not in `cache`
+        (the caller looked): parsed, and cached by its bytes."""
+        verdict = self._parse_head(head)
+        if len(head) <= _CACHE_HEAD_MAX:
+            if len(self.cache) >= _CACHE_ENTRIES:
+                self.cache.clear()
+            self.cache[head] = verdict
         return verdict
 
     def _parse_head(self, head: bytes) -> int:
@@ -326,7 +325,7 @@ class RequestFramer:
                         last_head = buf[pos:head_end]
                         verdict = cache.get(last_head)
                         if verdict is None:
-                            verdict = rules.head_verdict(last_head)
+                            verdict = rules.parse_and_cache(last_head)
                         pos = head_end
                 if owed < 0:
                     self._checked = self._fields = 0

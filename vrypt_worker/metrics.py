@@ -227,7 +227,17 @@ class Settings:
 # --- StatsD clients --------------------------------------------------------------------------
 
 
-class TaggedStatsClient(StatsClient):
+class _TaggedSend:
+    """Sends each line on the client's connected socket with the dogstatsd tags appended."""
+
+    _sock: socket.socket
+    _suffix: str
+
+    def _send(self, data: str) -> None:
+        self._sock.send((data + self._suffix).encode("ascii"))
+
+
+class TaggedStatsClient(_TaggedSend, StatsClient):
     """pystatsd's UDP client with dogstatsd tags (`|#k:v,...` on every line, as gunicorn does),
     on a connected socket whose send errors reach the caller: pystatsd swallows them, and an
     unconnected socket never hears that nobody listens."""
@@ -241,11 +251,8 @@ class TaggedStatsClient(StatsClient):
             raise
         self._suffix = f"|#{tags}" if tags else ""
 
-    def _send(self, data: str) -> None:
-        self._sock.send((data + self._suffix).encode("ascii"))
 
-
-class UnixDatagramStatsClient(StatsClientBase):
+class UnixDatagramStatsClient(_TaggedSend, StatsClientBase):
     """The same for `statsd_host = "unix://PATH"`: a datagram socket, like gunicorn's logger."""
 
     def __init__(self, path: str, tags: str = "") -> None:
@@ -257,9 +264,6 @@ class UnixDatagramStatsClient(StatsClientBase):
             self._sock.close()
             raise
         self._suffix = f"|#{tags}" if tags else ""
-
-    def _send(self, data: str) -> None:
-        self._sock.send((data + self._suffix).encode("ascii"))
 
     def close(self) -> None:
         self._sock.close()
