@@ -10,8 +10,9 @@ docs/metrics.md explains the design; in short:
   there before it forks), so giving out slots needs no lock. A slot whose holder died is given to
   the next worker, which goes on counting from the slot's values: every slot counter only ever
   grows, and the pusher sends differences of sums.
-- Workers store into their own slot: `answered` once per read that produced answers (one
-  memoryview store, no lock, no syscall), the rest where it changes and in the 1 s sweep.
+- Workers store into their own slot: `answered` once per turn of the hub's loop, just before it
+  waits for I/O (one memoryview store, no lock, no syscall), the rest where it changes and in the
+  1 s sweep.
 
 Slot layout (uint64 words): answered, rejected, open connections, owner pid, 4 words of padding.
 After the slots one more line holds the pusher's bookkeeping: the totals it has sent, the number
