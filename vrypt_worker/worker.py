@@ -17,8 +17,6 @@ import socket
 import sys
 import time
 from _socket import socket as RawSocket
-from os import read as _read
-from os import write as _write
 from typing import Any
 
 import gevent
@@ -35,9 +33,10 @@ _RECV_SIZE = 65536
 # header) comes from CPython's small-object allocator, while a 64 KiB receive buffer goes through
 # malloc and is shrunk with realloc on every read (about 500 more instructions per request,
 # measured with callgrind). A read that fills it moves the connection to _RECV_SIZE for good.
-# Reads and writes go through os.read/os.write on the descriptor: the same system calls as
-# socket.recv/send for a connected stream socket, with argument parsing that builds no tuple
-# (about 800 fewer instructions per request and answer, measured with callgrind).
+# Reads and writes stay socket.recv/socket.send (recvfrom/sendto): os.read/os.write on the
+# descriptor parse their arguments for about 800 fewer user-space instructions per request, but
+# the kernel's read/write path costs more than that on a socket (perf: +0.35 µs per read and
+# +0.4 µs per write against recvfrom/sendto), so they lose overall. docs/performance.md.
 _FIRST_RECV_SIZE = 512 - 33
 # Accepts per readable event on one listener. Several workers share the load through
 # SO_REUSEPORT or a shared queue, so a worker takes a batch and lets the loop serve its clients.
@@ -416,7 +415,6 @@ class Connection:
     """One client socket on the hub: read, frame, answer; back-pressure on slow readers."""
 
     __slots__ = (
-        "fd",
         "framer",
         "head_ticks",
         "idle_ticks",
@@ -435,7 +433,6 @@ class Connection:
     def __init__(self, worker: VryptWorker, sock: RawSocket) -> None:
         self.worker = worker
         self.sock = sock
-        self.fd = sock.fileno()
         self.rules = worker.rules
         self.framer = RequestFramer(self.rules)
         self.table = worker.responses.bytes_for
@@ -446,12 +443,12 @@ class Connection:
         self.head_ticks = 0
         self.lingering = 0
         self.recv_size = _FIRST_RECV_SIZE
-        self.reader = worker.loop.io(self.fd, _READ)
+        self.reader = worker.loop.io(sock.fileno(), _READ)
         self.reader.start(self.on_readable)
 
     def on_readable(self) -> None:
         try:
-            data = _read(self.fd, self.recv_size)
+            data = self.sock.recv(self.recv_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -471,7 +468,7 @@ class Connection:
                 rules.answered += 1
                 payload = self.table[kind]
                 try:
-                    sent = _write(self.fd, payload)
+                    sent = self.sock.send(payload)
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError:
@@ -517,7 +514,7 @@ class Connection:
             self.pending += payload
             return
         try:
-            sent = _write(self.fd, payload)
+            sent = self.sock.send(payload)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError:
@@ -533,12 +530,12 @@ class Connection:
         metrics.publish(self.worker)  # a final (rejected?) answer may wait here
         self.reader.stop()
         if self.writer is None:
-            self.writer = self.worker.loop.io(self.fd, _WRITE)
+            self.writer = self.worker.loop.io(self.sock.fileno(), _WRITE)
         self.writer.start(self.on_writable)
 
     def on_writable(self) -> None:
         try:
-            sent = _write(self.fd, self.pending)
+            sent = self.sock.send(self.pending)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
