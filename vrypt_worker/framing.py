@@ -119,13 +119,29 @@ class FramingRules:
     a cached head whose verdict is below CLOSING (a keep-alive answer, no body), fed to a framer
     that is `fresh`, while `answered < open_until`, gets `[verdict]` and leaves the framer fresh.
     The worker applies that shortcut itself, counting `answered`, without calling `feed`.
+    `recent_head` and `recent_kind` are the last head (and its verdict, below CLOSING) that the
+    worker answered that way: it compares a read with that head before it hashes the read for a
+    cache lookup, because clients that repeat one request (load generators, health checkers) are
+    the common case. A head's verdict never changes, so the pair stays true when `cache` is
+    cleared.
     """
 
-    __slots__ = ("answered", "cache", "limits", "open_until", "out", "rejected")
+    __slots__ = (
+        "answered",
+        "cache",
+        "limits",
+        "open_until",
+        "out",
+        "recent_head",
+        "recent_kind",
+        "rejected",
+    )
 
     def __init__(self, limits: Limits | None = None) -> None:
         self.limits = limits or Limits()
         self.cache: dict[bytes, int] = {}
+        self.recent_head = b""  # a read is never empty: this matches nothing
+        self.recent_kind = CLOSING
         self.out: list[int] = []
         self.answered = 0
         self.rejected = 0

@@ -463,7 +463,13 @@ class Connection:
         if framer.fresh:
             # The hot path, inlined (a Python call costs as much as the rest): a read that is
             # exactly one keep-alive head seen before. See FramingRules for the contract.
-            kind = rules.cache.get(data, CLOSING)
+            if data == rules.recent_head:  # the head answered last, again: no hashing
+                kind = rules.recent_kind
+            else:
+                kind = rules.cache.get(data, CLOSING)
+                if kind < CLOSING:
+                    rules.recent_head = data
+                    rules.recent_kind = kind
             if kind < CLOSING and rules.answered < rules.open_until:
                 rules.answered += 1
                 payload = self.table[kind]
