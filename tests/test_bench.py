@@ -144,3 +144,37 @@ def test_bad_peer_is_refused() -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert "NAME=COMMAND" in err
+
+
+needs_valgrind = pytest.mark.skipif(
+    shutil.which("valgrind") is None or shutil.which("callgrind_control") is None,
+    reason="valgrind is not installed (apt-get install valgrind)",
+)
+
+
+@needs_valgrind
+def test_instruction_count_per_request_under_callgrind() -> None:
+    """`python -m bench.instructions` runs the servers under callgrind and prints user-space
+    instructions per request; a few rounds on a few connections keep this under a minute."""
+    servers = "vrypt,nginx" if os.access(NGINX, os.X_OK) else "vrypt"
+    env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
+    argv = ["--servers", servers, "--rounds", "5", "--connections", "10"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {
+        cells[1]: cells[2]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| server")
+        for cells in [[c.strip() for c in line.split("|")]]
+    }
+    assert set(rows) == set(servers.split(",")), proc.stdout
+    for name, value in rows.items():
+        # A keep-alive request costs thousands of user-space instructions, not tens or millions.
+        assert 1_000 < int(value.replace(",", "")) < 200_000, (name, proc.stdout)

@@ -1,0 +1,206 @@
+"""User-space instructions per request, counted by valgrind's callgrind: a figure that does not
+move with the machine's noise.
+
+    python -m bench.instructions [--servers vrypt,nginx] [--rounds 200] [--connections 100]
+
+Wall-clock CPU per request moves by ±10-30 % from run to run on a shared machine; the number of
+instructions a server executes in user space per request does not (±2 % here), so a change to
+the hot path can be judged in one run. It leaves out the kernel (about three quarters of a
+keep-alive request's CPU, the same system calls for vrypt and nginx: docs/performance.md), and
+an instruction is not a fixed time, so this complements `python -m bench`, it does not replace
+it.
+
+Each server runs under `valgrind --tool=callgrind --trace-children=yes` with one worker. A
+client opens the connections, sends one request on each, reads every answer, and repeats: like
+wrk with 100 connections, but counted exactly. After a warm-up the worker's counters are zeroed
+(`callgrind_control -z`), the measured rounds run, and the counters are dumped (`-d`); while a
+control command waits, single requests wake the worker so that valgrind takes it.
+Needs valgrind (`apt-get install valgrind`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.scenarios import Placement, available_cpus
+from bench.servers import (
+    BUILTIN,
+    NGINX,
+    NGINX_CONF,
+    ServerSpec,
+    nginx_available,
+    peer_spec,
+    running,
+)
+
+WARMUP_ROUNDS = 30
+READY_TIMEOUT = 120.0  # a Python server starts in seconds under valgrind, not milliseconds
+
+
+def request(port: int) -> bytes:
+    return b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port
+
+
+def drive(port: int, connections: int, rounds: int, timeout: float = 60.0) -> None:
+    """`rounds` times: one request on every connection, then every answer read in full (each
+    answer ends with the body `Vrypt`). Raises if a server closes or stalls."""
+    req = request(port)
+    socks = [
+        socket.create_connection(("127.0.0.1", port), timeout=timeout) for _ in range(connections)
+    ]
+    try:
+        for _ in range(rounds):
+            for sock in socks:
+                sock.sendall(req)
+            for sock in socks:
+                buf = b""
+                while not buf.endswith(b"Vrypt"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise RuntimeError("the server closed a keep-alive connection")
+                    buf += chunk
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+def children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def worker_pid(leader: int) -> int:
+    """The process that serves: the leader's one child (gunicorn's worker), or the leader
+    itself when it has none (nginx without its master). Called once the server answers."""
+    kids = children(leader)
+    return kids[0] if kids else leader
+
+
+def _nginx_single_process(port: int, workers: int, tmp: Path) -> list[str]:
+    """nginx as one process (`master_process off`): started as root, nginx's workers switch to
+    an unprivileged user, which can no longer take callgrind_control's commands or write its
+    counts into our temporary directory; one process that stays who it was can."""
+    conf = tmp / "nginx.conf"
+    text = NGINX_CONF.format(workers=workers, tmp=tmp, port=port)
+    conf.write_text(text.replace("master_process on;", "master_process off;"))
+    return [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
+
+
+def total_instructions(dump: Path) -> int:
+    match = re.search(r"^(?:totals|summary):\s*(\d+)", dump.read_text(), re.MULTILINE)
+    if not match:
+        raise RuntimeError(f"no totals in {dump}")
+    return int(match[1])
+
+
+def callgrind_control(option: str, pid: int, port: int, timeout: float = 60.0) -> None:
+    """Run `callgrind_control OPTION PID`. Valgrind takes the command when the worker runs code:
+    a worker that sleeps in epoll_wait with no timer (nginx's) never would, so one request at a
+    time pokes it until the command is done (at most one request's instructions land on the
+    wrong side of the zero or the dump)."""
+    ctl = subprocess.Popen(
+        ["callgrind_control", option, str(pid)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while ctl.poll() is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"callgrind_control {option} {pid}: no answer in {timeout} s")
+            drive(port, 1, 1)
+            time.sleep(0.05)
+    finally:
+        if ctl.poll() is None:
+            ctl.kill()
+        ctl.wait()
+    if ctl.returncode != 0:
+        raise RuntimeError(f"callgrind_control {option} {pid} failed ({ctl.returncode})")
+
+
+def under_callgrind(spec: ServerSpec, out_dir: Path) -> ServerSpec:
+    def build(port: int, workers: int, tmp: Path) -> list[str]:
+        return [
+            "valgrind",
+            "--tool=callgrind",
+            "--trace-children=yes",
+            f"--callgrind-out-file={out_dir}/callgrind.%p",
+            *spec.build(port, workers, tmp),
+        ]
+
+    return dataclasses.replace(spec, build=build)
+
+
+def measure(spec: ServerSpec, connections: int, rounds: int, cpus: tuple[int, ...]) -> float:
+    """User-space instructions per request of the server's worker."""
+    with tempfile.TemporaryDirectory(prefix=f"callgrind-{spec.name}-") as tmpdir:
+        out_dir = Path(tmpdir)
+        where = Placement(cpus[:1], cpus[1:] or cpus, 1)
+        with running(under_callgrind(spec, out_dir), where, READY_TIMEOUT) as server:
+            worker = worker_pid(server.proc.pid)
+            drive(server.port, connections, WARMUP_ROUNDS)
+            callgrind_control("-z", worker, server.port)
+            drive(server.port, connections, rounds)
+            before = set(out_dir.glob(f"callgrind.{worker}.*"))
+            callgrind_control("-d", worker, server.port)
+            deadline = time.monotonic() + 30
+            while not (dumps := set(out_dir.glob(f"callgrind.{worker}.*")) - before):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("callgrind wrote no dump")
+                time.sleep(0.1)
+            time.sleep(0.5)  # the dump is written by the worker: let it finish
+            return total_instructions(max(dumps, key=os.path.getmtime)) / (rounds * connections)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.instructions", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--servers", default="vrypt,nginx", help="comma-separated (default vrypt,nginx)")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND")
+    p.add_argument("--rounds", type=int, default=200, help="measured rounds (default 200)")
+    p.add_argument("--connections", type=int, default=100, help="connections (default 100)")
+    args = p.parse_args(argv)
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found: apt-get install valgrind", file=sys.stderr)
+            return 2
+    specs = [BUILTIN[name] for name in args.servers.split(",") if name]
+    specs = [
+        dataclasses.replace(s, build=_nginx_single_process) if s.name == "nginx" else s
+        for s in specs
+    ]
+    specs = [s for s in specs if s.name != "nginx" or nginx_available()]
+    specs += [peer_spec(arg) for arg in args.peer]
+    results: dict[str, float] = {}
+    for spec in specs:
+        print(f"{spec.name}: measuring under callgrind ...", file=sys.stderr, flush=True)
+        results[spec.name] = measure(spec, args.connections, args.rounds, available_cpus())
+    reference = results.get("nginx")
+    print("| server | user-space instructions per request | vs nginx |")
+    print("|---|---|---|")
+    for name, value in results.items():
+        ratio = f"{value / reference:.2f}x" if reference else "-"
+        print(f"| {name} | {value:,.0f} | {ratio} |")
+    print(
+        f"\n{args.connections} keep-alive connections, {args.rounds} measured rounds of one "
+        f"request per connection, after {WARMUP_ROUNDS} warm-up rounds."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
