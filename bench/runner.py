@@ -100,10 +100,13 @@ def schedule(
     servers: list[ServerSpec], scenarios: list[Scenario], rounds: int
 ) -> Iterator[tuple[int, Scenario, ServerSpec]]:
     """Round after round; within a round each scenario, and within it each server in turn, so
-    that drift of the machine falls on every server alike."""
+    that drift of the machine falls on every server alike. Even rounds take the servers in the
+    reverse order, so that a server is not always measured just before another: a steady drift
+    (the machine getting busier through a run) then cancels out of the paired ratios."""
     for round_no in range(1, rounds + 1):
+        order = servers if round_no % 2 else servers[::-1]
         for scenario in scenarios:
-            for spec in servers:
+            for spec in order:
                 yield round_no, scenario, spec
 
 

@@ -122,6 +122,28 @@ def test_h11_client_on_one_keep_alive_connection(server: Server) -> None:
         assert roundtrip("GET", "http://t/abs", host, []) == b"Vrypt"
 
 
+def test_one_request_per_read_repeated_and_alternating_heads(server: Server) -> None:
+    """The worker answers a read that is exactly a head it has seen before without the framer,
+    and compares it first with the head it answered last: each answer must still be the one for
+    its own head when heads repeat, alternate, and change their verdict (HEAD, HTTP/1.0, close)."""
+    get = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
+    head = b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n"
+    http10 = b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+    sequence = [get, get, head, head, get, http10, get, http10, http10, head, get, get]
+    with server.connect() as sock:
+        reader = StrictReader(sock)
+        for index, request in enumerate(sequence):
+            sock.sendall(request)  # one request, then its answer: one read per request
+            response = reader.read(head_request=request is head)
+            assert response is not None and is_vrypt(response, head=request is head), index
+            expected = b"keep-alive" if request is http10 else None
+            assert response.header(b"Connection") == expected, (index, response.headers)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        response = reader.read()
+        assert response is not None and response.header(b"Connection") == b"close"
+        assert reader.at_eof()
+
+
 PIPELINE = [
     (b"GET / HTTP/1.1\r\n\r\n", False),
     (b"HEAD /h HTTP/1.1\r\nHost: t\r\n\r\n", True),

@@ -199,7 +199,8 @@ class VryptWorker(Worker):
         # the hub waits for I/O again, instead of once per request (a memoryview store costs a
         # few hundred instructions; under load one iteration answers dozens of requests).
         publisher = loop.prepare()
-        publisher.start(self._publish_answered, self.counts, self.slot_base, self.rules)
+        answered_at = self.slot_base + metrics.ANSWERED
+        publisher.start(self._publish_answered, self.counts, answered_at, self.rules)
         clock = loop.timer(0.25, 0.25)
         clock.start(self._on_clock)
         sweep = loop.timer(1.0, 1.0)
@@ -292,8 +293,8 @@ class VryptWorker(Worker):
     # timers ---------------------------------------------------------------------------------------
 
     @staticmethod
-    def _publish_answered(counts: Any, base: int, rules: FramingRules) -> None:
-        counts[base] = rules.answered  # metrics.ANSWERED is word 0 of the slot
+    def _publish_answered(counts: Any, index: int, rules: FramingRules) -> None:
+        counts[index] = rules.answered
 
     def _on_clock(self) -> None:
         self.responses.refresh(time.time())
