@@ -23,7 +23,7 @@ import gevent
 import gevent.event
 from gunicorn.workers.base import Worker
 
-from vrypt_worker import metrics
+from vrypt_worker import listeners, metrics
 from vrypt_worker.framing import CLOSING, REQUEST_TIMEOUT, FramingRules, Limits, RequestFramer
 from vrypt_worker.response import ResponseTable
 
@@ -50,10 +50,10 @@ _LINGER_TICKS = 2
 # just connected, a keep-alive client about to send its next request). It gets this long for that
 # request to arrive and be answered with `Connection: close` before it is closed as idle.
 _DRAIN_GRACE = 0.2
-# TERM with per-worker SO_REUSEPORT listeners: a reload (HUP) forks the new workers and TERMs the
-# old ones at once, before the new ones have bound their listeners. An old worker that closed its
-# listener at once could leave the port with no listener for a moment (connections refused), so
-# it keeps accepting this long (every answer now says close) before it takes its queue and closes.
+# TERM with listeners that each worker binds itself (reuse_port with systemd's sockets, the one
+# case that is not served from the arbiter's slots, listeners.py): a reload (HUP) forks the new
+# workers and TERMs the old ones at once, before the new ones have bound. The old one keeps
+# accepting this long (every answer now says close) so that the port is never without a listener.
 _HANDOVER = 0.2
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 DEFAULT_HEAD_TIMEOUT = 10
@@ -83,6 +83,14 @@ class VryptWorker(Worker):
     """A gunicorn worker that answers every HTTP/1.x request with `Vrypt`, without WSGI."""
 
     @classmethod
+    def setup(cls) -> None:
+        """gunicorn calls this from Arbiter.setup, before it binds (at start and on reload):
+        the arbiter's SO_REUSEPORT listener slots are made here (listeners.py)."""
+        arbiter = listeners.calling_arbiter(2)
+        if arbiter is not None:
+            listeners.prepare(arbiter)
+
+    @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
         """Runs once in the arbiter before any worker starts: refuse what we cannot honour."""
         refused = []
@@ -107,11 +115,13 @@ class VryptWorker(Worker):
             )
         head_timeout_from_env()  # a bad value fails here, in the arbiter, not in every worker
         if cfg.reuse_port and not tcp_migrate_req_enabled():
+            # Only where the arbiter could not hold the listeners (systemd's sockets with
+            # reuse_port): then every worker binds its own, and its exit resets its queue.
             log.warning(
-                "reuse_port is on but net.ipv4.tcp_migrate_req is not 1: connections still queued "
-                "on a worker's own listener when it exits (reload, max_requests, stop) are reset "
-                "by the kernel. Set the sysctl to 1 (Linux 5.14+), or VRYPT_REUSE_PORT=0 for one "
-                "shared listener; see docs/reliability.md"
+                "reuse_port is on with listeners each worker binds itself, and "
+                "net.ipv4.tcp_migrate_req is not 1: connections still queued on a worker's "
+                "listener when it exits are reset by the kernel. Set VRYPT_REUSE_PORT=0 with "
+                "systemd sockets; see docs/reliability.md"
             )
         # An APP_MODULE argument shows up as the default process name, the conf's as wsgi_app.
         named = cfg.default_proc_name if cfg.default_proc_name != "gunicorn" else cfg.wsgi_app
@@ -139,6 +149,14 @@ class VryptWorker(Worker):
         # Metrics: a counter slot in shared memory, claimed here in the arbiter (metrics.py). A
         # reused slot goes on from its counts, and the recycling threshold moves with them.
         self.counts, self.slot_base, self.rules.answered, self.rules.rejected = metrics.claim(self)
+        # Listeners: with reuse_port, a slot of the arbiter's SO_REUSEPORT listeners (the
+        # others' slots are inherited too, to adopt one whose worker is gone); else gunicorn's.
+        self.slot = -1
+        self.spare_slots: dict[int, list[Any]] = {}
+        if listeners.slot_mode():
+            self.slot, self.sockets, self.spare_slots = listeners.assign(self)
+        self._adopted: dict[int, list[tuple[Any, Any]]] = {}
+        self._old: set[Connection] = set()
         if self.max_requests < sys.maxsize:
             self.max_requests += self.rules.answered
         # The answer that reaches max_requests says `Connection: close` (see FramingRules);
@@ -201,11 +219,13 @@ class VryptWorker(Worker):
         publisher = loop.prepare()
         answered_at = self.slot_base + metrics.ANSWERED
         publisher.start(self._publish_answered, self.counts, answered_at, self.rules)
+        if self.slot >= 0:
+            listeners.claim(self.slot)
         clock = loop.timer(0.25, 0.25)
         clock.start(self._on_clock)
         sweep = loop.timer(1.0, 1.0)
         sweep.start(self._on_sweep)
-        if self.cfg.reuse_port:  # the arbiter has no listeners of its own to announce
+        if self.cfg.reuse_port:  # listeners bound by each worker: the arbiter has none to name
             self.log.info(
                 "Listening at: %s (worker %s)", ",".join(map(str, self.sockets)), self.pid
             )
@@ -287,8 +307,58 @@ class VryptWorker(Worker):
         self.connections.discard(conn)
         if self._accept_paused and len(self.connections) < self.max_connections:
             self._resume_accepting()
-        if self.draining and not self.connections and not self._accepting:
-            self._stop()
+        if self.draining:
+            if self._old:
+                self._old.discard(conn)
+                if not self._old and self._accepting:
+                    self._close_listeners()  # the last connection from before the drain left
+            if not self.connections and not self._accepting:
+                self._stop()
+
+    # listener slots (listeners.py) ----------------------------------------------------------------
+
+    def _tend_slots(self) -> None:
+        """Every clock tick: say again that this worker serves its slot, and serve any other
+        slot nobody serves (its worker died or left and no replacement has claimed it)."""
+        if self.draining:
+            if self._accepting and listeners.served_by_another(self.slot, self.ppid):
+                self._close_listeners()  # a successor serves our slot: leave it to it
+            return
+        listeners.claim(self.slot)
+        for slot, socks in self.spare_slots.items():
+            orphan = listeners.orphaned(slot, self.ppid)
+            if orphan and slot not in self._adopted:
+                watchers = []
+                for listener in socks:
+                    sock = listener.sock if hasattr(listener, "sock") else listener
+                    if sock is None:
+                        break
+                    watchers.append((self.loop.io(sock.fileno(), _READ), sock))
+                self._adopted[slot] = watchers
+                self._accepting.extend(watchers)
+                if not self._accept_paused:
+                    for watcher, sock in watchers:
+                        watcher.start(self._on_acceptable, sock, int(sock.family))
+            elif not orphan and slot in self._adopted:
+                self._drop_adopted(slot)
+
+    def _drop_adopted(self, slot: int) -> None:
+        for pair in self._adopted.pop(slot):
+            pair[0].close()
+            self._accepting.remove(pair)
+
+    def _close_spare_copies(self) -> None:
+        """Leaving: close our copies of the other slots' listeners, so that at shutdown each
+        slot's socket closes with its own worker (which takes its queue first), not with us."""
+        for slot in list(self._adopted):
+            self._drop_adopted(slot)
+        for socks in self.spare_slots.values():
+            for listener in socks:
+                try:
+                    listener.close()
+                except OSError:
+                    pass
+        self.spare_slots = {}
 
     # timers ---------------------------------------------------------------------------------------
 
@@ -298,6 +368,8 @@ class VryptWorker(Worker):
 
     def _on_clock(self) -> None:
         self.responses.refresh(time.time())
+        if self.slot >= 0:
+            self._tend_slots()
 
     def _on_sweep(self) -> None:
         self.notify()
@@ -305,6 +377,8 @@ class VryptWorker(Worker):
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
         for conn in list(self.connections):
             conn.on_tick(keepalive, self.head_timeout)
+        if self.draining and self._accepting and time.monotonic() >= self._drain_deadline:
+            self._close_listeners()
         if (
             self.draining
             and not self._accepting  # still listening during a handover
@@ -335,6 +409,21 @@ class VryptWorker(Worker):
         self.alive = False
         self.rules.open_until = 0
         self._drain_deadline = time.monotonic() + self.cfg.graceful_timeout
+        if self.slot >= 0:
+            # The slot's socket lives on in the arbiter, so nothing is lost whenever we stop
+            # accepting. But our replacement is forked only once we have exited (recycling) or
+            # may not come at all (TTOU, shutdown): keep serving the slot, every answer saying
+            # close, until the connections we had before the drain are done or a successor
+            # claims the slot (HUP); _tend_slots and connection_closed watch for both.
+            self._close_spare_copies()
+            self._old = set(self.connections)
+            for conn in list(self.connections):
+                conn.drain()
+            grace = self.loop.timer(_DRAIN_GRACE)
+            grace.start(self._close_idle, grace)
+            if not self._old or listeners.served_by_another(self.slot, self.ppid):
+                self._close_listeners()
+            return
         if handover and self._accepting:
             timer = self.loop.timer(_HANDOVER)
             timer.start(self._close_listeners, timer)
@@ -344,6 +433,9 @@ class VryptWorker(Worker):
     def _close_listeners(self, timer: Any = None) -> None:
         if timer is not None:
             timer.close()
+        if self.slot >= 0:
+            listeners.release(self.slot)
+        self._old.clear()
         for watcher, _sock in self._accepting:
             watcher.close()
         self._accepting.clear()
@@ -384,7 +476,7 @@ class VryptWorker(Worker):
             self._done.set()
 
     def _on_term(self) -> None:
-        self.start_draining(handover=self.cfg.reuse_port)
+        self.start_draining(handover=self.cfg.reuse_port)  # reuse_port is off in slot mode
 
     def _on_quit(self) -> None:
         self.alive = False
