@@ -50,6 +50,22 @@ _LINGER_TICKS = 2
 # just connected, a keep-alive client about to send its next request). It gets this long for that
 # request to arrive and be answered with `Connection: close` before it is closed as idle.
 _DRAIN_GRACE = 0.2
+# ...but a connection that has not sent a single byte yet is a client that has just connected
+# (its request follows the handshake, later on a busy machine) or a load balancer's spare: it gets
+# this long from its accept (or from the start of the drain) before it is closed as idle.
+_FRESH_GRACE = 1.0
+_TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info
+
+
+def never_received(sock: Any) -> bool:
+    """The peer has sent nothing on this TCP connection yet (kernel's count, not ours)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES_RECEIVED + 8)
+    except OSError:
+        return False
+    if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
+        return False
+    return int.from_bytes(info[_TCP_INFO_BYTES_RECEIVED:], "little") == 0
 # TERM with listeners that each worker binds itself (reuse_port with systemd's sockets, the one
 # case that is not served from the arbiter's slots, listeners.py): a reload (HUP) forks the new
 # workers and TERMs the old ones at once, before the new ones have bound. The old one keeps
@@ -157,6 +173,9 @@ class VryptWorker(Worker):
             self.slot, self.sockets, self.spare_slots = listeners.assign(self)
         self._adopted: dict[int, list[tuple[Any, Any]]] = {}
         self._old: set[Connection] = set()
+        self._late: dict[Connection, float] = {}  # accepted while draining: when
+        self._drain_started = 0.0
+        self._listeners_closed = False
         if self.max_requests < sys.maxsize:
             self.max_requests += self.rules.answered
         # The answer that reaches max_requests says `Connection: close` (see FramingRules);
@@ -274,7 +293,10 @@ class VryptWorker(Worker):
             except OSError:
                 sock.close()
                 continue
-            self.connections.add(Connection(self, sock))
+            conn = Connection(self, sock)
+            self.connections.add(conn)
+            if self.draining:
+                self._late[conn] = time.monotonic()
             return True
 
     def _pause_accepting(self) -> None:
@@ -305,6 +327,8 @@ class VryptWorker(Worker):
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        if self._late:
+            self._late.pop(conn, None)
         if self._accept_paused and len(self.connections) < self.max_connections:
             self._resume_accepting()
         if self.draining:
@@ -408,7 +432,8 @@ class VryptWorker(Worker):
         self.draining = True
         self.alive = False
         self.rules.open_until = 0
-        self._drain_deadline = time.monotonic() + self.cfg.graceful_timeout
+        self._drain_started = time.monotonic()
+        self._drain_deadline = self._drain_started + self.cfg.graceful_timeout
         if self.slot >= 0:
             # The slot's socket lives on in the arbiter, so nothing is lost whenever we stop
             # accepting. But our replacement is forked only once we have exited (recycling) or
@@ -417,12 +442,13 @@ class VryptWorker(Worker):
             # claims the slot (HUP); _tend_slots and connection_closed watch for both.
             self._close_spare_copies()
             self._old = set(self.connections)
-            for conn in list(self.connections):
-                conn.drain()
-            grace = self.loop.timer(_DRAIN_GRACE)
-            grace.start(self._close_idle, grace)
             if not self._old or listeners.served_by_another(self.slot, self.ppid):
                 self._close_listeners()
+                return
+            for conn in list(self.connections):
+                conn.drain()  # may close them all, and the listeners with the last one
+            grace = self.loop.timer(_DRAIN_GRACE)
+            grace.start(self._close_idle, grace)
             return
         if handover and self._accepting:
             timer = self.loop.timer(_HANDOVER)
@@ -433,6 +459,9 @@ class VryptWorker(Worker):
     def _close_listeners(self, timer: Any = None) -> None:
         if timer is not None:
             timer.close()
+        if self._listeners_closed:
+            return
+        self._listeners_closed = True
         if self.slot >= 0:
             listeners.release(self.slot)
         self._old.clear()
@@ -440,7 +469,10 @@ class VryptWorker(Worker):
             watcher.close()
         self._accepting.clear()
         for listener in self.sockets:
-            self._accept_queued(listener.sock if hasattr(listener, "sock") else listener)
+            sock = listener.sock if hasattr(listener, "sock") else listener
+            if sock is None:
+                continue  # closed already
+            self._accept_queued(sock)
             try:
                 listener.close()
             except OSError:
@@ -454,9 +486,18 @@ class VryptWorker(Worker):
             grace.start(self._close_idle, grace)
 
     def _close_idle(self, timer: Any) -> None:
+        """Close the idle connections; one that has sent nothing yet gets _FRESH_GRACE (from its
+        accept, or from the drain's start) and is looked at again until then."""
         timer.close()
+        now = time.monotonic()
+        waiting = False
         for conn in list(self.connections):
-            conn.close_if_idle()
+            since = self._late.get(conn, self._drain_started)
+            if conn.close_if_idle(spare_fresh=now - since < _FRESH_GRACE):
+                waiting = True
+        if waiting and not self._stopped:
+            again = self.loop.timer(0.1)
+            again.start(self._close_idle, again)
 
     def _accept_queued(self, listener: socket.socket) -> None:
         """Take the connections already in this listener's queue before it closes: with
@@ -682,9 +723,19 @@ class Connection:
         if self.framer.idle and not self.pending and not self.lingering:
             self.on_readable()
 
-    def close_if_idle(self) -> None:
-        if self.reader is not None and self.framer.idle and not self.pending and not self.lingering:
-            self.close()
+    def close_if_idle(self, spare_fresh: bool = False) -> bool:
+        """Draining: close this connection if it has nothing in progress. A request that has
+        reached the kernel is read and answered first (closing over unread bytes would reset the
+        connection and lose it). Returns True when it was spared because it is fresh."""
+        if self.reader is None or not self.framer.idle or self.pending or self.lingering:
+            return False
+        self.on_readable()
+        if self.reader is None or not self.framer.idle or self.pending or self.lingering:
+            return False
+        if spare_fresh and never_received(self.sock):
+            return True
+        self.close()
+        return False
 
     def on_tick(self, keepalive: int, head_timeout: int) -> None:
         """Once a second, from the worker's sweep: keep-alive, head and linger timeouts."""
