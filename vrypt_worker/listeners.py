@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import socket
 import sys
 from typing import Any
@@ -221,9 +222,18 @@ def claim(slot: int) -> None:
 
 def release(slot: int) -> None:
     """In the worker: it stops accepting on `slot`; the others adopt it until its replacement
-    claims it."""
-    if _pool is not None and _pool.owners[slot] == os.getpid():
-        _pool.owners[slot] = 0
+    claims it. They are told at once (SIGWINCH, which a worker takes as "look at the slots"), so
+    the slot's queue waits microseconds for them rather than up to a clock tick."""
+    if _pool is None or _pool.owners[slot] != os.getpid():
+        return
+    _pool.owners[slot] = 0
+    for other in set(_pool.owners[: len(_pool.slots)]):
+        # alive_child: a dead worker's pid may belong to some other process by now
+        if other not in (0, os.getpid()) and alive_child(other, os.getppid()):
+            try:
+                os.kill(other, signal.SIGWINCH)
+            except OSError:
+                pass  # gone: its replacement reads the table when it starts
 
 
 def served_by_another(slot: int, arbiter_pid: int) -> bool:

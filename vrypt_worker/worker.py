@@ -213,7 +213,8 @@ class VryptWorker(Worker):
         gevent.signal_handler(signal.SIGINT, self._on_quit)
         gevent.signal_handler(signal.SIGUSR1, self.log.reopen_files)
         gevent.signal_handler(signal.SIGABRT, self._on_abort)
-        gevent.signal_handler(signal.SIGWINCH, lambda: None)
+        # A sibling that stops serving its listener slot asks the others to adopt it now.
+        gevent.signal_handler(signal.SIGWINCH, self._on_slots_changed)
 
     def notify(self) -> None:
         super().notify()
@@ -387,6 +388,10 @@ class VryptWorker(Worker):
                         watcher.start(self._on_acceptable, sock, int(sock.family))
             elif not orphan and slot in self._adopted:
                 self._drop_adopted(slot)
+
+    def _on_slots_changed(self) -> None:
+        if self.slot >= 0 and getattr(self, "loop", None) is not None:
+            self._tend_slots()
 
     def _drop_adopted(self, slot: int) -> None:
         for pair in self._adopted.pop(slot):
