@@ -96,6 +96,24 @@ def tcp_migrate_req_enabled() -> bool:
         return False
 
 
+def _spawn_replacements_at_once(arbiter: Any) -> None:
+    """gunicorn's spawn_workers sleeps up to 0.1 s (at random) after every fork, to stagger
+    workers that start together, and handles no signal meanwhile. That sleep delays the next
+    replacement: with max_requests 1000 a worker lives a few tens of milliseconds under load, so
+    with one worker the port spent most of its time waiting for the arbiter (docs/reliability.md).
+    These workers boot in milliseconds and their listeners need no staggering (SO_REUSEPORT
+    slots, no accept herd), so the arbiter forks every missing worker at once."""
+    if getattr(arbiter, "_vrypt_spawn_patched", False):
+        return
+
+    def spawn_workers() -> None:
+        for _ in range(arbiter.num_workers - len(arbiter.WORKERS)):
+            arbiter.spawn_worker()
+
+    arbiter.spawn_workers = spawn_workers
+    arbiter._vrypt_spawn_patched = True
+
+
 class VryptWorker(Worker):
     """A gunicorn worker that answers every HTTP/1.x request with `Vrypt`, without WSGI."""
 
@@ -106,6 +124,7 @@ class VryptWorker(Worker):
         arbiter = listeners.calling_arbiter(2)
         if arbiter is not None:
             listeners.prepare(arbiter)
+            _spawn_replacements_at_once(arbiter)
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
