@@ -43,7 +43,7 @@ _FIELD_NAME = re.compile(rf"[{_TCHAR}]+")
 # Visible ASCII with inner spaces/tabs; obs-text and control bytes are refused, so a value can
 # neither break the head (CR, LF) nor be read differently by two parsers.
 _FIELD_VALUE = re.compile(r"(?:[\x21-\x7e](?:[\t\x20-\x7e]*[\x21-\x7e])?)?")
-_STATUS = re.compile(r"\s*([0-9]{3})(?:[ \t]+([\t\x20-\x7e]*?))?\s*")
+_STATUS = re.compile(r"\s*([0-9]{1,9})(?:[ \t]+([\t\x20-\x7e]*?))?\s*")
 # Header lines the server writes itself from its own state: framing, connection management, and
 # the two it always sends. Content-Type has its own setting.
 _RESERVED = frozenset(

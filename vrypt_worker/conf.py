@@ -73,5 +73,5 @@ def on_starting(server: _Any) -> None:
     if _settings.socket_in_use(path):
         # Another live server with the same binds (two SO_REUSEPORT servers can share a port):
         # never take its socket over. gunicorn announces the path it listens at.
-        path = path[: -len(".ctl")] + f"-{os.getpid()}.ctl"
+        path = _settings.control_socket_path(cfg.address, cfg.control_socket, os.getpid())
     cfg.set("control_socket", path)

@@ -110,8 +110,8 @@ def _statsd_host(text: str) -> str:
 
     try:
         validate_statsd_address(text)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"expected host:port or unix:PATH ({exc})") from None
+    except (TypeError, ValueError):
+        raise ValueError("expected host:port or unix://PATH") from None
     return text
 
 
@@ -180,8 +180,8 @@ def fitting_worker_connections(wanted: int = DEFAULT_WORKER_CONNECTIONS) -> int:
 # --- one control socket per server ---------------------------------------------------------------
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
-# sun_path holds 108 bytes; a longer name is shortened to a hash of the binds.
-_MAX_SOCKET_PATH = 100
+# sun_path holds 108 bytes with the final NUL; a longer name is shortened to a hash of the binds.
+_MAX_SOCKET_PATH = 107
 
 
 def _bind_label(address: Any) -> str:
@@ -193,17 +193,18 @@ def _bind_label(address: Any) -> str:
     return "unix-" + os.path.basename(str(address))
 
 
-def control_socket_path(addresses: list[Any], default_path: str) -> str:
+def control_socket_path(addresses: list[Any], default_path: str, pid: int | None = None) -> str:
     """A control socket path that names this server's binds, in gunicorn's default directory:
-    `vrypt-8080.ctl` for the default bind, `vrypt-127.0.0.1-9000.ctl` for a host. gunicorn 27's
-    own default (`gunicorn.ctl`) is the same for every server of a user, so a second server takes
-    it over and stopping either deletes it."""
+    `vrypt-8080.ctl` for the default bind, `vrypt-127.0.0.1-9000.ctl` for a host, and with `pid`
+    `vrypt-8080-PID.ctl`. gunicorn 27's own default (`gunicorn.ctl`) is the same for every server
+    of a user, so a second server takes it over and stopping either deletes it."""
     directory = os.path.dirname(default_path)
     label = _UNSAFE.sub("_", "+".join(_bind_label(a) for a in addresses) or "server")
-    path = os.path.join(directory, f"vrypt-{label}.ctl")
+    suffix = "" if pid is None else f"-{pid}"
+    path = os.path.join(directory, f"vrypt-{label}{suffix}.ctl")
     if len(path.encode()) > _MAX_SOCKET_PATH:
         digest = hashlib.sha1(label.encode()).hexdigest()[:12]
-        path = os.path.join(directory, f"vrypt-{digest}.ctl")
+        path = os.path.join(directory, f"vrypt-{digest}{suffix}.ctl")
     return path
 
 
