@@ -394,11 +394,12 @@ def warnings(log: str) -> list[str]:
 
 
 @pytest.mark.timeout(60)
-def test_a_default_start_is_quiet_on_a_machine_with_few_descriptors() -> None:
-    """The README's first command, two workers, hard open-file limit 20,000: no warning about a
+@pytest.mark.parametrize("hard", [20_000, 200])
+def test_a_default_start_is_quiet_on_a_machine_with_few_descriptors(hard: int) -> None:
+    """The README's first command, two workers, a low hard open-file limit: no warning about a
     default the user never chose, no word about an application the user never named."""
     port = free_port()
-    cmd = under_nofile(20_000, [*GUNICORN, "-c", str(CONF), "--bind", f"127.0.0.1:{port}"])
+    cmd = under_nofile(hard, [*GUNICORN, "-c", str(CONF), "--bind", f"127.0.0.1:{port}"])
     cmd += ["--workers", "2", "--no-control-socket"]
     with running(cmd=cmd, port=port, workers=2) as server:
         ask(server, "GET")
@@ -419,7 +420,7 @@ def test_worker_connections_the_machine_cannot_hold_are_reported_once() -> None:
         log = server.log
     lines = warnings(log)
     assert len(lines) == 1, log
-    assert "worker_connections=50000" in lines[0] and "hard open-file limit 20000" in lines[0]
+    assert "worker_connections=50000 does not fit the hard open-file limit 20000" in lines[0]
 
 
 @pytest.mark.timeout(60)
@@ -490,3 +491,48 @@ def test_a_chosen_control_socket_is_kept_and_a_live_one_never_taken(home: Path) 
             second_path = control_socket(second)
             assert second_path != first_path and first_path.is_socket()
             assert second_path.name == f"vrypt-127.0.0.1-{port}-{second.proc.pid}.ctl"
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_metrics_count_a_chosen_answer_as_they_count_the_default() -> None:
+    """vrypt.rps adds up to the answers given, a 400 included, and bad_requests to the 400."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as statsd:
+        statsd.bind(("127.0.0.1", 0))
+        statsd.settimeout(0.1)
+        host = f"127.0.0.1:{statsd.getsockname()[1]}"
+        env = {"VRYPT_STATSD_HOST": host, "VRYPT_STATSD_INTERVAL": "0.2"}
+        with serve(VRYPT_STATUS="404", VRYPT_BODY="nope", **env) as server:
+            answers, _ = ask(server, "GET", "HEAD", "POST")  # + 1 readiness request
+            with server.connect() as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" * 5)
+                data = b""
+                while data.count(b"nope") < 5:
+                    data += sock.recv(65536)
+                sock.sendall(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+                while b"400 Bad Request" not in data:
+                    data += sock.recv(65536)
+            assert [a.status for a in answers] == [404] * 3
+            lines: list[str] = []
+            deadline = time.monotonic() + 10
+            # 10 answers: the readiness GET, GET HEAD POST, five pipelined GETs and the 400.
+            expected = {"vrypt.rps": 10, "gunicorn.requests": 10, "vrypt.bad_requests": 1}
+            totals: dict[str, int] = {}
+            while time.monotonic() < deadline:
+                try:
+                    lines += statsd.recv(65535).decode().splitlines()
+                except TimeoutError:
+                    pass
+                totals = {
+                    name: sum(
+                        int(m.group(1))
+                        for line in lines
+                        if (m := re.fullmatch(rf"{re.escape(name)}:(\d+)\|[gc]", line))
+                    )
+                    for name in expected
+                }
+                if totals == expected:
+                    break
+            assert totals == expected, lines

@@ -170,11 +170,14 @@ def nofile_hard_limit() -> int | None:
 
 def fitting_worker_connections(wanted: int = DEFAULT_WORKER_CONNECTIONS) -> int:
     """`wanted`, lowered to what the hard open-file limit lets one worker hold, so that the
-    default never asks for descriptors the machine will refuse (and never warns about it)."""
+    default never asks for descriptors the machine will refuse (and never warns about it).
+    Under a tiny limit the reserve shrinks to a quarter of it: a worker needs about a dozen
+    descriptors of its own, 128 is a margin."""
     hard = nofile_hard_limit()
     if hard is None:
         return wanted
-    return max(1, min(wanted, hard - NOFILE_RESERVE))
+    reserve = min(NOFILE_RESERVE, max(hard // 4, 1))
+    return max(1, min(wanted, hard - reserve))
 
 
 # --- one control socket per server ---------------------------------------------------------------
@@ -246,15 +249,15 @@ def check_at_start(cfg: Any, log: Any) -> None:
         )
     # The conf's default worker_connections fits the hard limit (fitting_worker_connections), so
     # this says something only about a value the operator chose; once, not once per worker.
-    hard = nofile_hard_limit()
-    if hard is not None and cfg.worker_connections + NOFILE_RESERVE > hard:
+    fits = fitting_worker_connections(cfg.worker_connections)
+    if cfg.worker_connections > fits:
         log.warning(
-            "worker_connections=%d needs %d open files per worker, above the hard open-file limit "
-            "%d: accepts back off when descriptors run out. Lower worker_connections or raise "
-            "the limit (ulimit -Hn, systemd LimitNOFILE=)",
+            "worker_connections=%d does not fit the hard open-file limit %d (at most %d with the "
+            "worker's own descriptors): accepts back off when descriptors run out. Lower "
+            "worker_connections or raise the limit (ulimit -Hn, systemd LimitNOFILE=)",
             cfg.worker_connections,
-            cfg.worker_connections + NOFILE_RESERVE,
-            hard,
+            nofile_hard_limit(),
+            fits,
         )
     # Only about an application the operator named: an APP_MODULE argument (gunicorn makes it
     # the default process name) or a wsgi_app of their own conf, not the package's.
