@@ -98,9 +98,7 @@ def gunicorn_cmd(port: int, *args: str, conf: Path | None = CONF) -> list[str]:
 
 
 @contextlib.contextmanager
-def serve(
-    *args: str, conf: Path | None = CONF, workers: int = 1, **env: str
-) -> Iterator[Server]:
+def serve(*args: str, conf: Path | None = CONF, workers: int = 1, **env: str) -> Iterator[Server]:
     """A server whose answer may be any status (support.wait_ready wants a Content-Length), ready
     once every worker has booted and one answers."""
     port = free_port()
@@ -240,6 +238,16 @@ def test_no_content_answers_have_no_body_and_no_length(status: int) -> None:
         assert raw.count(b"Cache-Control: no-store\r\n") == 4
         # Nothing after each head: the next answer starts right after the blank line.
         assert raw.count(b"\r\n\r\nHTTP/1.1 ") == 3 and raw.endswith(b"\r\n\r\n")
+
+
+@pytest.mark.timeout(60)
+def test_reset_content_is_framed_with_a_zero_length() -> None:
+    with serve(VRYPT_STATUS="205") as server:
+        answers, raw = ask(server, "GET", "HEAD", "GET")
+        assert [(a.status, a.body, a.one("content-length")) for a in answers] == [
+            (205, b"", "0")
+        ] * 3
+        assert b"Content-Type" not in raw
 
 
 @pytest.mark.timeout(60)
@@ -388,9 +396,7 @@ def under_nofile(hard: int, cmd: list[str]) -> list[str]:
 
 
 def warnings(log: str) -> list[str]:
-    return [
-        line for line in log.splitlines() if "[WARNING]" in line and not NOT_OURS.search(line)
-    ]
+    return [line for line in log.splitlines() if "[WARNING]" in line and not NOT_OURS.search(line)]
 
 
 @pytest.mark.timeout(60)
