@@ -542,3 +542,53 @@ def test_metrics_count_a_chosen_answer_as_they_count_the_default() -> None:
                 if totals == expected:
                     break
             assert totals == expected, lines
+
+
+# --- HUP -----------------------------------------------------------------------------------------
+
+
+def status_of_new_connection(server: Server) -> int:
+    (answer,), _ = ask(server, "GET")
+    return answer.status
+
+
+def wait_for_status(server: Server, status: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while status_of_new_connection(server) != status:
+        assert time.monotonic() < deadline, f"never answered {status}:\n{server.log}"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(90)
+def test_hup_switches_to_the_answer_of_the_edited_conf_and_keeps_it_on_a_bad_value(
+    tmp_path: Path,
+) -> None:
+    page = tmp_path / "maintenance.html"
+    page.write_text("<h1>maintenance</h1>\n")
+    conf = tmp_path / "live.conf.py"
+    conf.write_text("from vrypt_worker.conf import *\n")
+    with serve(conf=conf, workers=2) as server:
+        assert status_of_new_connection(server) == 200
+        conf.write_text(
+            "from vrypt_worker.conf import *\n"
+            "vrypt_status = 503\n"
+            f"vrypt_body_file = {str(page)!r}\n"
+            "vrypt_headers = 'Retry-After: 120'\n"
+        )
+        server.signal(signal.SIGHUP)
+        wait_for_status(server, 503)
+        server.wait_for_log("now answers 503 Service Unavailable")
+        (answer,), _ = ask(server, "GET")
+        assert answer.body == page.read_bytes() and answer.one("retry-after") == "120"
+        assert answer.one("content-type") == "text/html"
+        before = set(server.worker_pids())
+        conf.write_text("from vrypt_worker.conf import *\nvrypt_status = 700\n")
+        server.signal(signal.SIGHUP)
+        server.wait_for_log("keeps its answer, the reloaded settings are bad: vrypt_status")
+        deadline = time.monotonic() + 15
+        while set(server.worker_pids()) & before or len(server.worker_pids()) < 2:
+            assert time.monotonic() < deadline, server.log
+            time.sleep(0.1)
+        time.sleep(0.3)  # the new workers have bound their listeners
+        assert {status_of_new_connection(server) for _ in range(10)} == {503}
+        assert server.proc.poll() is None

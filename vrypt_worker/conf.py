@@ -75,3 +75,10 @@ def on_starting(server: _Any) -> None:
         # never take its socket over. gunicorn announces the path it listens at.
         path = _settings.control_socket_path(cfg.address, cfg.control_socket, os.getpid())
     cfg.set("control_socket", path)
+
+
+def on_reload(server: _Any) -> None:
+    """HUP: gunicorn has run this conf file again; the new workers take the answer its vrypt_*
+    variables (and the environment) choose now. A conf that defines its own on_reload can call
+    this one."""
+    _settings.reload_answer(server.cfg, server.log)

@@ -268,3 +268,26 @@ def check_at_start(cfg: Any, log: Any) -> None:
             "or called (unless preload_app imports it in the arbiter)",
             named,
         )
+
+
+def reload_answer(cfg: Any, log: Any) -> None:
+    """On HUP (the conf's on_reload hook), after gunicorn re-ran the conf file and before it forks
+    the new workers: choose the answer again, so that editing `vrypt_status` & co. and sending HUP
+    switches a running server (to a maintenance page, say). A bad value is logged and the answer
+    stays what it was: a reload must not take the server down."""
+    from vrypt_worker import answer
+
+    try:
+        chosen = answer.from_settings(answer.conf_namespace(cfg.config))
+    except SettingError as exc:
+        log.error("vrypt_worker keeps its answer, the reloaded settings are bad: %s", exc)
+        return
+    if chosen != answer.active():
+        answer.activate(chosen)
+        log.info(
+            "vrypt_worker now answers %d %s: %d-byte body, %d extra header lines",
+            chosen.status,
+            chosen.reason.decode("ascii"),
+            len(chosen.body),
+            len(chosen.headers),
+        )
