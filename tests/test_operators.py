@@ -552,11 +552,16 @@ def status_of_new_connection(server: Server) -> int:
     return answer.status
 
 
-def wait_for_status(server: Server, status: int, timeout: float = 15.0) -> None:
+def hup_and_wait_for_new_workers(server: Server, workers: int, timeout: float = 15.0) -> None:
+    """HUP, then until every old worker is gone (with reuse_port an old one keeps accepting for
+    a moment after the new ones bound) and the new ones are listening."""
+    before = set(server.worker_pids())
+    server.signal(signal.SIGHUP)
     deadline = time.monotonic() + timeout
-    while status_of_new_connection(server) != status:
-        assert time.monotonic() < deadline, f"never answered {status}:\n{server.log}"
+    while set(server.worker_pids()) & before or len(server.worker_pids()) < workers:
+        assert time.monotonic() < deadline, server.log
         time.sleep(0.1)
+    time.sleep(0.3)
 
 
 @pytest.mark.timeout(90)
@@ -575,20 +580,14 @@ def test_hup_switches_to_the_answer_of_the_edited_conf_and_keeps_it_on_a_bad_val
             f"vrypt_body_file = {str(page)!r}\n"
             "vrypt_headers = 'Retry-After: 120'\n"
         )
-        server.signal(signal.SIGHUP)
-        wait_for_status(server, 503)
+        hup_and_wait_for_new_workers(server, 2)
         server.wait_for_log("now answers 503 Service Unavailable")
+        assert {status_of_new_connection(server) for _ in range(10)} == {503}
         (answer,), _ = ask(server, "GET")
         assert answer.body == page.read_bytes() and answer.one("retry-after") == "120"
         assert answer.one("content-type") == "text/html"
-        before = set(server.worker_pids())
         conf.write_text("from vrypt_worker.conf import *\nvrypt_status = 700\n")
-        server.signal(signal.SIGHUP)
+        hup_and_wait_for_new_workers(server, 2)
         server.wait_for_log("keeps its answer, the reloaded settings are bad: vrypt_status")
-        deadline = time.monotonic() + 15
-        while set(server.worker_pids()) & before or len(server.worker_pids()) < 2:
-            assert time.monotonic() < deadline, server.log
-            time.sleep(0.1)
-        time.sleep(0.3)  # the new workers have bound their listeners
         assert {status_of_new_connection(server) for _ in range(10)} == {503}
         assert server.proc.poll() is None
