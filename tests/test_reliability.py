@@ -329,11 +329,13 @@ def test_a_100_mb_chunked_upload_runs_at_full_speed_in_flat_memory() -> None:
 def test_running_out_of_descriptors_neither_spins_nor_crashes_and_recovers() -> None:
     """RLIMIT_NOFILE 64 for gunicorn: the worker accepts until EMFILE, then pauses accepting
     (no busy loop on a listener it cannot drain), stays alive, and serves again once
-    descriptors are free, including the connections that waited in the queue meanwhile."""
+    descriptors are free, including the connections that waited in the queue meanwhile.
+    worker_connections is set above the limit: the default fits the limit, and never gets here."""
     port = free_port()
     cmd = [
         "prlimit", "--nofile=64:64", sys.executable, "-m", "gunicorn", "-c", str(CONF),
         "--bind", f"127.0.0.1:{port}", "--workers", "1", "--no-control-socket",
+        "--worker-connections", "1000",
     ]  # fmt: skip
     with running(cmd=cmd, port=port) as server:
         (worker,) = server.worker_pids()

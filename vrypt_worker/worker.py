@@ -24,7 +24,7 @@ import gevent
 import gevent.event
 from gunicorn.workers.base import Worker
 
-from vrypt_worker import listeners, metrics
+from vrypt_worker import listeners, metrics, settings
 from vrypt_worker.framing import CLOSING, REQUEST_TIMEOUT, FramingRules, Limits, RequestFramer
 from vrypt_worker.response import ResponseTable
 
@@ -67,6 +67,8 @@ def never_received(sock: Any) -> bool:
     if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
         return False
     return int.from_bytes(info[_TCP_INFO_BYTES_RECEIVED:], "little") == 0
+
+
 # TERM with listeners that each worker binds itself (reuse_port with systemd's sockets, the one
 # case that is not served from the arbiter's slots, listeners.py): a reload (HUP) forks the new
 # workers and TERMs the old ones at once, before the new ones have bound. The old one keeps
@@ -149,7 +151,10 @@ class VryptWorker(Worker):
             raise RuntimeError(
                 "vrypt_worker.VryptWorker cannot honour these settings: " + "; ".join(refused)
             )
-        head_timeout_from_env()  # a bad value fails here, in the arbiter, not in every worker
+        # A bad VRYPT_* variable or answer setting stops the start here, in the arbiter, with
+        # a message naming it (exit 2), instead of failing in every worker; the chosen answer is
+        # inherited by every worker forked after this.
+        settings.check_at_start(cfg, log)
         if cfg.reuse_port and not tcp_migrate_req_enabled():
             # Only where the arbiter could not hold the listeners (systemd's sockets with
             # reuse_port): then every worker binds its own, and its exit resets its queue.
@@ -159,13 +164,6 @@ class VryptWorker(Worker):
                 "listener when it exits are reset by the kernel. Set VRYPT_REUSE_PORT=0 with "
                 "systemd sockets; see docs/reliability.md"
             )
-        # An APP_MODULE argument shows up as the default process name, the conf's as wsgi_app.
-        named = cfg.default_proc_name if cfg.default_proc_name != "gunicorn" else cfg.wsgi_app
-        log.info(
-            "vrypt_worker answers every request itself: the application %r is never imported "
-            "or called (unless preload_app imports it in the arbiter)",
-            named or "(none)",
-        )
         if cfg.accesslog:
             log.warning(
                 "vrypt_worker writes no access log; accesslog=%s stays empty", cfg.accesslog
@@ -576,19 +574,14 @@ class VryptWorker(Worker):
         sys.exit(1)
 
     def _raise_nofile_limit(self) -> None:
-        need = self.cfg.worker_connections + 128  # listeners, logs, heartbeat file, pipes
+        # As far as the hard limit allows; a hard limit too low for worker_connections was
+        # reported once by check_config, not again by every worker.
+        need = self.cfg.worker_connections + settings.NOFILE_RESERVE
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < need:
             target = need if hard == resource.RLIM_INFINITY else min(need, hard)
             if target > soft:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            if target < need:
-                self.log.warning(
-                    "open-file limit %d (hard) is below worker_connections=%d: "
-                    "accepts will back off when descriptors run out",
-                    hard,
-                    self.cfg.worker_connections,
-                )
 
 
 class Connection:
