@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from tests import loadgen
-from tests.support import ROOT, base_env, start_server
+from tests.support import CONF, ROOT, base_env, free_port, start_server
 
 MIGRATE_REQ = Path("/proc/sys/net/ipv4/tcp_migrate_req")
 WARNING = "net.ipv4.tcp_migrate_req is not 1"
@@ -60,7 +60,18 @@ def run(
     if event == "recycle":
         jitter = str(max_requests // 4)
         args += ["--max-requests", str(max_requests), "--max-requests-jitter", jitter]
-    server = start_server(*args, workers=workers, env=env)
+    cmd = None
+    if event == "usr2":
+        # USR2 re-executes the command line: with `python -m gunicorn` that runs gunicorn's
+        # __main__.py as a script, whose folder (gunicorn/, with its `http` package) then shadows
+        # the standard library. Operators run the console script; so does this scenario.
+        port = free_port()
+        script = str(Path(sys.executable).parent / "gunicorn")
+        cmd = [script, "-c", str(CONF), "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
+        cmd += ["--no-control-socket", *args]
+        server = start_server(workers=workers, env=env, cmd=cmd, port=port)
+    else:
+        server = start_server(*args, workers=workers, env=env)
     arbiter = server.proc.pid
     stopped_at = None
     try:
