@@ -606,12 +606,13 @@ class Deputy:
     def sweep(self) -> None:
         board = self.board
         serving = bool(self.worker.alive)
-        board.words[self.worker.slot_base + SERVING] = serving
+        board.words[self.worker.slot_base + SERVING] = int(serving)
         self.deputy = serving and board.first_serving(self.server.arbiter, self.slot, self.me)
         needed = self.deputy or self.claiming or self._pushing()
         if needed and self.timer is None:
-            interval = self.server.settings.interval
-            self.timer = self.worker.loop.timer(interval, interval)
+            # The first look right away: a worker that becomes the deputy because the previous
+            # one died (perhaps while it was pushing) does not wait a whole interval.
+            self.timer = self.worker.loop.timer(0.0, self.server.settings.interval)
             self.timer.start(self.tick)
         elif not needed and self.timer is not None:
             self.timer.close()
