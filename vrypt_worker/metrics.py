@@ -176,8 +176,8 @@ class Board:
 
     def live(self, parent: int) -> tuple[int, int]:
         """(open connections, serving workers) over the slots whose writer is a live worker of
-        `parent`. A worker that drains still holds connections but no longer counts as one of
-        gunicorn's workers (the arbiter has already started or is starting its replacement)."""
+        `parent`. A worker that drains still holds connections but is no longer one of gunicorn's
+        workers: the arbiter has retired it (reload, TTOU, recycling, stop)."""
         words = self.words
         connections = serving = 0
         for base in range(0, words[self.header + USED] * WORDS, WORDS):
