@@ -623,7 +623,8 @@ class Deputy:
         board = self.board
         current = board.words[board.header + PUSHER]
         if current == self.me:
-            self._push()
+            if not self.claiming:  # a claim is confirmed first (`_confirm`), then pushed
+                self._push()
             return
         self._stand_down()
         if self.claiming or not self.deputy:
