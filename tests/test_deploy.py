@@ -836,3 +836,15 @@ def test_deploy_doc_has_the_commands_and_metric_names():
         *sorted({name for name, _ in STATSD_TO_PROMETHEUS.values()}),
     ):
         assert text in doc, text
+
+
+def test_docs_say_what_a_prefix_does_and_give_the_queries():
+    """Issue 15: what a prefix does, and the PromQL for the RPS of a pod, of the Deployment and
+    per worker, in both documents an operator reads."""
+    deploy_doc = (ROOT / "docs" / "deploy.md").read_text()
+    metrics_doc = (ROOT / "docs" / "metrics.md").read_text()
+    for doc in (deploy_doc, metrics_doc):
+        assert "statsd_prefix" in doc and "dogstatsd" in doc.lower()
+        assert "sum by (pod) (vrypt_requests_per_second)" in doc
+        assert "/ sum by (pod) (gunicorn_workers)" in doc
+        assert re.search(r"sum\(vrypt_requests_per_second\{pod=~", doc)
