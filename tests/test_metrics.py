@@ -578,7 +578,8 @@ def test_every_line_the_server_sends_maps_to_the_documented_series(collector, pr
         "gunicorn_requests_total",
         "gunicorn_log_messages_total",
     }, seen
-    # Every gauge every interval (gunicorn.workers too, which gunicorn sends only on a change).
+    # Every gauge every interval (gunicorn.workers too, which gunicorn sends only on a change):
+    # no gap of two intervals, whatever the scheduling jitter of a loaded machine.
     for gauge in ("vrypt.rps", "vrypt.connections", "gunicorn.workers"):
         times = [
             t
@@ -586,7 +587,7 @@ def test_every_line_the_server_sends_maps_to_the_documented_series(collector, pr
             if t >= start and line.startswith(normalised + gauge + ":")
         ]
         assert len(times) >= 4, (gauge, times)
-        assert max(b - a for a, b in itertools.pairwise(times)) < 1.5 * interval, (gauge, times)
+        assert max(b - a for a, b in itertools.pairwise(times)) < 2 * interval, (gauge, times)
     assert collector.values(normalised + "gunicorn.workers")[-3:] == [2, 2, 2]
 
 
