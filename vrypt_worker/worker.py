@@ -442,6 +442,7 @@ class VryptWorker(Worker):
     def _on_sweep(self) -> None:
         self.notify()
         metrics.publish(self)
+        metrics.watch(self)  # takes over a dead metrics pusher's role (at most once per sweep)
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
         for conn in list(self.connections):
             conn.on_tick(keepalive, self.head_timeout)
