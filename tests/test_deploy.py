@@ -36,8 +36,6 @@ from vrypt_worker import metrics
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-COMPONENT = K8S / "components" / "tcp-migrate-req"
-OVERLAY = DEPLOY / "overlays" / "tcp-migrate-req"
 DOCKERFILE = DEPLOY / "Dockerfile"
 SYSTEMD = DEPLOY / "systemd"
 
@@ -266,18 +264,9 @@ def apply_json_patch(document: dict, operations: list[dict]) -> dict:
     return document
 
 
-def test_tcp_migrate_req_component_patches_the_deployment_validly():
-    component = yaml.safe_load((COMPONENT / "kustomization.yaml").read_text())
-    assert component["kind"] == "Component"
-    [patch] = component["patches"]
-    assert patch["target"]["kind"] == "Deployment"
-    assert patch["target"]["name"] == DEPLOYMENT["metadata"]["name"]
-    patched = apply_json_patch(DEPLOYMENT, yaml.safe_load(patch["patch"]))
-    sysctls = patched["spec"]["template"]["spec"]["securityContext"]["sysctls"]
-    assert sysctls == [{"name": "net.ipv4.tcp_migrate_req", "value": "1"}]
-    for version in K8S_VERSIONS:
-        kubernetes_validate.validate(patched, version, strict=True)
-    # The base runs without it: not on the kubelet's safe list (see docs/deploy.md).
+def test_the_base_needs_no_unsafe_sysctl():
+    """The listener slots keep every queued connection across worker exits, so the pods need no
+    net.ipv4.tcp_migrate_req (docs/deploy.md, docs/reliability.md)."""
     assert "sysctls" not in POD_SPEC["securityContext"]
 
 
@@ -285,8 +274,8 @@ KUBECTL = shutil.which("kubectl")
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl (for `kubectl kustomize`) is not installed")
-@pytest.mark.parametrize("directory", [K8S, OVERLAY], ids=["base", "tcp-migrate-req overlay"])
-def test_kustomize_build_passes_kubernetes_validate_strict(directory, tmp_path):
+def test_kustomize_build_passes_kubernetes_validate_strict(tmp_path):
+    directory = K8S
     built = run([KUBECTL, "kustomize", str(directory)])
     assert built.returncode == 0, built.stderr
     documents = load_yaml_documents(built.stdout)
@@ -297,10 +286,7 @@ def test_kustomize_build_passes_kubernetes_validate_strict(directory, tmp_path):
         result = kubernetes_validate_strict([rendered], version)
         assert_every_resource_passed(result, len(RESOURCES))
     deployment = next(d for d in documents if d["kind"] == "Deployment")
-    security = deployment["spec"]["template"]["spec"]["securityContext"]
-    if directory == OVERLAY:
-        assert security.pop("sysctls") == [{"name": "net.ipv4.tcp_migrate_req", "value": "1"}]
-    assert deployment == DEPLOYMENT, "kustomize changed the Deployment beyond the sysctl"
+    assert deployment == DEPLOYMENT, "kustomize changed the Deployment"
 
 
 # --- the Deployment -----------------------------------------------------------------------------
@@ -832,7 +818,6 @@ def test_deploy_doc_has_the_commands_and_metric_names():
         "docker build -f deploy/Dockerfile",
         "kubectl apply -k deploy/k8s",
         "net.ipv4.tcp_migrate_req",
-        "--allowed-unsafe-sysctls",
         *sorted({name for name, _ in STATSD_TO_PROMETHEUS.values()}),
     ):
         assert text in doc, text
