@@ -13,6 +13,7 @@ can avoid: what a SIGKILLed worker held, and connects after a stopped server clo
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -205,3 +206,25 @@ def test_ttou_leaves_no_listener_unserved() -> None:
                 sock.sendall(GET)
                 responses = read_responses(sock, 1)
                 assert responses and is_vrypt(responses[0])
+
+
+def test_a_stuck_worker_s_listener_is_served_by_the_others() -> None:
+    """A worker that stops answering (SIGSTOP here; a blocking call or a starved CPU alike) but
+    is not yet killed by gunicorn's `timeout`: the others adopt its listener once it has not said
+    "mine" for a second, so the connections the kernel hashes to it do not wait for the kill."""
+    with running("--timeout", "120", workers=2) as server:
+        stuck, _other = server.worker_pids()
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            time.sleep(2.0)
+            started = time.monotonic()
+            for _ in range(60):
+                with server.connect(timeout=2) as sock:
+                    sock.sendall(GET)
+                    responses = read_responses(sock, 1)
+                    assert responses and is_vrypt(responses[0])
+            elapsed = time.monotonic() - started
+            print(f"60 connections answered in {elapsed:.2f}s beside a stuck worker")
+        finally:
+            os.kill(stuck, signal.SIGCONT)
+        assert stuck in server.worker_pids()

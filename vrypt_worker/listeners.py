@@ -32,13 +32,18 @@ import os
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 from gunicorn import sock as gsock
 
 from vrypt_worker.metrics import alive_child
 
-MAX_SLOTS = 512  # owner words in the shared page (8 bytes each): far above any worker count
+MAX_SLOTS = 512  # far above any worker count
+# A slot whose owner has not said "mine" (every 0.25 s clock tick) for this long is adopted too:
+# its worker is alive but stuck (blocked, stopped, starved), and gunicorn's `timeout` may take 30 s
+# to replace it while the connections on its listener wait.
+STALE_AFTER = 1.0
 
 _pool: SlotPool | None = None
 
@@ -61,7 +66,10 @@ class SlotPool:
         self.addresses = addresses
         self.slots: list[list[Any]] = []  # gunicorn listener objects, one per address
         self.holders: dict[int, list[Any]] = {}  # slot -> worker objects given that slot
-        self.owners = owners  # shared: owners[slot] = pid of the worker that serves it, or 0
+        # shared: owners[slot] = pid of the worker that serves it, or 0;
+        # owners[MAX_SLOTS + slot] = when it last said so (CLOCK_MONOTONIC, ms: one clock for all
+        # processes of the machine)
+        self.owners = owners
 
     @property
     def listeners(self) -> list[Any]:
@@ -157,7 +165,7 @@ def prepare(arbiter: Any) -> None:
     addresses = _tcp_addresses(cfg)
     if addresses is None:
         return
-    page = mmap.mmap(-1, MAX_SLOTS * 8)
+    page = mmap.mmap(-1, 2 * MAX_SLOTS * 8)
     new = SlotPool(addresses, memoryview(page).cast("Q"))
     inherited = os.environ.pop("GUNICORN_FD", "") if os.environ.get("GUNICORN_PID") else ""
     if inherited:
@@ -217,6 +225,7 @@ def claim(slot: int) -> None:
     """In the worker: this process serves `slot` now (written again on every clock tick, so a
     predecessor that cleared the word while leaving cannot undo it for long)."""
     if _pool is not None:
+        _pool.owners[MAX_SLOTS + slot] = _now_ms()
         _pool.owners[slot] = os.getpid()
 
 
@@ -236,13 +245,25 @@ def release(slot: int) -> None:
                 pass  # gone: its replacement reads the table when it starts
 
 
+def _now_ms() -> int:
+    return int(time.monotonic() * 1000)
+
+
+def _serving(owner: int, slot: int, arbiter_pid: int) -> bool:
+    """`owner` is a live worker that has said "mine" lately (not stuck)."""
+    assert _pool is not None
+    fresh = _now_ms() - _pool.owners[MAX_SLOTS + slot] <= STALE_AFTER * 1000
+    return fresh and alive_child(owner, arbiter_pid)
+
+
 def served_by_another(slot: int, arbiter_pid: int) -> bool:
     """Another live worker has claimed `slot` (a HUP reload's successor of a leaving worker)."""
     owner = _pool.owners[slot] if _pool is not None else 0
-    return owner not in (0, os.getpid()) and alive_child(owner, arbiter_pid)
+    return owner not in (0, os.getpid()) and _serving(owner, slot, arbiter_pid)
 
 
 def orphaned(slot: int, arbiter_pid: int) -> bool:
-    """Nobody serves `slot`: no owner, or an owner that is gone (killed, exited)."""
+    """Nobody serves `slot`: no owner, an owner that is gone (killed, exited), or one that has
+    not said "mine" for STALE_AFTER (stuck)."""
     owner = _pool.owners[slot] if _pool is not None else 0
-    return owner == 0 or (owner != os.getpid() and not alive_child(owner, arbiter_pid))
+    return owner == 0 or (owner != os.getpid() and not _serving(owner, slot, arbiter_pid))
