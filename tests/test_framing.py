@@ -41,7 +41,7 @@ CLOSING_SAMPLES = [
     (b"GET / HTTP/1.0\r\n\r\n", f.OK_CLOSE),
     (b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n", f.OK_CLOSE),
     (b"GET / HTTP/1.0\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n", f.OK_CLOSE),
-    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", f.OK_CLOSE),
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", f.TUNNEL),
     (b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", f.OK_CLOSE),
     (b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", f.OK_CLOSE),
 ]
@@ -64,6 +64,9 @@ BAD = [
     (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", f.BAD_REQUEST),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: foo, chunked\r\n\r\n", f.NOT_IMPLEMENTED),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n", f.NOT_IMPLEMENTED),
+    # the chunked coding has no parameters (RFC 9112 §7)
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked;foo=bar\r\n\r\n0\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked ; q=1\r\n\r\n", f.BAD_REQUEST),
     # bad chunks
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nz\r\n", f.BAD_REQUEST),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n", f.BAD_REQUEST),

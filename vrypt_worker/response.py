@@ -51,6 +51,9 @@ def render(date: bytes) -> list[bytes]:
             + reason
         )
     table[framing.CONTINUE] = b"HTTP/1.1 100 Continue\r\n\r\n"
+    # CONNECT: no Content-Length or Transfer-Encoding on a 2xx (RFC 9110 §9.3.6); the close ends
+    # the body, so a client still reads `Vrypt`.
+    table[framing.TUNNEL] = b"HTTP/1.1 200 OK\r\n" + common + b"Connection: close\r\n\r\n" + BODY
     return table
 
 

@@ -10,6 +10,8 @@ cap, timeouts, signals, draining on shutdown and recycling.
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import os
 import resource
 import signal
@@ -24,7 +26,14 @@ import gevent.event
 from gunicorn.workers.base import Worker
 
 from vrypt_worker import metrics
-from vrypt_worker.framing import CLOSING, REQUEST_TIMEOUT, FramingRules, Limits, RequestFramer
+from vrypt_worker.framing import (
+    CLOSING,
+    FIELDS_TOO_LARGE,
+    REQUEST_TIMEOUT,
+    FramingRules,
+    Limits,
+    RequestFramer,
+)
 from vrypt_worker.response import ResponseTable
 
 _READ, _WRITE = 1, 2
@@ -56,18 +65,51 @@ _DRAIN_GRACE = 0.2
 # it keeps accepting this long (every answer now says close) before it takes its queue and closes.
 _HANDOVER = 0.2
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+# Pipelined answers are rendered at most this many at a time. More than that (one 64 KiB read of
+# small requests owes thousands) are kept as counts per kind: a client that pipelines and never
+# reads then costs one partial answer and a count, not the answers' bytes (issue 14: 3,000 such
+# clients held 1.2 GB when answers were buffered).
+_BATCH = 64
+# At the connection cap or out of descriptors, up to this many idle keep-alive connections (least
+# recently used first) are closed to make room, as nginx's ngx_drain_connections does (32).
+_EVICT = 32
+# A partial head up to this size is always held (nginx holds up to 4 x 8 KB); a bigger one only
+# while the worker's partial heads together stay within VRYPT_HEAD_BUFFER, else it gets 431.
+_SMALL_HEAD = 32 * 1024
 DEFAULT_HEAD_TIMEOUT = 10
+# The other per-request timeouts and the partial-head budget: (default, what it bounds).
+TIMEOUTS = {
+    "VRYPT_HEAD_TIMEOUT": DEFAULT_HEAD_TIMEOUT,  # a head's first byte to its end, then 408
+    "VRYPT_BODY_TIMEOUT": 60,  # between two reads of a body, then 408 (nginx: 60 s too)
+    "VRYPT_SEND_TIMEOUT": 60,  # answers owed, none taken for this long: close (nginx: 60 s)
+}
+DEFAULT_HEAD_BUFFER = 32 * 1024 * 1024
+
+
+def positive_int_from_env(name: str, default: int) -> int:
+    """A positive integer setting from the environment; a bad value raises ValueError."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ValueError(f"{name}={raw!r}: expected a positive integer")
+    return value
 
 
 def head_timeout_from_env() -> int:
-    """VRYPT_HEAD_TIMEOUT: seconds a request head may take to arrive (slowloris guard)."""
-    raw = os.environ.get("VRYPT_HEAD_TIMEOUT", "").strip()
-    if not raw:
-        return DEFAULT_HEAD_TIMEOUT
-    value = int(raw)
-    if value <= 0:
-        raise ValueError(f"VRYPT_HEAD_TIMEOUT={raw!r}: expected a positive number of seconds")
-    return value
+    """VRYPT_HEAD_TIMEOUT: seconds from a request head's first byte to its end (slowloris)."""
+    return positive_int_from_env("VRYPT_HEAD_TIMEOUT", DEFAULT_HEAD_TIMEOUT)
+
+
+def hostile_settings_from_env() -> dict[str, int]:
+    """Every VRYPT_* timeout (seconds) and VRYPT_HEAD_BUFFER (bytes), validated."""
+    values = {name: positive_int_from_env(name, default) for name, default in TIMEOUTS.items()}
+    values["VRYPT_HEAD_BUFFER"] = positive_int_from_env("VRYPT_HEAD_BUFFER", DEFAULT_HEAD_BUFFER)
+    return values
 
 
 def tcp_migrate_req_enabled() -> bool:
@@ -105,7 +147,7 @@ class VryptWorker(Worker):
             raise RuntimeError(
                 "vrypt_worker.VryptWorker cannot honour these settings: " + "; ".join(refused)
             )
-        head_timeout_from_env()  # a bad value fails here, in the arbiter, not in every worker
+        hostile_settings_from_env()  # a bad value fails here, in the arbiter, not in each worker
         if cfg.reuse_port and not tcp_migrate_req_enabled():
             log.warning(
                 "reuse_port is on but net.ipv4.tcp_migrate_req is not 1: connections still queued "
@@ -144,7 +186,12 @@ class VryptWorker(Worker):
         # The answer that reaches max_requests says `Connection: close` (see FramingRules);
         # keepalive = 0 means no keep-alive at all, as in gunicorn's own workers.
         self.rules.open_until = self.max_requests - 1 if self.cfg.keepalive > 0 else 0
-        self.head_timeout = head_timeout_from_env()
+        hostile = hostile_settings_from_env()
+        self.head_timeout = hostile["VRYPT_HEAD_TIMEOUT"]
+        self.body_timeout = hostile["VRYPT_BODY_TIMEOUT"]
+        self.send_timeout = hostile["VRYPT_SEND_TIMEOUT"]
+        self.head_budget = hostile["VRYPT_HEAD_BUFFER"]
+        self.held = 0  # bytes of partial heads (and chunk lines) held by all connections
         self.draining = False
         self._accepting: list[tuple[Any, socket.socket]] = []
         self.max_connections = self.cfg.worker_connections
@@ -222,15 +269,23 @@ class VryptWorker(Worker):
     # accepting ----------------------------------------------------------------------------------
 
     def _on_acceptable(self, listener: socket.socket, family: int) -> None:
+        evicted = False
         for _ in range(_MAX_ACCEPT):
+            # At the cap, a readable listener means a client waits: idle keep-alive connections
+            # make room for it; with none, accepting pauses (the sweep retries once a second).
+            if len(self.connections) >= self.max_connections and not self._make_room():
+                self._pause_accepting()
+                return
             try:
                 if not self._accept_one(listener, family):
                     return
             except OSError as exc:
+                if not evicted and self._make_room():
+                    evicted = True
+                    continue  # descriptors freed: take the waiting client now
                 self._back_off_accepting(exc)
                 return
             if len(self.connections) >= self.max_connections:
-                self._pause_accepting()
                 return
 
     def _accept_one(self, listener: socket.socket, family: int) -> bool:
@@ -256,6 +311,16 @@ class VryptWorker(Worker):
                 continue
             self.connections.add(Connection(self, sock))
             return True
+
+    def _make_room(self) -> bool:
+        """Close up to _EVICT idle keep-alive connections, least recently used first (at the
+        sweep's one-second resolution). False when none is idle."""
+        idle = [conn for conn in self.connections if conn.evictable()]
+        if not idle:
+            return False
+        for conn in heapq.nlargest(_EVICT, idle, key=Connection.idleness):
+            conn.close()
+        return True
 
     def _pause_accepting(self) -> None:
         if not self._accept_paused:
@@ -303,8 +368,11 @@ class VryptWorker(Worker):
         self.notify()
         metrics.publish(self)
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
+        now = time.monotonic()
         for conn in list(self.connections):
-            conn.on_tick(keepalive, self.head_timeout)
+            conn.on_tick(keepalive, now)
+        if self._accept_paused and len(self.connections) >= self.max_connections:
+            self._resume_accepting()  # paused at the cap: a waiting client retries _make_room
         if (
             self.draining
             and not self._accepting  # still listening during a handover
@@ -417,9 +485,11 @@ class Connection:
 
     __slots__ = (
         "framer",
-        "head_ticks",
+        "head_since",
+        "held",
         "idle_ticks",
         "lingering",
+        "owed",
         "pending",
         "reader",
         "recv_size",
@@ -438,10 +508,14 @@ class Connection:
         self.framer = RequestFramer(self.rules)
         self.table = worker.responses.bytes_for
         self.pending = b""  # answer bytes the kernel did not take yet
+        # Answers owed beyond `pending`, as [kind, count] runs, rendered a batch at a time when
+        # the kernel takes them. Whenever it is not empty, `pending` is not empty either.
+        self.owed: list[list[int]] = []
         self.writer: Any = None
-        self.seen = True
-        self.idle_ticks = 0
-        self.head_ticks = 0
+        self.seen = True  # read from, or written to, since the last sweep
+        self.idle_ticks = 0  # sweeps without either
+        self.head_since = 0.0  # monotonic time of the current partial head's first read, or 0
+        self.held = 0  # partial bytes the framer holds, as counted in worker.held
         self.lingering = 0
         self.recv_size = _FIRST_RECV_SIZE
         self.reader = worker.loop.io(sock.fileno(), _READ)
@@ -493,17 +567,103 @@ class Connection:
                 first = out[0]
                 if len(out) == 1:
                     payload = table[first]
+                elif len(out) > _BATCH:  # counted, rendered as the kernel takes them
+                    self.owe(out)
+                    payload = b""
                 elif out.count(first) == len(out):  # pipelined, all alike: no list to build
                     payload = table[first] * len(out)
                 else:
                     payload = b"".join(map(table.__getitem__, out))
-                self.send(payload)
+                if payload:
+                    self.send(payload)
+            if not framer.fresh or self.held:  # something partial held now, or until now
+                self.track_partial(bool(out))
             if framer.closed and not self.pending:
                 self.linger()
         except Exception:
             # A bug must cost one connection, never the worker and its other clients.
             self.worker.log.exception("vrypt_worker: closing a connection after an internal error")
             self.close()
+
+    def track_partial(self, answered: bool) -> None:
+        """Off the hot path: account the bytes a partial head holds against the worker's
+        budget, and note when the current head began (the head timeout runs from there)."""
+        framer = self.framer
+        worker = self.worker
+        held = framer.buffered
+        if framer.in_head:
+            if answered or not self.head_since:  # a new head began in this read
+                self.head_since = time.monotonic()
+            if held > _SMALL_HEAD and worker.held + held - self.held > worker.head_budget:
+                self.refuse(FIELDS_TOO_LARGE)  # the budget is spent: big heads are refused
+                return
+        else:
+            self.head_since = 0.0
+        worker.held += held - self.held
+        self.held = held
+
+    def owe(self, out: list[int]) -> None:
+        """Many answers from one read: keep them as counts, send what the kernel takes."""
+        first = out[0]
+        if out.count(first) == len(out):
+            self.owed.append([first, len(out)])
+        else:
+            for kind, run in itertools.groupby(out):
+                self.owed.append([kind, sum(1 for _ in run)])
+        if not self.pending:
+            self.flush(waiting=False)
+
+    def flush(self, waiting: bool) -> bool:
+        """Render and send owed answers a batch at a time. When the kernel stops taking them,
+        the unsent rest of the answer it stopped in (or the next whole one) becomes `pending`
+        and the connection waits to be writable; returns whether everything went."""
+        owed = self.owed
+        table = self.table
+        while owed:
+            run = owed[0]
+            kind, count = run
+            answer = table[kind]
+            size = len(answer)
+            payload = answer * min(count, _BATCH)
+            try:
+                sent = self.sock.send(payload)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close()
+                return False
+            # When the kernel stopped short, the answer it stopped in (or the next whole one)
+            # goes to pending, so `pending` holds at most one answer.
+            done = len(payload) // size if sent == len(payload) else sent // size + 1
+            if done < count:
+                run[1] = count - done
+            else:
+                del owed[0]
+            if sent != len(payload):
+                if sent:
+                    self.seen = True
+                rest = payload[sent : done * size]
+                if waiting:
+                    self.pending = rest
+                else:
+                    self.wait_writable(rest)
+                return False
+        return True
+
+    def refuse(self, kind: int) -> None:
+        """The worker's own final answer (408 on a timeout, 431 past the head budget)."""
+        worker = self.worker
+        worker.held -= self.held  # finish() drops the partial bytes
+        self.held = 0
+        self.head_since = 0.0
+        worker.rules.rejected += 1
+        worker.rules.answered += 1
+        metrics.publish(worker)
+        if self.owed:  # after the answers still owed, in order
+            self.owed.append([kind, 1])
+        else:
+            self.send(self.table[kind])
+        self.close_after_send()
 
     def on_discard(self) -> None:
         """Lingering after the final answer: read and drop until the peer closes."""
@@ -548,14 +708,19 @@ class Connection:
         except OSError:
             self.close()
             return
+        if sent:
+            self.seen = True  # progress: the send timeout starts again
         self.pending = self.pending[sent:]
-        if self.pending:
+        if self.pending or (self.owed and not self.flush(waiting=True)):
+            return
+        if self.reader is None:  # closed by flush
             return
         self.writer.stop()
-        self.seen = True
         if self.framer.closed:
             self.linger()
-        elif self.reader is not None:
+        else:
+            if self.head_since:  # we stopped reading that head, not the client sending it
+                self.head_since = time.monotonic()
             self.reader.start(self.on_readable)
 
     def linger(self) -> None:
@@ -594,8 +759,9 @@ class Connection:
         if self.reader is not None and self.framer.idle and not self.pending and not self.lingering:
             self.close()
 
-    def on_tick(self, keepalive: int, head_timeout: int) -> None:
-        """Once a second, from the worker's sweep: keep-alive, head and linger timeouts."""
+    def on_tick(self, keepalive: int, now: float) -> None:
+        """Once a second, from the worker's sweep: every timeout of the connection, each
+        measured per request (docs/reliability.md, "Timeouts")."""
         if self.lingering:
             self.lingering += 1
             if self.lingering > _LINGER_TICKS:
@@ -606,19 +772,28 @@ class Connection:
             self.idle_ticks = 0
         else:
             self.idle_ticks += 1
-        if self.framer.in_head:
-            self.head_ticks += 1
-            if self.head_ticks >= head_timeout:
-                self.worker.rules.rejected += 1
-                self.worker.rules.answered += 1
-                metrics.publish(self.worker)
-                self.send(self.table[REQUEST_TIMEOUT])
-                self.close_after_send()
-                return
-        else:
-            self.head_ticks = 0
-        if self.idle_ticks >= keepalive and not self.pending:
-            self.close()
+        worker = self.worker
+        if self.pending:  # answers owed that the client does not take: the send timeout
+            if self.idle_ticks >= worker.send_timeout:
+                self.close()
+        elif self.head_since:  # a head from its first byte to its end: the head timeout
+            if now - self.head_since >= worker.head_timeout:
+                self.refuse(REQUEST_TIMEOUT)
+        elif self.framer.idle:  # between requests: keep-alive
+            if self.idle_ticks >= keepalive:
+                self.close()
+        elif self.idle_ticks >= worker.body_timeout:  # between two reads of a body
+            self.refuse(REQUEST_TIMEOUT)
+
+    def evictable(self) -> bool:
+        """An idle keep-alive connection: nothing partial, nothing owed, not closing."""
+        return (
+            self.reader is not None and not self.pending and not self.lingering and self.framer.idle
+        )
+
+    def idleness(self) -> int:
+        """Larger for connections used less recently (sweeps idle, then this second's use)."""
+        return 2 * self.idle_ticks + (not self.seen)
 
     def close_after_send(self) -> None:
         self.framer.finish()
@@ -630,6 +805,10 @@ class Connection:
             return
         self.reader.close()
         self.reader = None
+        if self.held:
+            self.worker.held -= self.held
+            self.held = 0
+        self.owed = []
         if self.writer is not None:
             self.writer.close()
             self.writer = None
