@@ -460,7 +460,8 @@ def test_running_out_of_descriptors_neither_spins_nor_crashes_and_recovers() -> 
         held = []
         for _ in range(100):  # more than the limit: the rest wait in the listen queue
             sock = server.connect()
-            sock.sendall(GET)
+            # A second head begun: busy, so not closed to make room (tests/test_hostile.py)
+            sock.sendall(GET + b"GET /next HTTP/1.1\r\n")
             held.append(sock)
         server.wait_for_log("accept failed .*Too many open files")
         answered = _answered_within(held, 1.0)

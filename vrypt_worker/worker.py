@@ -70,8 +70,9 @@ _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 # reads then costs one partial answer and a count, not the answers' bytes (issue 14: 3,000 such
 # clients held 1.2 GB when answers were buffered).
 _BATCH = 64
-# At the connection cap or out of descriptors, up to this many idle keep-alive connections (least
-# recently used first) are closed to make room, as nginx's ngx_drain_connections does (32).
+# At the connection cap or out of descriptors, idle keep-alive connections (least recently used
+# first) are closed to make room, as nginx's ngx_drain_connections does: an eighth of them, at
+# least one and at most 32.
 _EVICT = 32
 # A partial head up to this size is always held (nginx holds up to 4 x 8 KB); a bigger one only
 # while the worker's partial heads together stay within VRYPT_HEAD_BUFFER, else it gets 431.
@@ -192,6 +193,7 @@ class VryptWorker(Worker):
         self.send_timeout = hostile["VRYPT_SEND_TIMEOUT"]
         self.head_budget = hostile["VRYPT_HEAD_BUFFER"]
         self.held = 0  # bytes of partial heads (and chunk lines) held by all connections
+        self.accepted = 0  # connections accepted so far (their order, for eviction)
         self.draining = False
         self._accepting: list[tuple[Any, socket.socket]] = []
         self.max_connections = self.cfg.worker_connections
@@ -313,12 +315,13 @@ class VryptWorker(Worker):
             return True
 
     def _make_room(self) -> bool:
-        """Close up to _EVICT idle keep-alive connections, least recently used first (at the
-        sweep's one-second resolution). False when none is idle."""
+        """Close some idle keep-alive connections, least recently used first (at the sweep's
+        one-second resolution). False when none is idle."""
         idle = [conn for conn in self.connections if conn.evictable()]
         if not idle:
             return False
-        for conn in heapq.nlargest(_EVICT, idle, key=Connection.idleness):
+        count = max(1, min(_EVICT, len(idle) // 8))
+        for conn in heapq.nlargest(count, idle, key=Connection.idleness):
             conn.close()
         return True
 
@@ -484,6 +487,7 @@ class Connection:
     """One client socket on the hub: read, frame, answer; back-pressure on slow readers."""
 
     __slots__ = (
+        "born",
         "framer",
         "head_since",
         "held",
@@ -512,10 +516,14 @@ class Connection:
         # the kernel takes them. Whenever it is not empty, `pending` is not empty either.
         self.owed: list[list[int]] = []
         self.writer: Any = None
-        self.seen = True  # read from, or written to, since the last sweep
-        self.idle_ticks = 0  # sweeps without either
+        # Read from (or written to) since the last sweep; None until the first read, so that a
+        # client whose request is still unread is never taken for an idle keep-alive one.
+        self.seen: bool | None = None
+        self.idle_ticks = -1  # sweeps without either (the first sweep counts as a use)
         self.head_since = 0.0  # monotonic time of the current partial head's first read, or 0
         self.held = 0  # partial bytes the framer holds, as counted in worker.held
+        self.born = worker.accepted  # accept order: among equally idle ones, older goes first
+        worker.accepted += 1
         self.lingering = 0
         self.recv_size = _FIRST_RECV_SIZE
         self.reader = worker.loop.io(sock.fileno(), _READ)
@@ -788,12 +796,17 @@ class Connection:
     def evictable(self) -> bool:
         """An idle keep-alive connection: nothing partial, nothing owed, not closing."""
         return (
-            self.reader is not None and not self.pending and not self.lingering and self.framer.idle
+            self.seen is not None
+            and self.reader is not None
+            and not self.pending
+            and not self.lingering
+            and self.framer.idle
         )
 
-    def idleness(self) -> int:
-        """Larger for connections used less recently (sweeps idle, then this second's use)."""
-        return 2 * self.idle_ticks + (not self.seen)
+    def idleness(self) -> tuple[int, int]:
+        """Larger for connections used less recently: sweeps idle, then not used since the
+        last sweep, then accepted earlier (a just-accepted client's request may not be read)."""
+        return 2 * self.idle_ticks + (not self.seen), -self.born
 
     def close_after_send(self) -> None:
         self.framer.finish()
