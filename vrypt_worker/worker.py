@@ -596,6 +596,8 @@ class Connection:
     def track_partial(self, answered: bool) -> None:
         """Off the hot path: account the bytes a partial head holds against the worker's
         budget, and note when the current head began (the head timeout runs from there)."""
+        if self.reader is None:  # the send just failed and closed the connection
+            return
         framer = self.framer
         worker = self.worker
         held = framer.buffered
