@@ -149,8 +149,7 @@ def pipeline_without_reading(port: int, count: int, seconds: float) -> list[sock
     return socks
 
 
-def non_reading_pipeliners(count: int, rss_limit_kb: int) -> None:
-    send_timeout = 4
+def non_reading_pipeliners(count: int, rss_limit_kb: int, send_timeout: int) -> None:
     env = base_env(VRYPT_SEND_TIMEOUT=str(send_timeout))
     with running(env=env) as server:
         (worker,) = server.worker_pids()
@@ -160,7 +159,8 @@ def non_reading_pipeliners(count: int, rss_limit_kb: int) -> None:
         socks = pipeline_without_reading(server.port, count, 30)
         held_rss = rss_kb(worker)
         during = normal_client_latencies(server.port, 1.0)
-        assert open_fds(worker) >= before_fds + count * 0.99, "closed before the send timeout"
+        if time.monotonic() - started < send_timeout - 1:  # none can have timed out yet
+            assert open_fds(worker) >= before_fds + count * 0.99, "closed before the timeout"
         closed = wait_until(
             lambda: open_fds(worker) <= before_fds, send_timeout + 30, "non-readers closed"
         )
@@ -181,12 +181,12 @@ def non_reading_pipeliners(count: int, rss_limit_kb: int) -> None:
 
 
 def test_non_reading_pipeliners_cost_a_small_fixed_amount_and_are_closed() -> None:
-    non_reading_pipeliners(300, rss_limit_kb=8 * 1024)
+    non_reading_pipeliners(300, rss_limit_kb=8 * 1024, send_timeout=6)
 
 
 @pytest.mark.heavy
 def test_three_thousand_non_reading_pipeliners() -> None:
-    non_reading_pipeliners(3000, rss_limit_kb=64 * 1024)
+    non_reading_pipeliners(3000, rss_limit_kb=64 * 1024, send_timeout=20)
 
 
 def big_partial_heads(count: int, size: int, budget: int | None) -> None:
