@@ -82,7 +82,7 @@ def reference_frame(data: bytes) -> Expected:
         fields: list[tuple[bytes, bytes]] = []
         for line in lines[1:]:
             match = _FIELD_LINE.fullmatch(line)
-            if match is None or len(line) > FIELD_SIZE_LIMIT:
+            if match is None or len(line) + 2 > FIELD_SIZE_LIMIT:  # gunicorn counts the CRLF
                 return _end(out, "broken", f"field line {line[:40]!r}")
             fields.append((match.group(1).lower(), match.group(2).strip(b" \t")))
         if len(fields) > FIELDS_LIMIT:
@@ -172,6 +172,8 @@ def _chunked_body(data: bytes, pos: int) -> int:
             return pos
         trailers += 1
         if _FIELD_LINE.fullmatch(line) is None or trailers > FIELDS_LIMIT:
+            return -1
+        if len(line) + 2 > FIELD_SIZE_LIMIT:
             return -1
 
 

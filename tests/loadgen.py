@@ -65,6 +65,9 @@ class Tally:
     connect_error: int = 0
     closes: int = 0
     connections: int = 0
+    # the longest time with no answer at all on this client's connections: a replaced worker's
+    # gap, seen from outside
+    max_gap_ms: float = 0.0
     latencies_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # the first few unusual errors, for reports
 
@@ -76,6 +79,8 @@ class Tally:
         for name, value in asdict(other).items():
             if isinstance(value, list):
                 getattr(self, name).extend(value)
+            elif name == "max_gap_ms":
+                self.max_gap_ms = max(self.max_gap_ms, value)  # type: ignore[arg-type]
             else:
                 setattr(self, name, getattr(self, name) + value)
         del self.errors[10:]
@@ -83,6 +88,7 @@ class Tally:
     def summary(self) -> dict[str, object]:
         out: dict[str, object] = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
         out["lost"] = self.lost
+        out["max_gap_ms"] = round(self.max_gap_ms, 3)
         lat = sorted(self.latencies_ms)
         if lat:
             out["p50_ms"] = round(lat[len(lat) // 2], 3)
@@ -127,6 +133,7 @@ class Load:
         self.connections = connections
         self.deadline = deadline
         self.tally = Tally()
+        self.last_answer_at = 0.0
         self.sel = selectors.DefaultSelector()
         self.retry_at: list[float] = []  # connections waiting to reconnect after a refusal
         self.stopping = False
@@ -252,7 +259,11 @@ class Load:
             self._open()
             return
         self.tally.ok += 1
-        self.tally.latencies_ms.append((time.monotonic() - conn.sent_at) * 1000)
+        now = time.monotonic()
+        self.tally.latencies_ms.append((now - conn.sent_at) * 1000)
+        if self.last_answer_at:
+            self.tally.max_gap_ms = max(self.tally.max_gap_ms, (now - self.last_answer_at) * 1000)
+        self.last_answer_at = now
         closing = _CLOSE.search(head) is not None
         if closing:
             self.tally.closes += 1

@@ -30,6 +30,9 @@ import pytest
 import yaml
 from gunicorn.config import Config
 
+from tests.statsd_mapping import Mapper, scraped_labels
+from vrypt_worker import metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -43,8 +46,8 @@ SYSTEMD = DEPLOY / "systemd"
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.utils.latest_version())
 SUBPROCESS_TIMEOUT = 60  # seconds, for every command a test runs
 
-# Metrics the worker sends (issue 3) and gunicorn's own, as (StatsD name, StatsD type), and the
-# Prometheus series the mapping must turn each into.
+# Metrics the server sends (its pusher and gunicorn's statsd logger), as (StatsD name, StatsD
+# type), and the Prometheus series the mapping must turn each into, with any statsd_prefix.
 STATSD_TO_PROMETHEUS = {
     ("vrypt.rps", "gauge"): ("vrypt_requests_per_second", {}),
     ("vrypt.connections", "gauge"): ("vrypt_open_connections", {}),
@@ -56,6 +59,9 @@ STATSD_TO_PROMETHEUS = {
     ("gunicorn.log.warning", "counter"): ("gunicorn_log_messages_total", {"level": "warning"}),
     ("gunicorn.log.exception", "counter"): ("gunicorn_log_messages_total", {"level": "exception"}),
 }
+# The gauges: sent every interval, so the exporter may forget them when a pod stops sending.
+GAUGES = {name for (_, kind), (name, _) in STATSD_TO_PROMETHEUS.items() if kind == "gauge"}
+STATSD_LINE_TYPES = {"gauge": "g", "counter": "c"}
 
 
 # --- loading ------------------------------------------------------------------------------------
@@ -418,9 +424,6 @@ def test_gunicorn_check_config_accepts_the_deployment_command():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-STATSD_TYPES = {"c": "counter", "g": "gauge", "ms": "observer", "h": "observer", "d": "observer"}
-
-
 def free_port(kind: int) -> int:
     with socket.socket(socket.AF_INET, kind) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -477,19 +480,16 @@ def test_container_command_serves_the_probes_and_mapped_metrics(tmp_path):
         for path in paths:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
                 assert (r.status, r.read()) == (200, b"Vrypt"), path
-        received: set[tuple[str, str]] = set()
+        received: list[str] = []
         deadline = time.monotonic() + 10
-        while ("gunicorn.workers", "gauge") not in received and time.monotonic() < deadline:
+        while not any("vrypt.rps" in line for line in received) and time.monotonic() < deadline:
             try:
                 packet = statsd.recv(65535).decode()
             except TimeoutError:
                 continue
-            for line in filter(None, packet.splitlines()):
-                name, _, rest = line.partition(":")
-                received.add((name, STATSD_TYPES[rest.split("|")[1]]))
-        assert ("gunicorn.workers", "gauge") in received, received
-        mappings = mapping_config()["mappings"]
-        unmapped = {m for m in received if not map_metric(mappings, *m)}
+            received += filter(None, packet.splitlines())
+        assert any(line.startswith("gunicorn.workers:") for line in received), received
+        unmapped = [s for line in received for s in mapper().series(line) if not s.mapped]
         assert not unmapped, f"StatsD metrics with no name in the mapping: {unmapped}"
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=POD_SPEC["terminationGracePeriodSeconds"]) == 0
@@ -603,34 +603,32 @@ def test_prometheus_scrapes_the_exporter_port():
     assert port not in [p["containerPort"] for p in MAIN["ports"]]
 
 
-def glob_match(pattern: str, name: str) -> list[str] | None:
-    """statsd_exporter's glob mapping: `*` stands for part of one dot-separated component."""
-    regex = "".join("([^.]+)" if c == "*" else re.escape(c) for c in pattern)
-    found = re.fullmatch(regex, name)
-    return list(found.groups()) if found else None
+def mapper() -> Mapper:
+    return Mapper(mapping_config())
 
 
-def map_metric(mappings: list[dict], name: str, metric_type: str) -> tuple[str, dict] | None:
-    for mapping in mappings:
-        assert mapping.get("match_type", "glob") == "glob"
-        if mapping.get("match_metric_type", metric_type) != metric_type:
-            continue
-        groups = glob_match(mapping["match"], name)
-        if groups is None:
-            continue
-
-        def expand(text: str, groups: list[str] = groups) -> str:
-            return re.sub(r"\$\{?(\d+)\}?", lambda m: groups[int(m.group(1)) - 1], text)
-
-        labels = {k: expand(v) for k, v in mapping.get("labels", {}).items()}
-        return expand(mapping["name"]), labels
-    return None
-
-
+@pytest.mark.parametrize("prefix", ["", "edge", "canary.eu-west-1", "vrypt"])
 @pytest.mark.parametrize("statsd", STATSD_TO_PROMETHEUS, ids=lambda s: s[0])
-def test_mapping_names_the_worker_metrics(statsd):
-    mappings = mapping_config()["mappings"]
-    assert map_metric(mappings, *statsd) == STATSD_TO_PROMETHEUS[statsd]
+def test_mapping_names_the_metrics_with_any_prefix_and_tags(statsd, prefix):
+    """One mapping for every statsd_prefix (gunicorn's normalisation: one dot after it) and any
+    dogstatsd_tags: the same name, the prefix as the `statsd_prefix` label, tags as labels."""
+    name, kind = statsd
+    want_name, want_labels = STATSD_TO_PROMETHEUS[statsd]
+    full = metrics.statsd_prefix(prefix) + name
+    for tags, tag_labels in (
+        ("", {}),
+        ("|#env:prod,role:canary", {"env": "prod", "role": "canary"}),
+    ):
+        [series] = mapper().series(f"{full}:1|{STATSD_LINE_TYPES[kind]}{tags}")
+        assert series.mapped and (series.name, series.kind) == (want_name, kind)
+        prefix_label = {"statsd_prefix": prefix} if prefix else {}
+        assert scraped_labels(series.labels) == {**want_labels, **prefix_label, **tag_labels}
+
+
+def test_mapping_leaves_other_metrics_and_types_alone():
+    for line in ("vrypt.rps:1|c", "gunicorn.requests:1|g", "xvrypt.rps:1|g", "vrypt.rps.x:1|g"):
+        [series] = mapper().series(line)
+        assert not series.mapped, line
 
 
 def test_mapping_names_are_valid_prometheus_names():
@@ -638,6 +636,35 @@ def test_mapping_names_are_valid_prometheus_names():
         assert re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", mapping["name"])
         if mapping.get("match_metric_type") == "counter":
             assert mapping["name"].endswith("_total")
+
+
+def go_seconds(duration: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"([\d.]+)(ms|s|m|h)", duration))
+
+
+def test_gauge_ttl_follows_the_interval(monkeypatch):
+    """Every gauge is sent every VRYPT_STATSD_INTERVAL; the exporter forgets it after `ttl`.
+    A ttl shorter than a few intervals makes the gauge blink out between two sends (issue 15:
+    15 s against a 20 s interval); the counters keep no ttl (rate() needs them to persist)."""
+    env = container_env(MAIN)
+    monkeypatch.setenv("VRYPT_STATSD_INTERVAL", env.get("VRYPT_STATSD_INTERVAL", ""))
+    interval = metrics.interval_from_env()
+    for mapping in mapping_config()["mappings"]:
+        if mapping["name"] in GAUGES:
+            assert go_seconds(mapping["ttl"]) >= 5 * interval, mapping
+        else:
+            assert "ttl" not in mapping, mapping
+    assert {m["name"] for m in mapping_config()["mappings"] if "ttl" in m} == GAUGES
+
+
+def test_mapping_help_says_what_is_counted():
+    helps = {m["name"]: " ".join(m["help"].split()) for m in mapping_config()["mappings"]}
+    for status in ("408", "414", "431", "400"):
+        assert status in helps["vrypt_bad_requests_total"]
+    assert "pusher" in helps["gunicorn_requests_total"]
+    assert "VRYPT_STATSD_INTERVAL" in helps["vrypt_requests_per_second"]
+    assert "every interval" in helps["gunicorn_workers"]
 
 
 # --- deploy/Dockerfile --------------------------------------------------------------------------
@@ -809,3 +836,15 @@ def test_deploy_doc_has_the_commands_and_metric_names():
         *sorted({name for name, _ in STATSD_TO_PROMETHEUS.values()}),
     ):
         assert text in doc, text
+
+
+def test_docs_say_what_a_prefix_does_and_give_the_queries():
+    """Issue 15: what a prefix does, and the PromQL for the RPS of a pod, of the Deployment and
+    per worker, in both documents an operator reads."""
+    deploy_doc = (ROOT / "docs" / "deploy.md").read_text()
+    metrics_doc = (ROOT / "docs" / "metrics.md").read_text()
+    for doc in (deploy_doc, metrics_doc):
+        assert "statsd_prefix" in doc and "dogstatsd" in doc.lower()
+        assert "sum by (pod) (vrypt_requests_per_second)" in doc
+        assert "/ sum by (pod) (gunicorn_workers)" in doc
+        assert re.search(r"sum\(vrypt_requests_per_second\{pod=~", doc)

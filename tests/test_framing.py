@@ -254,43 +254,156 @@ def test_bad_input_split_anywhere_never_gets_a_200(request_bytes: bytes, answer:
         assert f.OK not in answers and answers[:1] in ([answer], []), (cut, answers)
 
 
-def test_request_line_limit_is_414_before_the_line_ends() -> None:
-    limits = Limits(request_line=100, fields=10, field_size=200)
-    assert frame(b"GET /" + b"a" * 94 + b" HTTP/1.1\r\n\r\n", limits=limits)[0] == [f.URI_TOO_LONG]
-    assert frame(b"GET /" + b"a" * 85 + b" HTTP/1.1\r\n\r\n", limits=limits)[0] == [f.OK]
-    framer = RequestFramer(FramingRules(limits))
-    assert framer.feed(b"GET /" + b"a" * 95) == []
-    assert framer.feed(b"a") == [f.URI_TOO_LONG]
+# --- gunicorn's limits, counted as gunicorn counts them ---------------------------------------
+# gunicorn/http/message.py (Request.read_line, Message.parse_headers; the fast parser agrees):
+# a request line of `request_line` bytes passes, its CRLF not counted; `fields` field lines pass;
+# a field line passes while its bytes plus CRLF are at most `field_size`.
+# tests/test_limits_differential.py holds the same boundaries against gunicorn's sync worker.
 
 
-def test_field_limits_are_431_before_the_head_ends() -> None:
-    limits = Limits(request_line=100, fields=3, field_size=20)
-    three = b"GET / HTTP/1.1\r\nA: 1\r\nB: 2\r\nC: 3\r\n"
-    assert frame(three + b"\r\n", limits=limits)[0] == [f.OK]
-    assert frame(three + b"D: 4\r\n\r\n", limits=limits)[0] == [f.FIELDS_TOO_LARGE]
+def request_line(length: int) -> bytes:
+    """A request line of exactly `length` bytes, CRLF not included."""
+    assert length >= 16
+    return b"GET /" + b"a" * (length - 14) + b" HTTP/1.1"
+
+
+def field_line(length: int) -> bytes:
+    """A field line of exactly `length` bytes, CRLF not included."""
+    assert length >= 2
+    return b"X:" + b"v" * (length - 2)
+
+
+def assert_verdict(data: bytes, answer: int, limits: Limits, every_cut: bool = True) -> None:
+    """`data` gets `answer` in one read, split at any point (or around its end when
+    `every_cut` is off), and byte by byte when it is short."""
+    assert frame(data, limits=limits)[0][:1] == [answer]
+    cuts = range(1, len(data)) if every_cut else range(max(1, len(data) - 24), len(data))
+    for cut in cuts:
+        assert frame(data[:cut], data[cut:], limits=limits)[0][:1] == [answer], cut
+    if len(data) <= 400:
+        assert frame(*(data[i : i + 1] for i in range(len(data))), limits=limits)[0][:1] == [answer]
+
+
+@pytest.mark.parametrize("limit", [16, 100, 4094, 8190, f.REQUEST_LINE_UNLIMITED])
+def test_request_line_boundary(limit: int) -> None:
+    limits = Limits(request_line=limit, fields=100, field_size=8190)
+    small = limit <= 100
+    for length, answer in ((limit - 1, f.OK), (limit, f.OK), (limit + 1, f.URI_TOO_LONG)):
+        if length < 16:
+            continue
+        head = request_line(length) + b"\r\n\r\n"
+        assert_verdict(head, answer, limits, every_cut=small)
+        # gunicorn drops one empty line before the request line and measures the line after it
+        assert_verdict(b"\r\n" + head, answer, limits, every_cut=small)
+        assert_verdict(request_line(length) + b"\r\nHost: x\r\n\r\n", answer, limits, small)
+
+
+@pytest.mark.parametrize("limit", [16, 100, 4094])
+def test_request_line_is_refused_once_it_cannot_end_in_time(limit: int) -> None:
+    limits = Limits(request_line=limit, fields=100, field_size=8190)
+    line = request_line(limit + 1)
     framer = RequestFramer(FramingRules(limits))
-    assert framer.feed(three) == []
-    assert framer.feed(b"D: 4\r\n") == [f.FIELDS_TOO_LARGE]
-    assert frame(b"GET / HTTP/1.1\r\nA: " + b"x" * 17 + b"\r\n\r\n", limits=limits)[0] == [f.OK]
-    assert frame(b"GET / HTTP/1.1\r\nA: " + b"x" * 18 + b"\r\n\r\n", limits=limits)[0] == [
-        f.FIELDS_TOO_LARGE
+    assert framer.feed(line[:limit]) == []
+    assert framer.feed(b"\r") == []  # the first half of the CRLF of a line that fits
+    framer = RequestFramer(FramingRules(limits))
+    assert framer.feed(line[:limit]) == []
+    assert framer.feed(line[limit:]) == [f.URI_TOO_LONG]  # limit + 1 bytes, no CRLF yet
+
+
+@pytest.mark.parametrize("limit", [1, 2, 5, 100])
+def test_field_count_boundary(limit: int) -> None:
+    limits = Limits(request_line=4094, fields=limit, field_size=8190)
+    for count, answer in ((limit - 1, f.OK), (limit, f.OK), (limit + 1, f.FIELDS_TOO_LARGE)):
+        fields = b"".join(b"F%d: v\r\n" % i for i in range(count))
+        assert_verdict(b"GET / HTTP/1.1\r\n" + fields + b"\r\n", answer, limits, limit <= 5)
+        # the shortest field lines there are: `a:` CRLF
+        assert_verdict(b"GET / HTTP/1.1\r\n" + b"a:\r\n" * count + b"\r\n", answer, limits)
+
+
+@pytest.mark.parametrize("limit", [50, 100, 8190, 10000])
+def test_field_size_counts_the_crlf(limit: int) -> None:
+    limits = Limits(request_line=4094, fields=100, field_size=limit)
+    small = limit <= 100
+    for length, answer in (
+        (limit - 3, f.OK),
+        (limit - 2, f.OK),  # with its CRLF, exactly the limit
+        (limit - 1, f.FIELDS_TOO_LARGE),  # 8,189 bytes + CRLF against the default 8,190
+        (limit, f.FIELDS_TOO_LARGE),
+    ):
+        line = field_line(length) + b"\r\n"
+        assert_verdict(b"GET / HTTP/1.1\r\n" + line + b"\r\n", answer, limits, small)
+        # only the longest line counts, wherever it is
+        others = b"A: 1\r\nB: 2\r\n"
+        assert_verdict(
+            b"GET / HTTP/1.1\r\n" + others + line + others + b"\r\n", answer, limits, small
+        )
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3, 4])
+def test_field_size_below_the_shortest_line(limit: int) -> None:
+    """`a:` CRLF is 4 bytes: below that no field line passes, and a head without fields does."""
+    limits = Limits(request_line=4094, fields=100, field_size=limit)
+    assert_verdict(b"GET / HTTP/1.1\r\n\r\n", f.OK, limits)
+    answer = f.OK if limit >= 4 else f.FIELDS_TOO_LARGE
+    assert_verdict(b"GET / HTTP/1.1\r\na:\r\n\r\n", answer, limits)
+    assert_verdict(b"GET / HTTP/1.1\r\nab:\r\n\r\n", f.FIELDS_TOO_LARGE, limits)
+
+
+@pytest.mark.parametrize("limit", [20, 8190])
+def test_field_line_is_refused_once_it_cannot_end_in_time(limit: int) -> None:
+    limits = Limits(request_line=4094, fields=100, field_size=limit)
+    head = b"GET / HTTP/1.1\r\nA: 1\r\n"
+    line = field_line(limit - 1)
+    framer = RequestFramer(FramingRules(limits))
+    assert framer.feed(head + line[:-1]) == []  # limit - 2 bytes: its CRLF may still come
+    assert framer.feed(b"\r") == []
+    assert framer.feed(b"\n\r\n") == [f.OK]
+    framer = RequestFramer(FramingRules(limits))
+    assert framer.feed(head + line[:-1]) == []
+    assert framer.feed(line[-1:]) == [f.FIELDS_TOO_LARGE]  # limit - 1 bytes and no CRLF yet
+
+
+@pytest.mark.parametrize(("fields", "size"), [(2, 30), (5, 50), (100, 8190)])
+def test_trailer_limits(fields: int, size: int) -> None:
+    """gunicorn applies both field limits to a trailer section too (ChunkedReader.parse_trailers
+    calls parse_headers), counting its fields apart from the head's."""
+    limits = Limits(request_line=4094, fields=fields, field_size=size)
+    small = size <= 50
+    head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n"
+    head += b"".join(b"H%d: v\r\n" % i for i in range(fields - 1)) + b"\r\n"  # a full head
+    body = b"3\r\nabc\r\n0\r\n"
+    for count, answer in ((fields, f.OK), (fields + 1, f.FIELDS_TOO_LARGE)):
+        trailers = b"".join(b"T%d: v\r\n" % i for i in range(count))
+        assert_verdict(head + body + trailers + b"\r\n", answer, limits, every_cut=small)
+    for length, answer in ((size - 2, f.OK), (size - 1, f.FIELDS_TOO_LARGE)):
+        trailer = b"T" + field_line(length)[1:] + b"\r\n"
+        assert_verdict(head + body + trailer + b"\r\n", answer, limits, every_cut=small)
+    assert frame(head + body + b"T: " + b"x" * (size + 1), limits=limits)[0] == [
+        f.FIELDS_TOO_LARGE  # a trailer line that cannot end in time
     ]
-    framer = RequestFramer(FramingRules(limits))
-    assert framer.feed(b"GET / HTTP/1.1\r\nA: " + b"x" * 17) == []
-    assert framer.feed(b"x") == [f.FIELDS_TOO_LARGE]
-
-
-def test_trailer_limits() -> None:
-    limits = Limits(request_line=100, fields=2, field_size=30)
-    head = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
-    assert frame(head + b"A: 1\r\nB: 2\r\n\r\n", limits=limits)[0] == [f.OK]
-    assert frame(head + b"A: 1\r\nB: 2\r\nC: 3\r\n\r\n", limits=limits)[0] == [f.FIELDS_TOO_LARGE]
-    assert frame(head + b"A: " + b"x" * 40, limits=limits)[0] == [f.FIELDS_TOO_LARGE]
 
 
 def test_gunicorn_limit_settings_are_normalised_like_gunicorn() -> None:
-    assert Limits.from_settings(0, 0, 0) == Limits(8190, 32768, 65536)
-    assert Limits.from_settings(99999, 99999, 10) == Limits(8190, 32768, 10)
+    # gunicorn/http/message.py: Request.__init__ (request line), Message.__init__ (fields)
+    assert Limits.from_settings(4094, 100, 8190) == Limits(4094, 100, 8190)
+    assert Limits.from_settings(0, 0, 0) == Limits(f.REQUEST_LINE_UNLIMITED, 32768, 8190)
+    assert Limits.from_settings(-1, -1, -1) == Limits(8190, 32768, 8190)
+    assert Limits.from_settings(8190, 32768, 1) == Limits(8190, 32768, 1)
+    assert Limits.from_settings(8191, 32769, 10**6) == Limits(8190, 32768, 10**6)
+    assert f.REQUEST_LINE_UNLIMITED == 1024 * 1024
+
+
+def test_a_cached_head_keeps_its_verdict_under_its_own_limits() -> None:
+    """Verdicts are cached per worker, whose limits never change: the same head, first seen
+    whole, then split, then again whole, gets the same answer every time."""
+    limits = Limits(request_line=100, fields=5, field_size=50)
+    rules = FramingRules(limits)
+    over = b"GET / HTTP/1.1\r\n" + field_line(49) + b"\r\n\r\n"
+    under = b"GET / HTTP/1.1\r\n" + field_line(48) + b"\r\n\r\n"
+    for _ in range(2):
+        assert RequestFramer(rules).feed(over) == [f.FIELDS_TOO_LARGE]
+        assert RequestFramer(rules).feed(under) == [f.OK]
+    assert rules.cache[under] == f.OK
 
 
 def test_counters() -> None:

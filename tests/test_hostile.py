@@ -331,6 +331,7 @@ def test_out_of_descriptors_idle_connections_make_room() -> None:
     cmd = [
         "prlimit", "--nofile=64:64", sys.executable, "-m", "gunicorn", "-c", str(CONF),
         "--bind", f"127.0.0.1:{port}", "--workers", "1", "--no-control-socket",
+        "--worker-connections", "1000",  # above the limit, so that accept() meets EMFILE
     ]  # fmt: skip
     with running(cmd=cmd, port=port) as server:
         idle = []

@@ -178,6 +178,7 @@ class Collector:
         self.sock.settimeout(0.1)
         self.port = self.sock.getsockname()[1]
         self.lines: list[tuple[float, str]] = []
+        self.senders: list[tuple[float, str, int]] = []  # (time, line, source port)
         self._stop = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -185,13 +186,15 @@ class Collector:
     def _run(self) -> None:
         while not self._stop:
             try:
-                packet = self.sock.recv(65535)
+                packet, (_host, port) = self.sock.recvfrom(65535)
             except TimeoutError:
                 continue
             except OSError:
                 return
             now = time.monotonic()
-            self.lines += [(now, line) for line in packet.decode().splitlines() if line]
+            lines = [line for line in packet.decode().splitlines() if line]
+            self.senders += [(now, line, port) for line in lines]
+            self.lines += [(now, line) for line in lines]
 
     def close(self) -> None:
         self._stop = True
@@ -356,6 +359,8 @@ def test_rps_gauges_add_up_across_recycling_and_ttin_ttou(collector):
         assert len(workers(s, 2)) == 2
         answered += hit(s, 10, per_connection=1)
         assert collector.wait_sum(answered, interval) == answered
+        # gunicorn's own count after TTOU, which the arbiter sent once, goes on every interval.
+        assert collector.values("gunicorn.workers")[-3:] == [2, 2, 2]
         recycled = s.log.count("Autorestarting worker")
         assert "ERROR" not in s.log
         assert answered // 5 - 4 <= recycled <= answered // 5 + 1, recycled
@@ -405,19 +410,29 @@ def test_k_form_sends_metrics_exactly_when_statsd_host_is_set(collector):
         pusher_pid(server)
         answered = READY + hit(server, 5)
         assert collector.wait_sum(answered, 0.2) == answered
-        assert any(line == "gunicorn.workers:2|g" for _t, line in collector.lines)
+        # gunicorn's own statsd logger here (no logger_class): the arbiter sends the worker count
+        # once, and the pusher every interval, counting the serving workers itself.
+        sent = [line for _t, line in collector.lines if line.startswith("gunicorn.workers:")]
+        assert len(sent) >= 3 and set(sent) == {"gunicorn.workers:2|g"}, sent
 
 
 def statsd_complaints(log: str) -> list[str]:
-    return [line for line in log.splitlines() if "statsd" in line.lower()]
+    return [
+        line
+        for line in log.splitlines()
+        if "statsd" in line.lower() and ("[WARNING]" in line or "[ERROR]" in line)
+    ]
 
 
 @pytest.mark.parametrize(
-    "host",
-    ["127.0.0.1:{port}", "no-such-host.invalid:8125"],
+    ("host", "complaints"),
+    [("127.0.0.1:{port}", 0), ("no-such-host.invalid:8125", 1)],
     ids=["nobody-listening", "unresolvable"],
 )
-def test_a_missing_collector_changes_nothing_and_is_reported_once(host):
+def test_a_missing_collector_changes_nothing_and_a_bad_target_is_reported_once(host, complaints):
+    """Issue 12: a collector that is not running is normal (fire-and-forget gauges, and the
+    default target): not a word but the one announcement of the target at start. A name that
+    does not resolve is a setting to fix: one warning for the whole server."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # closed again: nobody listens there
@@ -438,9 +453,177 @@ def test_a_missing_collector_changes_nothing_and_is_reported_once(host):
         server.signal(signal.SIGTERM)
         assert server.proc.wait(15) == 0
         time.sleep(0.3)  # the pusher's last send
-        complaints = statsd_complaints(server.log)
-        assert len(complaints) == 1, server.log
-        assert "not logged again" in complaints[0]
+        found = statsd_complaints(server.log)
+        assert len(found) == complaints, server.log
+        assert all("not logged again" in line for line in found)
+        announced = re.findall(
+            r"\[INFO\] vrypt metrics: pusher pid \d+ sends StatsD to (\S+)", server.log
+        )
+        assert announced == [host.format(port=port)], server.log
         assert "Traceback" not in server.log
     finally:
         server.stop()
+
+
+# --- the pusher is not a single point of failure (issue 10) ------------------------------------
+
+
+def rps_lines(collector: Collector, since: float = 0.0) -> list[tuple[float, str, int]]:
+    return [
+        (t, line, port) for t, line, port in collector.senders if t >= since and ".rps:" in line
+    ]
+
+
+@pytest.mark.parametrize("interval", [0.3, 1.5], ids=["shorter-than-the-sweep", "longer"])
+def test_a_killed_pusher_is_replaced_within_two_intervals_and_totals_stay_exact(
+    collector, interval
+):
+    """SIGKILL the pusher under a known number of requests: a worker takes its role over and the
+    gauges go on within two intervals of the kill, with intervals shorter and longer than the
+    workers' 1 s sweep; the next worker spawn brings a pusher process back, which takes the role
+    back. At no time do two processes send (consecutive gauges stay an interval apart), and the
+    gauges and counters add up exactly to the requests answered, before and after."""
+    with running(workers=2, env=metrics_env(collector, interval)) as server:
+        answered = READY + hit(server, 40)
+        assert collector.wait_sum(answered, interval) == answered
+        workers(server, 2)
+        time.sleep(1.2)  # every worker has swept once: the deputy's timer runs
+        pusher = pusher_pid(server)
+        before = rps_lines(collector)
+        killed_at = time.monotonic()
+        os.kill(pusher, signal.SIGKILL)
+        answered += hit(server, 30)  # answered while nobody pushes
+        deadline = killed_at + 2 * interval + 2.0
+        while not rps_lines(collector, killed_at) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        after = rps_lines(collector, killed_at)
+        assert after, f"no gauge within {deadline - killed_at:.1f}s of the kill"
+        resumed = after[0][0] - killed_at
+        assert resumed <= 2 * interval, f"first gauge {resumed:.2f}s after the kill"
+        assert after[0][2] != before[-1][2], "the same socket sent: the pusher was not killed?"
+        server.wait_for_log(r"the pusher \(pid \d+\) is gone; worker pid \d+ sends the metrics")
+        answered += hit(server, 25)
+        assert collector.wait_sum(answered, interval) == answered
+        # A spawn brings a pusher process back (the worker that stood in stands down).
+        server.signal(signal.SIGTTIN)
+        server.wait_for_log(rf"pusher pid {pusher} was gone; started pid \d+")
+        assert len(workers(server, 3)) == 3
+        answered += hit(server, 15)
+        assert collector.wait_sum(answered, interval) == answered
+        assert sum(collector.values("gunicorn.requests", "c")) == answered
+        # One sender at a time, each at its own cadence: the pusher, the worker standing in, the
+        # new pusher, one after the other, never interleaved.
+        lines = rps_lines(collector)
+        runs = [
+            (port, [t for t, _l, _p in run])
+            for port, run in itertools.groupby(lines, lambda x: x[2])
+        ]
+        assert len(runs) == len({port for port, _ in runs}) == 3, [p for p, _ in runs]
+        for _port, times in runs:
+            gaps = [b - a for a, b in itertools.pairwise(times)]
+            assert min(gaps, default=interval) >= 0.5 * interval, gaps
+        assert "Traceback" not in server.log
+
+
+# --- what reaches Prometheus (issue 15) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("prefix", "tags"),
+    [("", ""), ("edge", "env:test,role:canary"), ("canary.eu-west-1", "team:web")],
+    ids=["plain", "prefix-and-tags", "dotted-prefix"],
+)
+def test_every_line_the_server_sends_maps_to_the_documented_series(collector, prefix, tags):
+    """What a real server sends, captured on a real UDP socket, fed to the exporter's mapping
+    rules (tests/statsd_mapping.py re-implements statsd_exporter's line parser and mapper): every
+    line gets its documented Prometheus name, type and labels, the prefix as `statsd_prefix` and
+    the tags as labels, and every gauge arrives every interval."""
+    from tests.statsd_mapping import Mapper, scraped_labels
+    from tests.test_deploy import STATSD_TO_PROMETHEUS, mapping_config
+
+    interval = 0.25
+    args = ["--statsd-prefix", prefix] if prefix else []
+    args += ["--dogstatsd-tags", tags] if tags else []
+    with running(*args, workers=2, env=metrics_env(collector, interval)) as server:
+        hit(server, 20)
+        with server.connect() as bad:
+            bad.sendall(b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n")
+            assert read_responses(bad, 1)[0].status == 400
+        os.kill(workers(server, 2)[0], signal.SIGKILL)  # the arbiter logs an error: a counter
+        assert len(workers(server, 2)) == 2
+        start = time.monotonic()
+        time.sleep(6 * interval)
+    mapper = Mapper(mapping_config())
+    normalised = metrics.statsd_prefix(prefix)
+    tag_labels = dict(tag.split(":", 1) for tag in tags.split(",")) if tags else {}
+    seen = set()
+    for _t, line in collector.lines:
+        name = line.partition(":")[0]
+        assert name.startswith(normalised), line
+        kind = {"g": "gauge", "c": "counter"}[line.split("|")[1]]
+        documented = STATSD_TO_PROMETHEUS.get((name[len(normalised) :], kind))
+        assert documented, f"{line}: not a documented metric"
+        [series] = mapper.series(line)
+        want_labels = {**documented[1], **tag_labels}
+        if prefix:
+            want_labels["statsd_prefix"] = prefix
+        got = (series.mapped, series.name, series.kind, scraped_labels(series.labels))
+        assert got == (True, documented[0], kind, want_labels), line
+        seen.add(series.name)
+    assert seen >= {
+        "vrypt_requests_per_second",
+        "vrypt_open_connections",
+        "gunicorn_workers",
+        "vrypt_bad_requests_total",
+        "gunicorn_requests_total",
+        "gunicorn_log_messages_total",
+    }, seen
+    # Every gauge every interval (gunicorn.workers too, which gunicorn sends only on a change):
+    # no gap of two intervals, whatever the scheduling jitter of a loaded machine.
+    for gauge in ("vrypt.rps", "vrypt.connections", "gunicorn.workers"):
+        times = [
+            t
+            for t, line in collector.lines
+            if t >= start and line.startswith(normalised + gauge + ":")
+        ]
+        assert len(times) >= 4, (gauge, times)
+        assert max(b - a for a, b in itertools.pairwise(times)) < 2 * interval, (gauge, times)
+    assert collector.values(normalised + "gunicorn.workers")[-3:] == [2, 2, 2]
+
+
+# --- units: the worker count, the deputy, what is reported -------------------------------------
+
+
+def test_worker_count_is_gunicorns_own_else_the_serving_workers():
+    live, draining, dead = sleeper(), sleeper(), sleeper()
+    dead.kill()
+    dead.wait()
+    try:
+        board = metrics.Board(4)
+        board.words[board.header + metrics.USED] = 4
+        for slot, (pid, serving) in enumerate([(live, 1), (draining, 0), (dead, 1)]):
+            board.words[slot * metrics.WORDS + metrics.OWNER] = pid.pid
+            board.words[slot * metrics.WORDS + metrics.SERVING] = serving
+        me = os.getpid()
+        assert board.workers(me) == 1, "the live, serving one"
+        board.words[board.header + metrics.WORKERS] = 2 + 1  # what the arbiter sent last
+        assert board.workers(me) == 2
+        # The deputy: the live, serving worker with the lowest slot.
+        assert board.first_serving(me, below=0, me=live.pid)
+        assert not board.first_serving(me, below=3, me=12345), "slot 0 serves"
+        board.words[0 * metrics.WORDS + metrics.SERVING] = 0
+        assert board.first_serving(me, below=3, me=12345), "draining and dead ones do not count"
+    finally:
+        for proc in (live, draining):
+            proc.kill()
+            proc.wait()
+
+
+def test_a_collector_not_listening_is_not_reported_but_a_bad_target_is():
+    said: list[tuple] = []
+    refused = ConnectionRefusedError(111, "Connection refused")
+    metrics._collector_problem(lambda *a: said.append(a), "127.0.0.1:8125", refused)
+    assert said == []
+    unresolvable = socket.gaierror(-2, "Name or service not known")
+    assert not metrics._not_listening(unresolvable)
+    assert not metrics._not_listening(FileNotFoundError(2, "No such file or directory"))

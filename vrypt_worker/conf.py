@@ -10,44 +10,78 @@ operator never edits this file to change a mode:
   VRYPT_REUSE_PORT   1 (default): one SO_REUSEPORT listener per worker; 0: one shared listener
   VRYPT_STATSD_HOST  host:port of the StatsD collector (default 127.0.0.1:8125); empty disables
   VRYPT_STATSD_INTERVAL  seconds between two sends of the metrics pusher (default 1)
+  VRYPT_HEAD_TIMEOUT seconds from a request head's first byte to its end (default 10)
+  VRYPT_BODY_TIMEOUT seconds between two reads of a request body (default 60)
+  VRYPT_SEND_TIMEOUT seconds a client may leave owed answers untaken before the close (default 60)
+  VRYPT_HEAD_BUFFER  bytes of unfinished heads a worker holds before big ones get 431 (32 MiB)
+  VRYPT_STATUS, VRYPT_BODY, VRYPT_BODY_FILE, VRYPT_CONTENT_TYPE, VRYPT_HEADERS: the answer
+                     (vrypt_worker/answer.py; also `vrypt_status` ... as variables of a conf file)
+
+A bad value of any of them stops the start with a message naming it and exit status 2.
 """
 
 import os
+from typing import Any as _Any
 
+from vrypt_worker import settings as _settings
 
-def _env_flag(name: str, default: bool) -> bool:
-    value = os.environ.get(name, "").strip().lower()
-    if not value:
-        return default
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"{name}={value!r}: expected 1/0, true/false, yes/no or on/off")
+try:
+    _settings.check_environment()
+    _port = _settings.env_port() or _settings.DEFAULT_PORT
+    _workers = _settings.env_workers()
+    _reuse_port = _settings.env_flag("VRYPT_REUSE_PORT", True)
+    _statsd_host = _settings.env_statsd_host()
+except _settings.SettingError as _error:
+    _settings.refuse(_error)
 
-
-bind = [f"0.0.0.0:{os.environ.get('PORT') or 8080}"]
-workers = int(os.environ.get("WEB_CONCURRENCY") or len(os.sched_getaffinity(0)))
+bind = [f"0.0.0.0:{_port}"]
+workers = _workers or len(os.sched_getaffinity(0))
 worker_class = "vrypt_worker.VryptWorker"
 # Never imported by VryptWorker; named so that gunicorn needs no APP_MODULE argument, and so that
 # another worker class (`-k gevent`) given this conf serves the same answer through WSGI.
-wsgi_app = "vrypt_worker.wsgi:application"
+wsgi_app = _settings.OWN_WSGI_APP
 
 # Each worker binds its own listener after fork and the kernel spreads connections across them,
 # as the Rust original does with one SO_REUSEPORT socket per thread.
-reuse_port = _env_flag("VRYPT_REUSE_PORT", True)
+reuse_port = _reuse_port
 backlog = 4096
 # Idle keep-alive connections are closed after this many seconds, like the original.
 keepalive = 30
-# Open connections per worker; the worker raises its open-file limit to fit when it can.
-worker_connections = 50_000
+# Open connections per worker: 50,000, or fewer where the hard open-file limit is lower, so that a
+# default never asks for descriptors the machine refuses. The worker raises its soft limit to fit.
+worker_connections = _settings.fitting_worker_connections()
 graceful_timeout = 30
 
 accesslog = None
 errorlog = "-"
 loglevel = "info"
 
-statsd_host = os.environ.get("VRYPT_STATSD_HOST", "127.0.0.1:8125") or None
+statsd_host = _statsd_host
 # gunicorn's statsd logger, reporting a collector it cannot reach once rather than per metric;
 # without statsd_host it is gunicorn's plain logger (see docs/metrics.md).
 logger_class = "vrypt_worker.metrics.StatsdLogger"
+
+
+def on_starting(server: _Any) -> None:
+    """One control socket per server. gunicorn 27's default path ($XDG_RUNTIME_DIR/gunicorn.ctl,
+    else ~/.gunicorn/gunicorn.ctl) is the same for every server a user starts: the second takes it
+    over and stopping either deletes it. Unless control_socket was set, it becomes one that names
+    this server's binds, e.g. vrypt-8080.ctl in the same directory. This hook runs in the arbiter
+    with the final settings (the command line's --bind included), before the socket is created.
+    A conf that defines its own on_starting can call this one."""
+    cfg = server.cfg
+    if cfg.control_socket_disable or cfg.control_socket != cfg.settings["control_socket"].default:
+        return
+    path = _settings.control_socket_path(cfg.address, cfg.control_socket)
+    if _settings.socket_in_use(path):
+        # Another live server with the same binds (two SO_REUSEPORT servers can share a port):
+        # never take its socket over. gunicorn announces the path it listens at.
+        path = _settings.control_socket_path(cfg.address, cfg.control_socket, os.getpid())
+    cfg.set("control_socket", path)
+
+
+def on_reload(server: _Any) -> None:
+    """HUP: gunicorn has run this conf file again; the new workers take the answer its vrypt_*
+    variables (and the environment) choose now. A conf that defines its own on_reload can call
+    this one."""
+    _settings.reload_answer(server.cfg, server.log)

@@ -94,10 +94,12 @@ _CHUNK_EXT = re.compile(
 # discarded), but an unknown one must get 501, not a guess (RFC 9112 §6.1).
 _KNOWN_CODINGS = frozenset((b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"))
 
-# gunicorn's own ceilings for its limit settings (gunicorn/http/message.py); 0 means "the ceiling".
-MAX_REQUEST_LINE = 8190
-MAX_HEADERS = 32768
-MAX_FIELD_SIZE_UNLIMITED = 65536  # limit_request_field_size = 0: still bounded, never infinite
+# gunicorn's own bounds for its limit settings (gunicorn/http/message.py, Request.__init__ and
+# Message.__init__): what 0, a negative value or a value above the ceiling turns into.
+MAX_REQUEST_LINE = 8190  # the ceiling of limit_request_line; a negative value means it too
+REQUEST_LINE_UNLIMITED = 1024 * 1024  # limit_request_line = 0, bounded as gunicorn's fast parser
+MAX_HEADERS = 32768  # limit_request_fields: 0, negative or above this means this
+DEFAULT_FIELD_SIZE = 8190  # limit_request_field_size: 0 or negative means this (no ceiling)
 _MAX_LEADING_EMPTY_LINES = 32
 _MAX_CONTENT_LENGTH_DIGITS = 18
 _CACHE_HEAD_MAX = 2048
@@ -109,7 +111,12 @@ _CACHE_ENTRIES = 1024
 
 @dataclass(frozen=True)
 class Limits:
-    """gunicorn's limit_request_* settings, normalised the way gunicorn normalises them."""
+    """gunicorn's limit_request_* settings, normalised and counted the way gunicorn does.
+
+    `request_line`: the longest request line, its CRLF not counted. `fields`: the most field lines
+    in a head (and, separately, in a trailer section). `field_size`: the longest field line with
+    its CRLF counted, so a line's own bytes may be at most `field_size - 2`.
+    """
 
     request_line: int = 4094
     fields: int = 100
@@ -117,12 +124,16 @@ class Limits:
 
     @classmethod
     def from_settings(cls, request_line: int, fields: int, field_size: int) -> Limits:
-        if request_line <= 0 or request_line > MAX_REQUEST_LINE:
+        if request_line == 0:
+            # "Unlimited" in gunicorn: its Python parser has no bound at all, its fast parser
+            # (gunicorn_h1c) uses this one. A buffer here must have a bound.
+            request_line = REQUEST_LINE_UNLIMITED
+        elif request_line < 0 or request_line > MAX_REQUEST_LINE:
             request_line = MAX_REQUEST_LINE
         if fields <= 0 or fields > MAX_HEADERS:
             fields = MAX_HEADERS
         if field_size <= 0:
-            field_size = MAX_FIELD_SIZE_UNLIMITED
+            field_size = DEFAULT_FIELD_SIZE
         return cls(request_line, fields, field_size)
 
 
@@ -196,9 +207,11 @@ class FramingRules:
             return URI_TOO_LONG
         if size > 4 * limits.fields and head.count(b"\r\n") - 2 > limits.fields:
             return FIELDS_TOO_LARGE  # (a field line takes at least 4 bytes: `a:` CRLF)
-        if size > limits.field_size:
+        line_max = limits.field_size - 2  # gunicorn counts a field line's CRLF
+        if size > line_max:
             eol = head.find(b"\r\n")
-            if max(map(len, head[eol + 2 : -4].split(b"\r\n"))) > limits.field_size:
+            field_lines = head[eol + 2 : -4]
+            if field_lines and max(map(len, field_lines.split(b"\r\n"))) > line_max:
                 return FIELDS_TOO_LARGE
         match = _HEAD_RE.fullmatch(head)
         if match is None:
@@ -505,6 +518,8 @@ class RequestFramer:
             if match.group(3) != b"1":
                 return VERSION_NOT_SUPPORTED
         # Field lines: count and measure the complete ones not checked yet, then the partial one.
+        # A field line may hold field_size - 2 bytes before its CRLF (gunicorn counts the CRLF).
+        line_max = limits.field_size - 2
         checked = max(self._checked, eol + 2)
         fields = self._fields
         while True:
@@ -512,20 +527,20 @@ class RequestFramer:
             if line_end < 0:
                 break
             fields += 1
-            if fields > limits.fields or line_end - checked > limits.field_size:
+            if fields > limits.fields or line_end - checked > line_max:
                 return FIELDS_TOO_LARGE
             checked = line_end + 2
         self._checked = checked
         self._fields = fields
         pending = end - checked - (1 if buf.endswith(b"\r") else 0)
-        if pending > limits.field_size:
+        if pending > line_max and pending:  # an empty pending line may still end the head
             return FIELDS_TOO_LARGE
         return 0
 
     def _check_trailer(self, line: bytes) -> int:
         limits = self._rules.limits
         self._fields += 1
-        if self._fields > limits.fields or len(line) > limits.field_size:
+        if self._fields > limits.fields or len(line) + 2 > limits.field_size:
             return FIELDS_TOO_LARGE
         if _FIELD_LINES.fullmatch(line + b"\r\n") is None:
             return BAD_REQUEST

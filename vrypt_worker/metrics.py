@@ -14,9 +14,16 @@ docs/metrics.md explains the design; in short:
   waits for I/O (one memoryview store, no lock, no syscall), the rest where it changes and in the
   1 s sweep.
 
-Slot layout (uint64 words): answered, rejected, open connections, owner pid, 4 words of padding.
-After the slots one more line holds the pusher's bookkeeping: the totals it has sent, the number
-of slots ever handed out, and the pid of the current pusher.
+- The pusher is not a single point of failure: if it dies, the live worker with the lowest slot
+  (the deputy, which looks once per sweep and then every interval) takes over its role from a
+  timer on its hub, and the arbiter forks a new pusher process, which takes the role back, the
+  next time it spawns a worker. The totals sent live in shared memory, so whoever pushes goes on
+  where the last one stopped; one word names the process whose turn it is, so exactly one sends.
+
+Slot layout (uint64 words): answered, rejected, open connections, owner pid, serving (1 until the
+worker starts draining), 3 words of padding. After the slots one more line holds the pusher's
+bookkeeping: the totals it has sent, the number of slots ever handed out, the pid of the process
+that pushes, and gunicorn's own worker count (+1; 0 when the arbiter has not said).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import logging
 import mmap
 import os
@@ -33,6 +41,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,13 +49,13 @@ from gunicorn import util
 from gunicorn.glogging import Logger
 from gunicorn.instrument.statsd import Statsd
 from statsd.client.base import StatsClientBase
-from statsd.client.udp import StatsClient
 
 SLOT_BYTES = 64  # one cache line: a worker's stores never share a line with another worker's
 WORDS = SLOT_BYTES // 8
-ANSWERED, REJECTED, OPEN, OWNER = 0, 1, 2, 3
-# The line after the slots: written by the pusher (SENT_*, PUSHER) and the arbiter (USED).
-SENT_ANSWERED, SENT_REJECTED, USED, PUSHER = 0, 1, 2, 3
+ANSWERED, REJECTED, OPEN, OWNER, SERVING = 0, 1, 2, 3, 4
+# The line after the slots: written by the pusher (SENT_*, PUSHER), the arbiter (USED, WORKERS)
+# and a worker that takes the pusher's role over (PUSHER).
+SENT_ANSWERED, SENT_REJECTED, USED, PUSHER, WORKERS = 0, 1, 2, 3, 4
 MIN_SLOTS = 1024
 DEFAULT_INTERVAL = 1.0
 _RESOLVE_BACKOFF_MAX = 30.0
@@ -130,6 +139,7 @@ class Board:
             self._holders[slot] = holder
             words[slot * WORDS + OWNER] = 0
             words[slot * WORDS + OPEN] = 0
+            words[slot * WORDS + SERVING] = 0
             if slot >= words[self.header + USED]:
                 words[self.header + USED] = slot + 1
             return slot
@@ -164,15 +174,38 @@ class Board:
         words[header + SENT_REJECTED] = rejected
         return delta
 
-    def open_connections(self, parent: int) -> int:
-        """Open connections of the slots whose writer is a live worker of `parent`."""
+    def live(self, parent: int) -> tuple[int, int]:
+        """(open connections, serving workers) over the slots whose writer is a live worker of
+        `parent`. A worker that drains still holds connections but is no longer one of gunicorn's
+        workers: the arbiter has retired it (reload, TTOU, recycling, stop)."""
         words = self.words
-        total = 0
+        connections = serving = 0
         for base in range(0, words[self.header + USED] * WORDS, WORDS):
             owner = words[base + OWNER]
             if owner and alive_child(owner, parent):
-                total += words[base + OPEN]
-        return total
+                connections += words[base + OPEN]
+                serving += words[base + SERVING] != 0
+        return connections, serving
+
+    def open_connections(self, parent: int) -> int:
+        """Open connections of the slots whose writer is a live worker of `parent`."""
+        return self.live(parent)[0]
+
+    def workers(self, parent: int) -> int:
+        """The worker count to send: gunicorn's own (the arbiter records each value it sends,
+        `StatsdLogger.gauge`), else the serving workers on the board."""
+        recorded = self.words[self.header + WORKERS]
+        return recorded - 1 if recorded else self.live(parent)[1]
+
+    def first_serving(self, parent: int, below: int, me: int) -> bool:
+        """True if no live, serving worker of `parent` other than `me` holds a slot below
+        `below`: the worker in slot `below` is then the deputy that takes over a dead pusher."""
+        words = self.words
+        for base in range(0, below * WORDS, WORDS):
+            owner = words[base + OWNER]
+            if owner and owner != me and words[base + SERVING] and alive_child(owner, parent):
+                return False
+        return True
 
 
 # --- settings --------------------------------------------------------------------------------
@@ -238,19 +271,39 @@ class _TaggedSend:
         self._sock.send((data + self._suffix).encode("ascii"))
 
 
-class TaggedStatsClient(_TaggedSend, StatsClient):
+Resolver = Callable[..., list[Any]]  # socket.getaddrinfo's signature
+
+
+class TaggedStatsClient(_TaggedSend, StatsClientBase):
     """pystatsd's UDP client with dogstatsd tags (`|#k:v,...` on every line, as gunicorn does),
     on a connected socket whose send errors reach the caller: pystatsd swallows them, and an
-    unconnected socket never hears that nobody listens."""
+    unconnected socket never hears that nobody listens. `getaddrinfo` is replaceable so that a
+    worker that pushes can resolve through gevent's resolver instead of blocking its hub."""
 
-    def __init__(self, host: str, port: int, tags: str = "", ipv6: bool = False) -> None:
-        super().__init__(host, port, prefix=None, ipv6=ipv6)  # resolves: may raise gaierror
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        tags: str = "",
+        ipv6: bool = False,
+        getaddrinfo: Resolver = socket.getaddrinfo,
+    ) -> None:
+        family = socket.AF_INET6 if ipv6 else socket.AF_INET
+        # As pystatsd's StatsClient does; may raise gaierror.
+        family, _, _, _, addr = getaddrinfo(host, port, family, socket.SOCK_DGRAM)[0]
+        self._addr = addr
+        self._prefix = None
+        self._maxudpsize = 512
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            self._sock.connect(self._addr)
+            self._sock.connect(addr)
         except OSError:
             self._sock.close()
             raise
         self._suffix = f"|#{tags}" if tags else ""
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 class UnixDatagramStatsClient(_TaggedSend, StatsClientBase):
@@ -270,11 +323,13 @@ class UnixDatagramStatsClient(_TaggedSend, StatsClientBase):
         self._sock.close()
 
 
-def make_client(settings: Settings) -> StatsClientBase:
+def make_client(settings: Settings, getaddrinfo: Resolver = socket.getaddrinfo) -> StatsClientBase:
     host = settings.host
     if isinstance(host, str):
         return UnixDatagramStatsClient(host, settings.tags)
-    return TaggedStatsClient(host[0], int(host[1]), settings.tags, ipv6=util.is_ipv6(host[0]))
+    return TaggedStatsClient(
+        host[0], int(host[1]), settings.tags, ipv6=util.is_ipv6(host[0]), getaddrinfo=getaddrinfo
+    )
 
 
 # --- reporting a broken collector once ---------------------------------------------------------
@@ -303,7 +358,18 @@ def first_report() -> bool:
     return True
 
 
+def _not_listening(exc: BaseException) -> bool:
+    """ECONNREFUSED: the collector's host answered that nobody listens there (ICMP port
+    unreachable, or a unix socket nobody has bound). A collector that is not running, or not yet,
+    is normal for fire-and-forget gauges, so this is never reported; the metrics go out again as
+    soon as it listens. Anything else (a name that does not resolve, no route, no such unix
+    socket) is a setting to fix, and is reported once."""
+    return isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED
+
+
 def _collector_problem(emit: Any, target: str, exc: BaseException) -> None:
+    if _not_listening(exc):
+        return
     if first_report():
         emit(
             "statsd: cannot send to %s (%s: %s); metrics are dropped until it is back, and this "
@@ -347,6 +413,13 @@ class StatsdLogger(Statsd):
     def _warn(self, msg: str, *args: Any) -> None:
         Logger.warning(self, msg, *args)  # not self.warning: that would send a metric
 
+    def gauge(self, name: str, value: Any) -> None:
+        # gunicorn's arbiter sends gunicorn.workers only when the count changes; the pusher sends
+        # it every interval (a restarted exporter knows it at once), with this same value.
+        if name == "gunicorn.workers":
+            record_workers(value)
+        super().gauge(name, value)
+
     def _sock_send(self, msg: str | bytes) -> None:
         sock = self.sock
         if sock is None:
@@ -365,17 +438,29 @@ class StatsdLogger(Statsd):
 
 
 class Pusher:
-    """Once per interval: read the board, send the differences. Runs in its own process."""
+    """Once per interval: read the board, send the differences. Runs in the pusher process, or in
+    a worker that took the role over (`Deputy`); `me` is the pid the board's PUSHER word names
+    while it is this one's turn."""
 
-    def __init__(self, board: Board, settings: Settings, parent: int, log: Any) -> None:
+    def __init__(
+        self,
+        board: Board,
+        settings: Settings,
+        parent: int,
+        log: Any,
+        getaddrinfo: Resolver = socket.getaddrinfo,
+    ) -> None:
         self.board = board
         self.settings = settings
         self.parent = parent
         self.log = log
+        self.getaddrinfo = getaddrinfo
+        self.me = os.getpid()
         prefix = settings.prefix
         self.names = (
             prefix + "vrypt.rps",
             prefix + "vrypt.connections",
+            prefix + "gunicorn.workers",
             prefix + "vrypt.bad_requests",
             prefix + "gunicorn.requests",
         )
@@ -384,15 +469,22 @@ class Pusher:
         self._resolve_at = 0.0
         self._backoff = settings.interval
 
+    def _error_log(self) -> Any:
+        # The logging.Logger underneath: gunicorn's statsd logger would send a metric.
+        return getattr(self.log, "error_log", self.log)
+
     def _warn(self, msg: str, *args: Any) -> None:
-        # Through the logging.Logger underneath: gunicorn's statsd logger would send a metric.
-        getattr(self.log, "error_log", self.log).warning(msg, *args)
+        self._error_log().warning(msg, *args)
+
+    def mine(self) -> bool:
+        """Is it this process's turn? Another process that took the role over wrote its pid."""
+        return self.board.words[self.board.header + PUSHER] == self.me
 
     def connect(self, now: float) -> None:
         if self.client is not None or now < self._resolve_at:
             return
         try:
-            self.client = make_client(self.settings)
+            self.client = make_client(self.settings, self.getaddrinfo)
             self._backoff = self.settings.interval
         except OSError as exc:  # unresolvable (gaierror), no route, no such unix socket
             _collector_problem(self._warn, self.settings.target, exc)
@@ -400,16 +492,21 @@ class Pusher:
             self._backoff = min(self._backoff * 2, _RESOLVE_BACKOFF_MAX)
 
     def push(self) -> None:
-        answered, rejected = self.board.take()
-        connections = self.board.open_connections(self.parent)
+        board = self.board
+        answered, rejected = board.take()
+        connections, serving = board.live(self.parent)
+        recorded = board.words[board.header + WORKERS]
+        workers = recorded - 1 if recorded else serving
         self.connect(time.monotonic())
         client = self.client
         if client is None:
             return
-        rps, conns, bad, requests = self.names
+        rps, conns, workers_name, bad, requests = self.names
         try:
+            # Every gauge every interval, so a collector that restarts knows them all at once.
             client.gauge(rps, answered)
             client.gauge(conns, connections)
+            client.gauge(workers_name, workers)
             client.incr(bad, rejected)
             client.incr(requests, answered)
         except OSError as exc:
@@ -421,14 +518,21 @@ class Pusher:
         except Exception:
             if not self._failed:
                 self._failed = True
-                getattr(self.log, "error_log", self.log).exception("vrypt metrics: push failed")
+                self._error_log().exception("vrypt metrics: push failed")
+
+    def close(self) -> None:
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                self.client.close()
+            self.client = None
 
     def run(self) -> None:
         """Send every interval until the arbiter is gone, then send the last one.
 
         SIGTERM (the arbiter's death through PR_SET_PDEATHSIG, or a stop sent to the whole
         process group) does not end the pusher at once while the arbiter lives: the workers are
-        still answering their last requests, which the final send must include."""
+        still answering their last requests, which the final send must include. A pusher whose
+        turn was taken (it was stopped long enough for a worker to think it dead) leaves."""
         interval = self.settings.interval
         next_at = time.monotonic() + interval
         leave_at: float | None = None
@@ -437,6 +541,13 @@ class Pusher:
             if leave_at is not None and now >= leave_at:
                 break
             if now >= next_at:
+                if not self.mine():
+                    self._error_log().info(
+                        "vrypt metrics: pid %s sends the metrics now; pusher pid %s leaves",
+                        self.board.words[self.board.header + PUSHER],
+                        self.me,
+                    )
+                    return
                 self.push_safely()
                 next_at += interval
                 if next_at <= now:  # we were stopped for a while: no burst of catching up
@@ -444,7 +555,128 @@ class Pusher:
                 continue
             if signal.sigtimedwait((signal.SIGTERM,), next_at - now) and leave_at is None:
                 leave_at = now + self.settings.grace + 2 * interval
-        self.push_safely()
+        if self.mine():
+            self.push_safely()
+
+
+# --- a worker standing in for a dead pusher ----------------------------------------------------
+
+# How long a worker that wrote its pid into the PUSHER word waits before it reads the word again
+# and, if it still names it, pushes. Anyone who claimed at the same moment (another worker that
+# also thought itself the deputy, a pusher the arbiter just forked) has written by then; the
+# last writer wins and the others stand down, so two processes never take the same totals.
+_CLAIM_SETTLE = 0.1
+
+
+def _cooperative_getaddrinfo(*args: Any) -> list[Any]:
+    """Name resolution in a worker that pushes: gevent's resolver, which does not block the hub
+    that serves the requests (the pusher process may block; a worker must not)."""
+    import gevent.socket  # only in workers, which run gevent already
+
+    return gevent.socket.getaddrinfo(*args)
+
+
+class Deputy:
+    """In a worker: takes the pusher's role over while the pusher process is gone.
+
+    Every worker looks once per sweep (`watch`) whether it is the deputy: the live, serving
+    worker with the lowest slot. Only the deputy runs a timer on its hub, once per interval, that
+    looks at the process the board's PUSHER word names (one /proc read). When that process is
+    gone, the deputy writes its own pid there, waits `_CLAIM_SETTLE` and, if the word still names
+    it, pushes from then on, once per interval from the same timer, until another process claims
+    the word: the pusher the arbiter forks when it next spawns a worker. A dead pusher is thus
+    replaced within one interval plus the settle time, at any interval. The totals sent live in
+    the board, so the deputy goes on exactly where the dead pusher stopped."""
+
+    def __init__(self, worker: Any, server: _Server) -> None:
+        self.worker = worker
+        self.server = server
+        self.board = server.board
+        self.slot = worker.slot_base // WORDS
+        self.me = os.getpid()
+        self.deputy = False
+        self.claiming = False
+        self.timer: Any = None
+        self.pusher: Pusher | None = None
+        self.busy = False
+
+    def _pushing(self) -> bool:
+        return self.board.words[self.board.header + PUSHER] == self.me
+
+    def sweep(self) -> None:
+        board = self.board
+        serving = bool(self.worker.alive)
+        board.words[self.worker.slot_base + SERVING] = int(serving)
+        self.deputy = serving and board.first_serving(self.server.arbiter, self.slot, self.me)
+        needed = self.deputy or self.claiming or self._pushing()
+        if needed and self.timer is None:
+            # The first look right away: a worker that becomes the deputy because the previous
+            # one died (perhaps while it was pushing) does not wait a whole interval.
+            self.timer = self.worker.loop.timer(0.0, self.server.settings.interval)
+            self.timer.start(self.tick)
+        elif not needed and self.timer is not None:
+            self.timer.close()
+            self.timer = None
+            self._stand_down()
+
+    def tick(self) -> None:
+        board = self.board
+        current = board.words[board.header + PUSHER]
+        if current == self.me:
+            if not self.claiming:  # a claim is confirmed first (`_confirm`), then pushed
+                self._push()
+            return
+        self._stand_down()
+        if self.claiming or not self.deputy:
+            return
+        if current and alive_child(current, self.server.arbiter):
+            return
+        board.words[board.header + PUSHER] = self.me
+        self.claiming = True
+        settle = self.worker.loop.timer(min(self.server.settings.interval / 2, _CLAIM_SETTLE))
+        settle.start(self._confirm, settle, current)
+
+    def _confirm(self, settle: Any, gone: int) -> None:
+        settle.close()
+        self.claiming = False
+        if not self._pushing():
+            return  # someone claimed after us: theirs
+        self.worker.log.warning(
+            "vrypt metrics: the pusher (pid %s) is gone; worker pid %s sends the metrics until "
+            "the arbiter starts a new pusher",
+            gone,
+            self.me,
+        )
+        self._push()
+
+    def _push(self) -> None:
+        if self.busy:  # the last push still waits for a name to resolve
+            return
+        if self.pusher is None:
+            self.pusher = Pusher(
+                self.board,
+                self.server.settings,
+                self.server.arbiter,
+                self.worker.log,
+                getaddrinfo=_cooperative_getaddrinfo,
+            )
+        import gevent
+
+        self.busy = True
+        gevent.spawn(self._push_in_greenlet, self.pusher)
+
+    def _push_in_greenlet(self, pusher: Pusher) -> None:
+        # A greenlet, not the timer callback: resolving a name may wait (cooperatively).
+        try:
+            if pusher.mine():
+                pusher.push_safely()
+        finally:
+            self.busy = False
+
+    def _stand_down(self) -> None:
+        if self.pusher is not None:
+            self.pusher.close()
+            self.pusher = None
 
 
 # --- the process that runs the pusher ------------------------------------------------------------
@@ -532,6 +764,9 @@ def _fork_pusher(server: _Server, log: Any) -> int:
         finally:
             os._exit(code)
     server.pusher = pid
+    # Written here too, not only in the child: from the fork on, the word names the new pusher,
+    # so a worker that was standing in stands down at its next tick, before the first push.
+    server.board.words[server.board.header + PUSHER] = pid
     return pid
 
 
@@ -556,11 +791,15 @@ def start(cfg: Any, log: Any) -> None:
     server = _Server(Board(max(MIN_SLOTS, 4 * workers)), settings, os.getpid())
     _server = server
     pid = _fork_pusher(server, log)
+    # The one announcement of where metrics go. A collector that is not running there is not
+    # reported (fire-and-forget gauges); a target that cannot work (a name that does not
+    # resolve, no route) is, once for the whole server.
     log.info(
-        "vrypt metrics: pusher pid %s sends to %s every %gs",
+        "vrypt metrics: pusher pid %s sends StatsD to %s every %gs%s",
         pid,
         settings.target,
         settings.interval,
+        f" with prefix {settings.prefix!r}" if settings.prefix else "",
     )
 
 
@@ -605,6 +844,35 @@ def claim(worker: Any) -> tuple[memoryview, int, int, int]:
 def attach(worker: Any) -> None:
     """In the worker after the fork: mark the slot as this process's, for the pusher."""
     worker.counts[worker.slot_base + OWNER] = os.getpid()
+    worker.counts[worker.slot_base + SERVING] = 1
+
+
+def record_workers(count: Any) -> None:
+    """In the arbiter: gunicorn's own worker count, as its statsd logger sends it (on change
+    only); the pusher sends the last value every interval."""
+    server = _server
+    if server is not None and os.getpid() == server.arbiter and isinstance(count, int):
+        server.board.words[server.board.header + WORKERS] = max(count, 0) + 1
+
+
+_deputy: Deputy | None = None
+_deputy_failed = False
+
+
+def watch(worker: Any) -> None:
+    """In every worker, once per sweep (VryptWorker._on_sweep): is the pusher's role to be taken
+    over, and by this worker? See `Deputy`. Never on the request path."""
+    global _deputy, _deputy_failed
+    server = _server
+    if server is None or worker.counts is not server.board.words or _deputy_failed:
+        return  # no metrics, or a worker without a slot (it is not counted, so it cannot push)
+    try:
+        if _deputy is None:
+            _deputy = Deputy(worker, server)
+        _deputy.sweep()
+    except Exception:  # the sweep also runs timeouts and the heartbeat: never break it
+        _deputy_failed = True
+        worker.log.exception("vrypt metrics: the pusher watch failed; it is off in this worker")
 
 
 def publish(worker: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import heapq
 import itertools
+import logging
 import os
 import resource
 import signal
@@ -25,7 +26,7 @@ import gevent
 import gevent.event
 from gunicorn.workers.base import Worker
 
-from vrypt_worker import metrics
+from vrypt_worker import listeners, metrics, settings
 from vrypt_worker.framing import (
     CLOSING,
     FIELDS_TOO_LARGE,
@@ -59,10 +60,28 @@ _LINGER_TICKS = 2
 # just connected, a keep-alive client about to send its next request). It gets this long for that
 # request to arrive and be answered with `Connection: close` before it is closed as idle.
 _DRAIN_GRACE = 0.2
-# TERM with per-worker SO_REUSEPORT listeners: a reload (HUP) forks the new workers and TERMs the
-# old ones at once, before the new ones have bound their listeners. An old worker that closed its
-# listener at once could leave the port with no listener for a moment (connections refused), so
-# it keeps accepting this long (every answer now says close) before it takes its queue and closes.
+# ...but a connection that has not sent a single byte yet is a client that has just connected
+# (its request follows the handshake, later on a busy machine) or a load balancer's spare: it gets
+# this long from its accept (or from the start of the drain) before it is closed as idle.
+_FRESH_GRACE = 1.0
+_TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info
+
+
+def never_received(sock: Any) -> bool:
+    """The peer has sent nothing on this TCP connection yet (kernel's count, not ours)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES_RECEIVED + 8)
+    except OSError:
+        return False
+    if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
+        return False
+    return int.from_bytes(info[_TCP_INFO_BYTES_RECEIVED:], "little") == 0
+
+
+# TERM with listeners that each worker binds itself (reuse_port with systemd's sockets, the one
+# case that is not served from the arbiter's slots, listeners.py): a reload (HUP) forks the new
+# workers and TERMs the old ones at once, before the new ones have bound. The old one keeps
+# accepting this long (every answer now says close) so that the port is never without a listener.
 _HANDOVER = 0.2
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 # Pipelined answers are rendered at most this many at a time. More than that (one 64 KiB read of
@@ -91,6 +110,7 @@ TIMEOUTS = {
     "VRYPT_SEND_TIMEOUT": 60,  # answers owed, none taken for this long: close (nginx: 60 s)
 }
 DEFAULT_HEAD_BUFFER = 32 * 1024 * 1024
+HOSTILE_SETTINGS = {**TIMEOUTS, "VRYPT_HEAD_BUFFER": DEFAULT_HEAD_BUFFER}
 
 
 def positive_int_from_env(name: str, default: int) -> int:
@@ -103,8 +123,14 @@ def positive_int_from_env(name: str, default: int) -> int:
     except ValueError:
         value = 0
     if value <= 0:
-        raise ValueError(f"{name}={raw!r}: expected a positive integer")
+        unit = "bytes" if name == "VRYPT_HEAD_BUFFER" else "seconds"
+        raise ValueError(f"{name}={raw!r}: expected a whole number of {unit}, at least 1")
     return value
+
+
+def hostile_setting_from_env(name: str) -> int:
+    """One of HOSTILE_SETTINGS (a timeout in seconds, or VRYPT_HEAD_BUFFER in bytes)."""
+    return positive_int_from_env(name, HOSTILE_SETTINGS[name])
 
 
 def head_timeout_from_env() -> int:
@@ -114,9 +140,7 @@ def head_timeout_from_env() -> int:
 
 def hostile_settings_from_env() -> dict[str, int]:
     """Every VRYPT_* timeout (seconds) and VRYPT_HEAD_BUFFER (bytes), validated."""
-    values = {name: positive_int_from_env(name, default) for name, default in TIMEOUTS.items()}
-    values["VRYPT_HEAD_BUFFER"] = positive_int_from_env("VRYPT_HEAD_BUFFER", DEFAULT_HEAD_BUFFER)
-    return values
+    return {name: hostile_setting_from_env(name) for name in HOSTILE_SETTINGS}
 
 
 def tcp_migrate_req_enabled() -> bool:
@@ -128,8 +152,35 @@ def tcp_migrate_req_enabled() -> bool:
         return False
 
 
+def _spawn_replacements_at_once(arbiter: Any) -> None:
+    """gunicorn's spawn_workers sleeps up to 0.1 s (at random) after every fork, to stagger
+    workers that start together, and handles no signal meanwhile. That sleep delays the next
+    replacement: with max_requests 1000 a worker lives a few tens of milliseconds under load, so
+    with one worker the port spent most of its time waiting for the arbiter (docs/reliability.md).
+    These workers boot in milliseconds and their listeners need no staggering (SO_REUSEPORT
+    slots, no accept herd), so the arbiter forks every missing worker at once."""
+    if getattr(arbiter, "_vrypt_spawn_patched", False):
+        return
+
+    def spawn_workers() -> None:
+        for _ in range(arbiter.num_workers - len(arbiter.WORKERS)):
+            arbiter.spawn_worker()
+
+    arbiter.spawn_workers = spawn_workers
+    arbiter._vrypt_spawn_patched = True
+
+
 class VryptWorker(Worker):
     """A gunicorn worker that answers every HTTP/1.x request with `Vrypt`, without WSGI."""
+
+    @classmethod
+    def setup(cls) -> None:
+        """gunicorn calls this from Arbiter.setup, before it binds (at start and on reload):
+        the arbiter's SO_REUSEPORT listener slots are made here (listeners.py)."""
+        arbiter = listeners.calling_arbiter(2)
+        if arbiter is not None:
+            listeners.prepare(arbiter)
+            _spawn_replacements_at_once(arbiter)
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
@@ -154,21 +205,19 @@ class VryptWorker(Worker):
             raise RuntimeError(
                 "vrypt_worker.VryptWorker cannot honour these settings: " + "; ".join(refused)
             )
-        hostile_settings_from_env()  # a bad value fails here, in the arbiter, not in each worker
+        # A bad VRYPT_* variable or answer setting stops the start here, in the arbiter, with
+        # a message naming it (exit 2), instead of failing in every worker; the chosen answer is
+        # inherited by every worker forked after this.
+        settings.check_at_start(cfg, log)
         if cfg.reuse_port and not tcp_migrate_req_enabled():
+            # Only where the arbiter could not hold the listeners (systemd's sockets with
+            # reuse_port): then every worker binds its own, and its exit resets its queue.
             log.warning(
-                "reuse_port is on but net.ipv4.tcp_migrate_req is not 1: connections still queued "
-                "on a worker's own listener when it exits (reload, max_requests, stop) are reset "
-                "by the kernel. Set the sysctl to 1 (Linux 5.14+), or VRYPT_REUSE_PORT=0 for one "
-                "shared listener; see docs/reliability.md"
+                "reuse_port is on with listeners each worker binds itself, and "
+                "net.ipv4.tcp_migrate_req is not 1: connections still queued on a worker's "
+                "listener when it exits are reset by the kernel. Set VRYPT_REUSE_PORT=0 with "
+                "systemd sockets; see docs/reliability.md"
             )
-        # An APP_MODULE argument shows up as the default process name, the conf's as wsgi_app.
-        named = cfg.default_proc_name if cfg.default_proc_name != "gunicorn" else cfg.wsgi_app
-        log.info(
-            "vrypt_worker answers every request itself: the application %r is never imported "
-            "or called (unless preload_app imports it in the arbiter)",
-            named or "(none)",
-        )
         if cfg.accesslog:
             log.warning(
                 "vrypt_worker writes no access log; accesslog=%s stays empty", cfg.accesslog
@@ -188,6 +237,19 @@ class VryptWorker(Worker):
         # Metrics: a counter slot in shared memory, claimed here in the arbiter (metrics.py). A
         # reused slot goes on from its counts, and the recycling threshold moves with them.
         self.counts, self.slot_base, self.rules.answered, self.rules.rejected = metrics.claim(self)
+        # Listeners: with reuse_port, a slot of the arbiter's SO_REUSEPORT listeners (the
+        # others' slots are inherited too, to adopt one whose worker is gone); else gunicorn's.
+        # The arbiter object (this runs in its spawn_worker): the worker_exit hook's argument.
+        self._arbiter = listeners.calling_arbiter(1)
+        self.slot = -1
+        self.spare_slots: dict[int, list[Any]] = {}
+        if listeners.slot_mode():
+            self.slot, self.sockets, self.spare_slots = listeners.assign(self)
+        self._adopted: dict[int, list[tuple[Any, Any]]] = {}
+        self._old: set[Connection] = set()
+        self._late: dict[Connection, float] = {}  # accepted while draining: when
+        self._drain_started = 0.0
+        self._listeners_closed = False
         if self.max_requests < sys.maxsize:
             self.max_requests += self.rules.answered
         # The answer that reaches max_requests says `Connection: close` (see FramingRules);
@@ -228,7 +290,8 @@ class VryptWorker(Worker):
         gevent.signal_handler(signal.SIGINT, self._on_quit)
         gevent.signal_handler(signal.SIGUSR1, self.log.reopen_files)
         gevent.signal_handler(signal.SIGABRT, self._on_abort)
-        gevent.signal_handler(signal.SIGWINCH, lambda: None)
+        # A sibling that stops serving its listener slot asks the others to adopt it now.
+        gevent.signal_handler(signal.SIGWINCH, self._on_slots_changed)
 
     def notify(self) -> None:
         super().notify()
@@ -257,11 +320,13 @@ class VryptWorker(Worker):
         publisher = loop.prepare()
         answered_at = self.slot_base + metrics.ANSWERED
         publisher.start(self._publish_answered, self.counts, answered_at, self.rules)
+        if self.slot >= 0:
+            listeners.claim(self.slot)
         clock = loop.timer(0.25, 0.25)
         clock.start(self._on_clock)
         sweep = loop.timer(1.0, 1.0)
         sweep.start(self._on_sweep)
-        if self.cfg.reuse_port:  # the arbiter has no listeners of its own to announce
+        if self.cfg.reuse_port:  # listeners bound by each worker: the arbiter has none to name
             self.log.info(
                 "Listening at: %s (worker %s)", ",".join(map(str, self.sockets)), self.pid
             )
@@ -274,6 +339,25 @@ class VryptWorker(Worker):
             sweep.stop()
             for conn in list(self.connections):
                 conn.close()
+        self._exit_now()
+
+    def _exit_now(self) -> None:
+        """Leave without the interpreter's teardown (tens of milliseconds of freeing modules and
+        the hub, measured with strace): with one worker, that time is the replacement's wait,
+        since gunicorn forks it only once we are gone. Does first what gunicorn's spawn_worker
+        does after run() returns: its log line, the heartbeat file, the worker_exit hook."""
+        self.log.info("Worker exiting (pid: %s)", self.pid)
+        try:
+            self.tmp.close()
+            if self._arbiter is not None:
+                self.cfg.worker_exit(self._arbiter, self)
+        except Exception:
+            self.log.exception("Exception during worker exit")
+        metrics.publish(self)
+        logging.shutdown()  # flushes every handler, gunicorn's included
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     # accepting ----------------------------------------------------------------------------------
 
@@ -318,7 +402,10 @@ class VryptWorker(Worker):
             except OSError:
                 sock.close()
                 continue
-            self.connections.add(Connection(self, sock))
+            conn = Connection(self, sock)
+            self.connections.add(conn)
+            if self.draining:
+                self._late[conn] = time.monotonic()
             return True
 
     def _make_room(self) -> bool:
@@ -360,10 +447,66 @@ class VryptWorker(Worker):
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        if self._late:
+            self._late.pop(conn, None)
         if self._accept_paused and len(self.connections) < self.max_connections:
             self._resume_accepting()
-        if self.draining and not self.connections and not self._accepting:
-            self._stop()
+        if self.draining:
+            if self._old:
+                self._old.discard(conn)
+                if not self._old and self._accepting:
+                    self._close_listeners()  # the last connection from before the drain left
+            if not self.connections and not self._accepting:
+                self._stop()
+
+    # listener slots (listeners.py) ----------------------------------------------------------------
+
+    def _tend_slots(self) -> None:
+        """Every clock tick: say again that this worker serves its slot, and serve any other
+        slot nobody serves (its worker died or left and no replacement has claimed it)."""
+        if self.draining:
+            if self._accepting and listeners.served_by_another(self.slot, self.ppid):
+                self._close_listeners()  # a successor serves our slot: leave it to it
+            return
+        listeners.claim(self.slot)
+        for slot, socks in self.spare_slots.items():
+            orphan = listeners.orphaned(slot, self.ppid)
+            if orphan and slot not in self._adopted:
+                watchers = []
+                for listener in socks:
+                    sock = listener.sock if hasattr(listener, "sock") else listener
+                    if sock is None:
+                        break
+                    watchers.append((self.loop.io(sock.fileno(), _READ), sock))
+                self._adopted[slot] = watchers
+                self._accepting.extend(watchers)
+                if not self._accept_paused:
+                    for watcher, sock in watchers:
+                        watcher.start(self._on_acceptable, sock, int(sock.family))
+            elif not orphan and slot in self._adopted:
+                self._drop_adopted(slot)
+
+    def _on_slots_changed(self) -> None:
+        if self.slot >= 0 and getattr(self, "loop", None) is not None:
+            self._tend_slots()
+
+    def _drop_adopted(self, slot: int) -> None:
+        for pair in self._adopted.pop(slot):
+            pair[0].close()
+            self._accepting.remove(pair)
+
+    def _close_spare_copies(self) -> None:
+        """Leaving: close our copies of the other slots' listeners, so that at shutdown each
+        slot's socket closes with its own worker (which takes its queue first), not with us."""
+        for slot in list(self._adopted):
+            self._drop_adopted(slot)
+        for socks in self.spare_slots.values():
+            for listener in socks:
+                try:
+                    listener.close()
+                except OSError:
+                    pass
+        self.spare_slots = {}
 
     # timers ---------------------------------------------------------------------------------------
 
@@ -373,16 +516,21 @@ class VryptWorker(Worker):
 
     def _on_clock(self) -> None:
         self.responses.refresh(time.time())
+        if self.slot >= 0:
+            self._tend_slots()
 
     def _on_sweep(self) -> None:
         self.notify()
         metrics.publish(self)
+        metrics.watch(self)  # takes over a dead metrics pusher's role (at most once per sweep)
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
         now = time.monotonic()
         for conn in list(self.connections):
             conn.on_tick(keepalive, now)
         if self._accept_paused and len(self.connections) >= self.max_connections:
             self._resume_accepting()  # paused at the cap: a waiting client retries _make_room
+        if self.draining and self._accepting and time.monotonic() >= self._drain_deadline:
+            self._close_listeners()
         if (
             self.draining
             and not self._accepting  # still listening during a handover
@@ -412,7 +560,24 @@ class VryptWorker(Worker):
         self.draining = True
         self.alive = False
         self.rules.open_until = 0
-        self._drain_deadline = time.monotonic() + self.cfg.graceful_timeout
+        self._drain_started = time.monotonic()
+        self._drain_deadline = self._drain_started + self.cfg.graceful_timeout
+        if self.slot >= 0:
+            # The slot's socket lives on in the arbiter, so nothing is lost whenever we stop
+            # accepting. But our replacement is forked only once we have exited (recycling) or
+            # may not come at all (TTOU, shutdown): keep serving the slot, every answer saying
+            # close, until the connections we had before the drain are done or a successor
+            # claims the slot (HUP); _tend_slots and connection_closed watch for both.
+            self._close_spare_copies()
+            self._old = set(self.connections)
+            if not self._old or listeners.served_by_another(self.slot, self.ppid):
+                self._close_listeners()
+                return
+            for conn in list(self.connections):
+                conn.drain()  # may close them all, and the listeners with the last one
+            grace = self.loop.timer(_DRAIN_GRACE)
+            grace.start(self._close_idle, grace)
+            return
         if handover and self._accepting:
             timer = self.loop.timer(_HANDOVER)
             timer.start(self._close_listeners, timer)
@@ -422,11 +587,20 @@ class VryptWorker(Worker):
     def _close_listeners(self, timer: Any = None) -> None:
         if timer is not None:
             timer.close()
+        if self._listeners_closed:
+            return
+        self._listeners_closed = True
+        if self.slot >= 0:
+            listeners.release(self.slot)
+        self._old.clear()
         for watcher, _sock in self._accepting:
             watcher.close()
         self._accepting.clear()
         for listener in self.sockets:
-            self._accept_queued(listener.sock if hasattr(listener, "sock") else listener)
+            sock = listener.sock if hasattr(listener, "sock") else listener
+            if sock is None:
+                continue  # closed already
+            self._accept_queued(sock)
             try:
                 listener.close()
             except OSError:
@@ -440,9 +614,18 @@ class VryptWorker(Worker):
             grace.start(self._close_idle, grace)
 
     def _close_idle(self, timer: Any) -> None:
+        """Close the idle connections; one that has sent nothing yet gets _FRESH_GRACE (from its
+        accept, or from the drain's start) and is looked at again until then."""
         timer.close()
+        now = time.monotonic()
+        waiting = False
         for conn in list(self.connections):
-            conn.close_if_idle()
+            since = self._late.get(conn, self._drain_started)
+            if conn.close_if_idle(spare_fresh=now - since < _FRESH_GRACE):
+                waiting = True
+        if waiting and not self._stopped:
+            again = self.loop.timer(0.1)
+            again.start(self._close_idle, again)
 
     def _accept_queued(self, listener: socket.socket) -> None:
         """Take the connections already in this listener's queue before it closes: with
@@ -462,7 +645,7 @@ class VryptWorker(Worker):
             self._done.set()
 
     def _on_term(self) -> None:
-        self.start_draining(handover=self.cfg.reuse_port)
+        self.start_draining(handover=self.cfg.reuse_port)  # reuse_port is off in slot mode
 
     def _on_quit(self) -> None:
         self.alive = False
@@ -475,19 +658,14 @@ class VryptWorker(Worker):
         sys.exit(1)
 
     def _raise_nofile_limit(self) -> None:
-        need = self.cfg.worker_connections + 128  # listeners, logs, heartbeat file, pipes
+        # As far as the hard limit allows; a hard limit too low for worker_connections was
+        # reported once by check_config, not again by every worker.
+        need = self.cfg.worker_connections + settings.NOFILE_RESERVE
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < need:
             target = need if hard == resource.RLIM_INFINITY else min(need, hard)
             if target > soft:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            if target < need:
-                self.log.warning(
-                    "open-file limit %d (hard) is below worker_connections=%d: "
-                    "accepts will back off when descriptors run out",
-                    hard,
-                    self.cfg.worker_connections,
-                )
 
 
 class Connection:
@@ -772,9 +950,19 @@ class Connection:
         if self.framer.idle and not self.pending and not self.lingering:
             self.on_readable()
 
-    def close_if_idle(self) -> None:
-        if self.reader is not None and self.framer.idle and not self.pending and not self.lingering:
-            self.close()
+    def close_if_idle(self, spare_fresh: bool = False) -> bool:
+        """Draining: close this connection if it has nothing in progress. A request that has
+        reached the kernel is read and answered first (closing over unread bytes would reset the
+        connection and lose it). Returns True when it was spared because it is fresh."""
+        if self.reader is None or not self.framer.idle or self.pending or self.lingering:
+            return False
+        self.on_readable()
+        if self.reader is None or not self.framer.idle or self.pending or self.lingering:
+            return False
+        if spare_fresh and never_received(self.sock):
+            return True
+        self.close()
+        return False
 
     def on_tick(self, keepalive: int, now: float) -> None:
         """Once a second, from the worker's sweep: every timeout of the connection, each

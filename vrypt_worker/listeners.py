@@ -1,0 +1,248 @@
+"""SO_REUSEPORT listeners that outlive the workers: one slot of listeners per worker, held by the
+arbiter, so that the port never has a gap while workers come and go.
+
+gunicorn 27 with `reuse_port` lets each worker bind its own listener after the fork, and the
+arbiter holds none. A worker that exits then closes the only socket its share of the traffic can
+reach: the kernel resets what waits in that socket's queue (unless net.ipv4.tcp_migrate_req is 1,
+which Kubernetes does not allow in an unprivileged pod), and with one worker, or with every worker
+recycling at once, the port has no listener at all and connections are refused. docs/reliability.md
+has the measurements.
+
+Here, as nginx does with `reuseport`, the arbiter creates the listeners (one per bind address for
+each worker slot) before it forks and keeps them open for as long as it lives. Each worker serves
+its own slot. A worker that exits closes only its copy of the descriptor: the socket, its place in
+the SO_REUSEPORT group and its queue live on in the arbiter, and the replacement worker inherits
+the same socket. A connection that arrives in between waits in the queue for a few milliseconds;
+it is never refused or reset. A slot whose worker is gone and not replaced (TTOU, a worker killed
+by the arbiter's timeout while the replacement boots) is adopted by the other workers until a
+worker takes it again: `owners` in shared memory says who serves each slot.
+
+The arbiter hands the listeners to gunicorn as its own (`Arbiter.LISTENERS`), which makes gunicorn
+do the right thing everywhere else: it names them in `Listening at:`, passes them to a USR2
+upgrade (GUNICORN_FD), whose arbiter adopts them as its slots (the same sockets: an upgrade
+changes nothing in the kernel), and closes its copies first on TERM. gunicorn's own per-worker
+binding is switched off by setting `reuse_port` to False in the arbiter's config once the slots
+exist; `slot_mode()` is what the worker reads instead.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from gunicorn import sock as gsock
+
+from vrypt_worker.metrics import alive_child
+
+MAX_SLOTS = 512  # owner words in the shared page (8 bytes each): far above any worker count
+
+_pool: SlotPool | None = None
+
+
+class _ConfView:
+    """The arbiter's config with `reuse_port` overridden, for gunicorn's socket classes."""
+
+    def __init__(self, cfg: Any, reuse_port: bool) -> None:
+        self._cfg = cfg
+        self.reuse_port = reuse_port
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._cfg, name)
+
+
+class SlotPool:
+    """The arbiter's listener slots. Built in the arbiter before any worker forks."""
+
+    def __init__(self, addresses: list[tuple[Any, ...]], owners: memoryview) -> None:
+        self.addresses = addresses
+        self.slots: list[list[Any]] = []  # gunicorn listener objects, one per address
+        self.holders: dict[int, list[Any]] = {}  # slot -> worker objects given that slot
+        self.owners = owners  # shared: owners[slot] = pid of the worker that serves it, or 0
+
+    @property
+    def listeners(self) -> list[Any]:
+        return [listener for slot in self.slots for listener in slot]
+
+    def add_slot(self, cfg: Any, log: Any) -> int:
+        if len(self.slots) >= MAX_SLOTS:
+            raise RuntimeError(f"vrypt_worker: more than {MAX_SLOTS} listener slots")
+        view = _ConfView(cfg, True)
+        self.slots.append([gsock._sock_type(addr)(addr, view, log) for addr in self.addresses])
+        return len(self.slots) - 1
+
+    def live_holders(self, slot: int, arbiter_pid: int) -> int:
+        alive = [
+            worker
+            for worker in self.holders.get(slot, [])
+            if not isinstance(worker.pid, int) or alive_child(worker.pid, arbiter_pid)
+        ]
+        self.holders[slot] = alive
+        return len(alive)
+
+    def assign(self, worker: Any, wanted: int, cfg: Any, log: Any) -> int:
+        """The slot for a new worker: one nobody holds; else a new one while there are fewer
+        slots than workers wanted (TTIN); else share the least held (a HUP reload forks the new
+        workers before the old ones leave: each new one shares an old one's slot)."""
+        me = os.getpid()
+        counts = [self.live_holders(slot, me) for slot in range(len(self.slots))]
+        if 0 in counts:
+            slot = counts.index(0)
+        elif len(self.slots) < wanted:
+            slot = self.add_slot(cfg, log)
+        else:
+            slot = counts.index(min(counts))
+        self.holders.setdefault(slot, []).append(worker)
+        return slot
+
+
+def slot_mode() -> bool:
+    """True when this server's listeners are arbiter-held SO_REUSEPORT slots."""
+    return _pool is not None
+
+
+def pool() -> SlotPool:
+    assert _pool is not None
+    return _pool
+
+
+def _tcp_addresses(cfg: Any) -> list[tuple[Any, ...]] | None:
+    addresses = cfg.address
+    if not addresses or any(not isinstance(address, tuple) for address in addresses):
+        return None  # unix: and fd:// binds: refused with reuse_port by check_config
+    return list(addresses)
+
+
+def _refuse_a_taken_port(cfg: Any, log: Any) -> None:
+    """Another process listening on the port fails the start, as it does for gunicorn's own
+    workers. A SO_REUSEPORT listener of ours would silently join that process's group (another
+    vrypt-server left running, say) and split its traffic, so first bind plainly, through
+    gunicorn's own code: its messages, its five tries, its exit status."""
+    for listener in gsock.create_sockets(_ConfView(cfg, False), log):
+        listener.close()
+
+
+def _adopt_inherited(cfg: Any, log: Any, fds: list[int], per_slot: int) -> list[list[Any]]:
+    listeners = gsock.create_sockets(_ConfView(cfg, True), log, fds)
+    if per_slot < 1 or len(listeners) % per_slot:
+        per_slot = 1
+    return [listeners[i : i + per_slot] for i in range(0, len(listeners), per_slot)]
+
+
+def prepare(arbiter: Any) -> None:
+    """From Arbiter.setup (VryptWorker.setup), at start and at every reload: build the slots
+    (or adopt a USR2 parent's), give them to gunicorn as its listeners, and switch gunicorn's
+    per-worker binding off."""
+    global _pool
+    cfg, log = arbiter.cfg, arbiter.log
+    if _pool is not None:  # a reload: same sockets, and gunicorn's binding off again
+        if cfg.address != _pool.addresses and cfg.reuse_port:
+            log.warning(
+                "vrypt_worker: a changed bind (%s) takes effect at the next restart or USR2 "
+                "upgrade; the listeners stay on %s",
+                ",".join(map(str, cfg.address)),
+                ",".join(map(str, _pool.addresses)),
+            )
+            cfg.set("bind", [_format(address) for address in _pool.addresses])
+        cfg.set("reuse_port", False)
+        arbiter.LISTENERS = _pool.listeners
+        return
+    if not cfg.reuse_port or not hasattr(socket, "SO_REUSEPORT") or arbiter.LISTENERS:
+        return
+    if os.environ.get("LISTEN_FDS"):
+        return  # systemd socket activation: its sockets, gunicorn's way
+    addresses = _tcp_addresses(cfg)
+    if addresses is None:
+        return
+    page = mmap.mmap(-1, MAX_SLOTS * 8)
+    new = SlotPool(addresses, memoryview(page).cast("Q"))
+    inherited = os.environ.pop("GUNICORN_FD", "") if os.environ.get("GUNICORN_PID") else ""
+    if inherited:
+        fds = [int(fd) for fd in inherited.split(",") if fd]
+        new.slots = _adopt_inherited(cfg, log, fds, len(addresses))
+    else:
+        _refuse_a_taken_port(cfg, log)
+    if not new.slots:
+        new.add_slot(cfg, log)
+        # A port 0 bind: every slot must join the port the first one got.
+        new.addresses = [
+            (address[0], listener.getsockname()[1], *address[2:])
+            for address, listener in zip(addresses, new.slots[0], strict=True)
+        ]
+        for _ in range(1, max(int(cfg.workers or 1), 1)):
+            new.add_slot(cfg, log)
+    _pool = new
+    cfg.set("reuse_port", False)
+    arbiter.LISTENERS = new.listeners
+
+
+def _format(address: tuple[Any, ...]) -> str:
+    host = address[0]
+    return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
+
+
+def calling_arbiter(depth: int) -> Any:
+    """The gunicorn Arbiter whose method is `depth` frames up, or None. gunicorn offers a
+    worker class no hook that sees the arbiter before it binds (`setup()` takes no argument),
+    so the listener slots find it on the stack; anything unexpected leaves gunicorn alone."""
+    try:
+        from gunicorn.arbiter import Arbiter
+
+        candidate = sys._getframe(depth + 1).f_locals.get("self")
+    except (ImportError, ValueError):
+        return None
+    return candidate if isinstance(candidate, Arbiter) else None
+
+
+def assign(worker: Any) -> tuple[int, list[Any], dict[int, list[Any]]]:
+    """In the arbiter, from VryptWorker.__init__: (slot, its listeners, the other slots).
+
+    The worker inherits every slot's descriptors at the fork; it serves its own and adopts the
+    others' when their owner is gone (`orphaned`)."""
+    current = _pool
+    assert current is not None
+    arbiter = calling_arbiter(2)
+    wanted = arbiter.num_workers if arbiter is not None else int(worker.cfg.workers or 1)
+    slot = current.assign(worker, wanted, worker.cfg, worker.log)
+    if arbiter is not None:
+        arbiter.LISTENERS = current.listeners  # a new slot goes to a USR2 upgrade too
+    others = {k: listeners for k, listeners in enumerate(current.slots) if k != slot}
+    return slot, current.slots[slot], others
+
+
+def claim(slot: int) -> None:
+    """In the worker: this process serves `slot` now (written again on every clock tick, so a
+    predecessor that cleared the word while leaving cannot undo it for long)."""
+    if _pool is not None:
+        _pool.owners[slot] = os.getpid()
+
+
+def release(slot: int) -> None:
+    """In the worker: it stops accepting on `slot`; the others adopt it until its replacement
+    claims it. They are told at once (SIGWINCH, which a worker takes as "look at the slots"), so
+    the slot's queue waits microseconds for them rather than up to a clock tick."""
+    if _pool is None or _pool.owners[slot] != os.getpid():
+        return
+    _pool.owners[slot] = 0
+    for other in set(_pool.owners[: len(_pool.slots)]):
+        # alive_child: a dead worker's pid may belong to some other process by now
+        if other not in (0, os.getpid()) and alive_child(other, os.getppid()):
+            try:
+                os.kill(other, signal.SIGWINCH)
+            except OSError:
+                pass  # gone: its replacement reads the table when it starts
+
+
+def served_by_another(slot: int, arbiter_pid: int) -> bool:
+    """Another live worker has claimed `slot` (a HUP reload's successor of a leaving worker)."""
+    owner = _pool.owners[slot] if _pool is not None else 0
+    return owner not in (0, os.getpid()) and alive_child(owner, arbiter_pid)
+
+
+def orphaned(slot: int, arbiter_pid: int) -> bool:
+    """Nobody serves `slot`: no owner, or an owner that is gone (killed, exited)."""
+    owner = _pool.owners[slot] if _pool is not None else 0
+    return owner == 0 or (owner != os.getpid() and not alive_child(owner, arbiter_pid))
