@@ -27,6 +27,9 @@ from tests.support import (
     running,
 )
 from tests.test_reliability import cpu_seconds, normal_client_latencies, percentile, rss_kb
+from vrypt_worker import framing as f
+from vrypt_worker.answer import Answer
+from vrypt_worker.response import render
 
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -372,6 +375,17 @@ def test_connect_gets_200_without_content_length_then_the_body_and_the_close() -
     assert lines[0] == b"HTTP/1.1 200 OK"
     assert b"content-length" not in fields and b"transfer-encoding" not in fields
     assert b"Connection: close" in lines and body == b"Vrypt"
+
+
+def test_connect_answer_follows_the_chosen_answer() -> None:
+    """A chosen 2xx loses only its Content-Length for CONNECT; any other status is answered as
+    to every request (a non-2xx to CONNECT is framed as usual)."""
+    date = b"Tue, 01 Dec 2026 04:00:00 GMT"
+    created = render(date, Answer(status=201, reason=b"Created", body=b"made"))
+    assert created[f.TUNNEL].startswith(b"HTTP/1.1 201 Created\r\n")
+    assert b"Content-Length" not in created[f.TUNNEL] and created[f.TUNNEL].endswith(b"made")
+    unavailable = render(date, Answer(status=503, reason=b"Service Unavailable"))
+    assert unavailable[f.TUNNEL] == unavailable[f.OK_CLOSE]
 
 
 def test_chunked_with_parameters_gets_400() -> None:
