@@ -125,6 +125,23 @@ def test_a_slow_body_within_the_timeout_is_read_and_a_stalled_one_gets_408() -> 
 # --- memory is bounded per connection and per worker ---------------------------------------------
 
 
+def test_a_long_mixed_pipeline_is_answered_in_order_from_counted_runs() -> None:
+    """More than 64 answers from one read are owed as [kind, count] runs and rendered as the
+    kernel takes them: GET and HEAD runs of varying length still come back in order, while the
+    client reads slowly (the kernel's buffers fill, so the runs are resumed part way)."""
+    head_req = b"HEAD / HTTP/1.1\r\nHost: t\r\n\r\n"
+    pattern = [GET] * 70 + [head_req] * 3 + [GET] + [head_req] * 100
+    with running() as server, server.connect(timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"".join(pattern) * 40)
+        time.sleep(0.5)  # the worker blocks on a full buffer mid-run
+        heads = {i for i, r in enumerate(pattern * 40) if r is head_req}
+        responses = StrictReader(sock).read_many(len(pattern) * 40, heads)
+    assert len(responses) == len(pattern) * 40
+    for i, response in enumerate(responses):
+        assert is_vrypt(response, head=i in heads), i
+
+
 def pipeline_without_reading(port: int, count: int, seconds: float) -> list[socket.socket]:
     """`count` connections that send pipelined GETs until the kernel takes no more, and never
     read an answer."""

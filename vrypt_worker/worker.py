@@ -698,8 +698,9 @@ class Connection:
         self.table = worker.responses.bytes_for
         self.pending = b""  # answer bytes the kernel did not take yet
         # Answers owed beyond `pending`, as [kind, count] runs, rendered a batch at a time when
-        # the kernel takes them. Whenever it is not empty, `pending` is not empty either.
-        self.owed: list[list[int]] = []
+        # the kernel takes them. Whenever it is not empty, `pending` is not empty either. An
+        # empty tuple until then: no list per connection (10,000 idle ones, 0.5 MB).
+        self.owed: list[list[int]] | tuple[()] = ()
         self.writer: Any = None
         # Read from (or written to) since the last sweep; None until the first read, so that a
         # client whose request is still unread is never taken for an idle keep-alive one.
@@ -799,12 +800,13 @@ class Connection:
 
     def owe(self, out: list[int]) -> None:
         """Many answers from one read: keep them as counts, send what the kernel takes."""
+        owed = self.owed = self.owed or []
         first = out[0]
         if out.count(first) == len(out):
-            self.owed.append([first, len(out)])
+            owed.append([first, len(out)])
         else:
             for kind, run in itertools.groupby(out):
-                self.owed.append([kind, sum(1 for _ in run)])
+                owed.append([kind, sum(1 for _ in run)])
         if not self.pending:
             self.flush(waiting=False)
 
@@ -812,7 +814,7 @@ class Connection:
         """Render and send owed answers a batch at a time. When the kernel stops taking them,
         the unsent rest of the answer it stopped in (or the next whole one) becomes `pending`
         and the connection waits to be writable; returns whether everything went."""
-        owed = self.owed
+        owed: list[list[int]] = self.owed  # type: ignore[assignment]  # called when not empty
         table = self.table
         while owed:
             run = owed[0]
@@ -854,8 +856,8 @@ class Connection:
         worker.rules.rejected += 1
         worker.rules.answered += 1
         metrics.publish(worker)
-        if self.owed:  # after the answers still owed, in order
-            self.owed.append([kind, 1])
+        if self.owed:  # after the answers still owed, in order (a list when not empty)
+            self.owed.append([kind, 1])  # type: ignore[union-attr]
         else:
             self.send(self.table[kind])
         self.close_after_send()
@@ -1018,7 +1020,7 @@ class Connection:
         if self.held:
             self.worker.held -= self.held
             self.held = 0
-        self.owed = []
+        self.owed = ()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
