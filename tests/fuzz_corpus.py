@@ -43,6 +43,7 @@ MAX_EMPTY_LINES = 32
 class Owed:
     head: bool  # a HEAD request: the answer has no body
     close: bool  # the answer must say `Connection: close`
+    connect: bool = False  # a CONNECT: 200 without Content-Length, ended by the close
 
 
 @dataclass
@@ -92,7 +93,7 @@ def reference_frame(data: bytes) -> Expected:
         ]  # fmt: skip
         has_te = any(name == b"transfer-encoding" for name, _ in fields)
         codings = [
-            c.split(b";")[0].strip(b" \t").lower()
+            c.strip(b" \t").lower()  # `chunked;x=y` is no chunked (RFC 9112 §7: no parameters)
             for name, value in fields if name == b"transfer-encoding"
             for c in value.split(b",")
         ]  # fmt: skip
@@ -124,7 +125,7 @@ def reference_frame(data: bytes) -> Expected:
             pos += int(lengths[0])
             if pos > end:
                 return _end(out, "incomplete", "body")
-        out.answers.append(Owed(head=method == b"HEAD", close=close))
+        out.answers.append(Owed(head=method == b"HEAD", close=close, connect=method == b"CONNECT"))
         if close:
             return _end(out, "close")
 
@@ -207,9 +208,15 @@ def parse_answers(raw: bytes, expected: Expected) -> tuple[list[Answer], str]:
         if code == 100:
             continue
         length = _LENGTH.search(head)
+        index = len(answers)
+        if length is None and code == 200 and index < len(expected.answers):
+            # The answer to CONNECT (RFC 9110 §9.3.6): no Content-Length, the close ends it.
+            if not expected.answers[index].connect or raw[pos:] != b"Vrypt":
+                return answers, f"answer without Content-Length: {head!r}"
+            answers.append(Answer(code, head))
+            return answers, ""
         if length is None:
             return answers, f"answer without Content-Length: {head!r}"
-        index = len(answers)
         is_head = code == 200 and index < len(expected.answers) and expected.answers[index].head
         if not is_head:
             pos += int(length.group(1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -20,6 +21,13 @@ CHUNKED = (
     b'5;name=value;q="a \\"b"\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: yes\r\n\r\n'
 )
 FOO = b"FOO * HTTP/1.1\r\n\r\n"
+# Every size the tiny-chunk scan takes in one C call (1-f, either case), then a bigger one.
+TINY_CHUNKS = (
+    b"POST /t HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    + b"".join(b"%x\r\n%s\r\n" % (n, b"d" * n) for n in range(1, 16))
+    + b"A\r\n0123456789\r\nF\r\n" + b"\r\n" * 7 + b"x\r\n1f\r\n" + b"z" * 31
+    + b"\r\n1\r\n\n\r\n0\r\n\r\n"
+)  # fmt: skip
 SAMPLES = [
     (GET, f.OK),
     (HEAD, f.OK_HEAD),
@@ -33,6 +41,7 @@ SAMPLES = [
     (b"get / HTTP/1.1\r\n\r\n", f.OK),  # methods are case-sensitive: `get` is just a token
     (b"GET / HTTP/1.1\r\nX-Empty:\r\nX-Tab:\tv\t\r\nX-Obs: \xe9t\xe9\r\n\r\n", f.OK),
     (b"GET / HTTP/1.2\r\n\r\n", f.OK),  # a higher minor version is handled as 1.1
+    (TINY_CHUNKS, f.OK),
 ]
 CLOSING_SAMPLES = [
     (b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n", f.OK_CLOSE),
@@ -41,7 +50,7 @@ CLOSING_SAMPLES = [
     (b"GET / HTTP/1.0\r\n\r\n", f.OK_CLOSE),
     (b"GET / HTTP/1.0\r\nConnection: close\r\n\r\n", f.OK_CLOSE),
     (b"GET / HTTP/1.0\r\nConnection: close\r\nConnection: keep-alive\r\n\r\n", f.OK_CLOSE),
-    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", f.OK_CLOSE),
+    (b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n", f.TUNNEL),
     (b"GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n", f.OK_CLOSE),
     (b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n", f.OK_CLOSE),
 ]
@@ -64,6 +73,9 @@ BAD = [
     (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", f.BAD_REQUEST),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: foo, chunked\r\n\r\n", f.NOT_IMPLEMENTED),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: identity, chunked\r\n\r\n", f.NOT_IMPLEMENTED),
+    # the chunked coding has no parameters (RFC 9112 §7)
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked;foo=bar\r\n\r\n0\r\n\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked ; q=1\r\n\r\n", f.BAD_REQUEST),
     # bad chunks
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nz\r\n", f.BAD_REQUEST),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n", f.BAD_REQUEST),
@@ -71,6 +83,11 @@ BAD = [
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0x5\r\n", f.BAD_REQUEST),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n11111111111111111\r\n", f.BAD_REQUEST),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n", f.BAD_REQUEST),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n1\r\nbX\r\n", f.BAD_REQUEST),
+    (
+        b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n2\r\nb\r\n\r\n",
+        f.BAD_REQUEST,
+    ),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;\r\nabc\r\n", f.BAD_REQUEST),
     (b'POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3;a="b\r\nabc\r\n', f.BAD_REQUEST),
     (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n", f.BAD_REQUEST),
@@ -493,3 +510,41 @@ def test_mutated_pipelines_against_an_independent_reference(rnd: random.Random) 
     assert len(oks) <= len(expected.answers), (data, expected)
     for answer, owed in zip(oks, expected.answers, strict=False):
         assert bool(answer & f.OK_HEAD) == owed.head and (answer >= f.CLOSING) == owed.close, data
+
+
+# --- time linear in the bytes, however they are split (issue 14) -----------------------------
+
+
+def test_a_body_of_one_byte_chunks_is_framed_in_linear_time() -> None:
+    """2 MiB in 1-byte chunks (12 MiB on the wire) in 64 KiB reads: one regex call per read
+    takes every complete tiny chunk (a Python iteration per chunk took 2.8 s)."""
+    body = b"1\r\nx\r\n" * (2 * 1024 * 1024) + b"0\r\n\r\n"
+    data = b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n" + body + GET
+    framer = RequestFramer(FramingRules())
+    answers: list[int] = []
+    started = time.perf_counter()
+    for i in range(0, len(data), 65536 + 7):  # reads that split chunks anywhere
+        answers += framer.feed(data[i : i + 65536 + 7])
+    elapsed = time.perf_counter() - started
+    assert answers == [f.OK, f.OK] and framer.fresh
+    assert elapsed < 0.5, elapsed
+
+
+def test_a_big_head_in_small_pieces_is_scanned_in_linear_time() -> None:
+    """400 KB of head (within gunicorn's limits) in 10-byte reads: appended in place and searched
+    only where new bytes arrived (copying and rescanning it per read took seconds)."""
+    head = b"GET / HTTP/1.1\r\n" + b"X-Big: " + b"b" * 8000 + b"\r\n"
+    head = head[:16] + head[16:] * 50 + b"\r\n"
+    framer = RequestFramer(FramingRules())
+    answers: list[int] = []
+    started = time.perf_counter()
+    for i in range(0, len(head), 10):
+        answers += framer.feed(head[i : i + 10])
+    elapsed = time.perf_counter() - started
+    assert answers == [f.OK] and framer.fresh
+    assert elapsed < 1.0, elapsed
+    too_many = head[:-2] + b"X-More: 1\r\n" * 60 + b"\r\n"  # over the 100 fields: 431 on the way
+    assert frame(*[too_many[i : i + 10] for i in range(0, len(too_many), 10)]) == (
+        [f.FIELDS_TOO_LARGE],
+        True,
+    )

@@ -340,6 +340,9 @@ BAD_ENV = [
     ("WEB_CONCURRENCY", "0", "at least 1"),
     ("VRYPT_REUSE_PORT", "maybe", "expected 1/0"),
     ("VRYPT_HEAD_TIMEOUT", "soon", "whole number of seconds"),
+    ("VRYPT_BODY_TIMEOUT", "0", "whole number of seconds"),
+    ("VRYPT_SEND_TIMEOUT", "later", "whole number of seconds"),
+    ("VRYPT_HEAD_BUFFER", "-5", "whole number of bytes"),
     ("VRYPT_STATSD_INTERVAL", "0", "between 0.05 and 3600"),
     ("VRYPT_STATSD_HOST", "host:port:x", "host:port"),
 ]

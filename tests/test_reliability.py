@@ -276,7 +276,8 @@ def test_a_thousand_slowloris_connections_cost_a_normal_client_nothing() -> None
     assert len(slow.closed_at) == 1000, "slow connections left open"
     lifetimes = [slow.closed_at[i] - slow.first_byte[i] for i in range(1000)]
     print(f"slow connections closed {min(lifetimes):.2f}-{max(lifetimes):.2f}s after 1st byte")
-    assert head_timeout - 1 <= min(lifetimes) and max(lifetimes) <= head_timeout + 1.5
+    # The head timeout runs from the first byte; the 1 s sweep notices it within a second.
+    assert head_timeout - 0.1 <= min(lifetimes) and max(lifetimes) <= head_timeout + 1.5
     for answer in slow.answers.values():
         assert answer.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer[:100]
 
@@ -342,7 +343,8 @@ def test_running_out_of_descriptors_neither_spins_nor_crashes_and_recovers() -> 
         held = []
         for _ in range(100):  # more than the limit: the rest wait in the listen queue
             sock = server.connect()
-            sock.sendall(GET)
+            # A second head begun: busy, so not closed to make room (tests/test_hostile.py)
+            sock.sendall(GET + b"GET /next HTTP/1.1\r\n")
             held.append(sock)
         server.wait_for_log("accept failed .*Too many open files")
         answered = _answered_within(held, 1.0)

@@ -10,7 +10,10 @@ operator never edits this file to change a mode:
   VRYPT_REUSE_PORT   1 (default): one SO_REUSEPORT listener per worker; 0: one shared listener
   VRYPT_STATSD_HOST  host:port of the StatsD collector (default 127.0.0.1:8125); empty disables
   VRYPT_STATSD_INTERVAL  seconds between two sends of the metrics pusher (default 1)
-  VRYPT_HEAD_TIMEOUT seconds a request head may take to arrive (default 10)
+  VRYPT_HEAD_TIMEOUT seconds from a request head's first byte to its end (default 10)
+  VRYPT_BODY_TIMEOUT seconds between two reads of a request body (default 60)
+  VRYPT_SEND_TIMEOUT seconds a client may leave owed answers untaken before the close (default 60)
+  VRYPT_HEAD_BUFFER  bytes of unfinished heads a worker holds before big ones get 431 (32 MiB)
   VRYPT_STATUS, VRYPT_BODY, VRYPT_BODY_FILE, VRYPT_CONTENT_TYPE, VRYPT_HEADERS: the answer
                      (vrypt_worker/answer.py; also `vrypt_status` ... as variables of a conf file)
 

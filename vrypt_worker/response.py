@@ -58,6 +58,16 @@ def render(date: bytes, answer: Answer | None = None) -> list[bytes]:
             + reason
         )
     table[framing.CONTINUE] = b"HTTP/1.1 100 Continue\r\n\r\n"
+    # CONNECT: a 2xx to it carries no Content-Length or Transfer-Encoding (RFC 9110 §9.3.6), so
+    # the close ends the body and a client still reads it. Other statuses are answered as usual.
+    length = b"Content-Length: %d\r\n" % len(body)
+    if 200 <= answer.status < 300 and answer.fields.endswith(length):
+        fields = answer.fields[: -len(length)]
+        table[framing.TUNNEL] = (
+            ok[: len(ok) - len(answer.fields)] + fields + b"Connection: close\r\n\r\n" + body
+        )
+    else:
+        table[framing.TUNNEL] = table[framing.OK_CLOSE]
     return table
 
 

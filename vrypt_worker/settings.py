@@ -8,6 +8,7 @@ before any worker starts, instead of failing later in a worker with a traceback.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -132,6 +133,12 @@ def check_worker_environment(environ: Mapping[str, str] = os.environ) -> None:
     for name, read, hint in (
         ("VRYPT_HEAD_TIMEOUT", worker.head_timeout_from_env, "expected a whole number of seconds"),
         ("VRYPT_STATSD_INTERVAL", metrics.interval_from_env, ""),
+        # The other per-request timeouts and the partial-head budget (issue 14).
+        *(
+            (name, functools.partial(worker.hostile_setting_from_env, name), "")
+            for name in worker.HOSTILE_SETTINGS
+            if name != "VRYPT_HEAD_TIMEOUT"
+        ),
     ):
         raw = environ.get(name, "")
         if raw.strip():

@@ -10,6 +10,8 @@ cap, timeouts, signals, draining on shutdown and recycling.
 from __future__ import annotations
 
 import errno
+import heapq
+import itertools
 import logging
 import os
 import resource
@@ -25,7 +27,14 @@ import gevent.event
 from gunicorn.workers.base import Worker
 
 from vrypt_worker import listeners, metrics, settings
-from vrypt_worker.framing import CLOSING, REQUEST_TIMEOUT, FramingRules, Limits, RequestFramer
+from vrypt_worker.framing import (
+    CLOSING,
+    FIELDS_TOO_LARGE,
+    REQUEST_TIMEOUT,
+    FramingRules,
+    Limits,
+    RequestFramer,
+)
 from vrypt_worker.response import ResponseTable
 
 _READ, _WRITE = 1, 2
@@ -75,18 +84,63 @@ def never_received(sock: Any) -> bool:
 # accepting this long (every answer now says close) so that the port is never without a listener.
 _HANDOVER = 0.2
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+# Pipelined answers are rendered at most this many at a time. More than that (one 64 KiB read of
+# small requests owes thousands) are kept as counts per kind: a client that pipelines and never
+# reads then costs one partial answer and a count, not the answers' bytes (issue 14: 3,000 such
+# clients held 1.2 GB when answers were buffered).
+_BATCH = 64
+# At the connection cap or out of descriptors, idle keep-alive connections (least recently used
+# first) are closed to make room, as nginx's ngx_drain_connections does: an eighth of them, at
+# least one and at most 32.
+_EVICT = 32
+# A partial head up to this size is always held (nginx holds up to 4 x 8 KB); a bigger one only
+# while the worker's partial heads together stay within VRYPT_HEAD_BUFFER, else it gets 431.
+_SMALL_HEAD = 32 * 1024
+# The kernel's send buffer per connection (it doubles the value: 128 KiB, about 1,000 answers).
+# Left to autotuning, a client that pipelines and never reads makes the kernel hold megabytes of
+# our answers for it: with 3,000 such clients the machine's TCP memory went into pressure and a
+# normal client waited 4 s (p99; nginx, also autotuned, over 10 s). Fixed at this size: 0.05 ms.
+# Our answers are small, so a bigger buffer buys nothing but memory. Set on the listener once.
+_SNDBUF = 64 * 1024
 DEFAULT_HEAD_TIMEOUT = 10
+# The other per-request timeouts and the partial-head budget: (default, what it bounds).
+TIMEOUTS = {
+    "VRYPT_HEAD_TIMEOUT": DEFAULT_HEAD_TIMEOUT,  # a head's first byte to its end, then 408
+    "VRYPT_BODY_TIMEOUT": 60,  # between two reads of a body, then 408 (nginx: 60 s too)
+    "VRYPT_SEND_TIMEOUT": 60,  # answers owed, none taken for this long: close (nginx: 60 s)
+}
+DEFAULT_HEAD_BUFFER = 32 * 1024 * 1024
+HOSTILE_SETTINGS = {**TIMEOUTS, "VRYPT_HEAD_BUFFER": DEFAULT_HEAD_BUFFER}
+
+
+def positive_int_from_env(name: str, default: int) -> int:
+    """A positive integer setting from the environment; a bad value raises ValueError."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        unit = "bytes" if name == "VRYPT_HEAD_BUFFER" else "seconds"
+        raise ValueError(f"{name}={raw!r}: expected a whole number of {unit}, at least 1")
+    return value
+
+
+def hostile_setting_from_env(name: str) -> int:
+    """One of HOSTILE_SETTINGS (a timeout in seconds, or VRYPT_HEAD_BUFFER in bytes)."""
+    return positive_int_from_env(name, HOSTILE_SETTINGS[name])
 
 
 def head_timeout_from_env() -> int:
-    """VRYPT_HEAD_TIMEOUT: seconds a request head may take to arrive (slowloris guard)."""
-    raw = os.environ.get("VRYPT_HEAD_TIMEOUT", "").strip()
-    if not raw:
-        return DEFAULT_HEAD_TIMEOUT
-    value = int(raw)
-    if value <= 0:
-        raise ValueError(f"VRYPT_HEAD_TIMEOUT={raw!r}: expected a positive number of seconds")
-    return value
+    """VRYPT_HEAD_TIMEOUT: seconds from a request head's first byte to its end (slowloris)."""
+    return positive_int_from_env("VRYPT_HEAD_TIMEOUT", DEFAULT_HEAD_TIMEOUT)
+
+
+def hostile_settings_from_env() -> dict[str, int]:
+    """Every VRYPT_* timeout (seconds) and VRYPT_HEAD_BUFFER (bytes), validated."""
+    return {name: hostile_setting_from_env(name) for name in HOSTILE_SETTINGS}
 
 
 def tcp_migrate_req_enabled() -> bool:
@@ -201,7 +255,13 @@ class VryptWorker(Worker):
         # The answer that reaches max_requests says `Connection: close` (see FramingRules);
         # keepalive = 0 means no keep-alive at all, as in gunicorn's own workers.
         self.rules.open_until = self.max_requests - 1 if self.cfg.keepalive > 0 else 0
-        self.head_timeout = head_timeout_from_env()
+        hostile = hostile_settings_from_env()
+        self.head_timeout = hostile["VRYPT_HEAD_TIMEOUT"]
+        self.body_timeout = hostile["VRYPT_BODY_TIMEOUT"]
+        self.send_timeout = hostile["VRYPT_SEND_TIMEOUT"]
+        self.head_budget = hostile["VRYPT_HEAD_BUFFER"]
+        self.held = 0  # bytes of partial heads (and chunk lines) held by all connections
+        self.accepted = 0  # connections accepted so far (their order, for eviction)
         self.draining = False
         self._accepting: list[tuple[Any, socket.socket]] = []
         self.max_connections = self.cfg.worker_connections
@@ -250,6 +310,7 @@ class VryptWorker(Worker):
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 # Accepted sockets inherit TCP_NODELAY from their listener on Linux: set it once.
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)  # inherited too
             watcher = loop.io(sock.fileno(), _READ)
             self._accepting.append((watcher, sock))
         self._resume_accepting(force=True)
@@ -301,15 +362,23 @@ class VryptWorker(Worker):
     # accepting ----------------------------------------------------------------------------------
 
     def _on_acceptable(self, listener: socket.socket, family: int) -> None:
+        evicted = False
         for _ in range(_MAX_ACCEPT):
+            # At the cap, a readable listener means a client waits: idle keep-alive connections
+            # make room for it; with none, accepting pauses (the sweep retries once a second).
+            if len(self.connections) >= self.max_connections and not self._make_room():
+                self._pause_accepting()
+                return
             try:
                 if not self._accept_one(listener, family):
                     return
             except OSError as exc:
+                if not evicted and self._make_room():
+                    evicted = True
+                    continue  # descriptors freed: take the waiting client now
                 self._back_off_accepting(exc)
                 return
             if len(self.connections) >= self.max_connections:
-                self._pause_accepting()
                 return
 
     def _accept_one(self, listener: socket.socket, family: int) -> bool:
@@ -338,6 +407,17 @@ class VryptWorker(Worker):
             if self.draining:
                 self._late[conn] = time.monotonic()
             return True
+
+    def _make_room(self) -> bool:
+        """Close some idle keep-alive connections, least recently used first (at the sweep's
+        one-second resolution). False when none is idle."""
+        idle = [conn for conn in self.connections if conn.evictable()]
+        if not idle:
+            return False
+        count = max(1, min(_EVICT, len(idle) // 8))
+        for conn in heapq.nlargest(count, idle, key=Connection.idleness):
+            conn.close()
+        return True
 
     def _pause_accepting(self) -> None:
         if not self._accept_paused:
@@ -444,8 +524,11 @@ class VryptWorker(Worker):
         metrics.publish(self)
         metrics.watch(self)  # takes over a dead metrics pusher's role (at most once per sweep)
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
+        now = time.monotonic()
         for conn in list(self.connections):
-            conn.on_tick(keepalive, self.head_timeout)
+            conn.on_tick(keepalive, now)
+        if self._accept_paused and len(self.connections) >= self.max_connections:
+            self._resume_accepting()  # paused at the cap: a waiting client retries _make_room
         if self.draining and self._accepting and time.monotonic() >= self._drain_deadline:
             self._close_listeners()
         if (
@@ -589,10 +672,13 @@ class Connection:
     """One client socket on the hub: read, frame, answer; back-pressure on slow readers."""
 
     __slots__ = (
+        "born",
         "framer",
-        "head_ticks",
+        "head_since",
+        "held",
         "idle_ticks",
         "lingering",
+        "owed",
         "pending",
         "reader",
         "recv_size",
@@ -611,10 +697,19 @@ class Connection:
         self.framer = RequestFramer(self.rules)
         self.table = worker.responses.bytes_for
         self.pending = b""  # answer bytes the kernel did not take yet
+        # Answers owed beyond `pending`, as [kind, count] runs, rendered a batch at a time when
+        # the kernel takes them. Whenever it is not empty, `pending` is not empty either. An
+        # empty tuple until then: no list per connection (10,000 idle ones, 0.5 MB).
+        self.owed: list[list[int]] | tuple[()] = ()
         self.writer: Any = None
-        self.seen = True
-        self.idle_ticks = 0
-        self.head_ticks = 0
+        # Read from (or written to) since the last sweep; None until the first read, so that a
+        # client whose request is still unread is never taken for an idle keep-alive one.
+        self.seen: bool | None = None
+        self.idle_ticks = -1  # sweeps without either (the first sweep counts as a use)
+        self.head_since = 0.0  # monotonic time of the current partial head's first read, or 0
+        self.held = 0  # partial bytes the framer holds, as counted in worker.held
+        self.born = worker.accepted  # accept order: among equally idle ones, older goes first
+        worker.accepted += 1
         self.lingering = 0
         self.recv_size = _FIRST_RECV_SIZE
         self.reader = worker.loop.io(sock.fileno(), _READ)
@@ -666,17 +761,106 @@ class Connection:
                 first = out[0]
                 if len(out) == 1:
                     payload = table[first]
+                elif len(out) > _BATCH:  # counted, rendered as the kernel takes them
+                    self.owe(out)
+                    payload = b""
                 elif out.count(first) == len(out):  # pipelined, all alike: no list to build
                     payload = table[first] * len(out)
                 else:
                     payload = b"".join(map(table.__getitem__, out))
-                self.send(payload)
+                if payload:
+                    self.send(payload)
+            if not framer.fresh or self.held:  # something partial held now, or until now
+                self.track_partial(bool(out))
             if framer.closed and not self.pending:
                 self.linger()
         except Exception:
             # A bug must cost one connection, never the worker and its other clients.
             self.worker.log.exception("vrypt_worker: closing a connection after an internal error")
             self.close()
+
+    def track_partial(self, answered: bool) -> None:
+        """Off the hot path: account the bytes a partial head holds against the worker's
+        budget, and note when the current head began (the head timeout runs from there)."""
+        if self.reader is None:  # the send just failed and closed the connection
+            return
+        framer = self.framer
+        worker = self.worker
+        held = framer.buffered
+        if framer.in_head:
+            if answered or not self.head_since:  # a new head began in this read
+                self.head_since = time.monotonic()
+            if held > _SMALL_HEAD and worker.held + held - self.held > worker.head_budget:
+                self.refuse(FIELDS_TOO_LARGE)  # the budget is spent: big heads are refused
+                return
+        else:
+            self.head_since = 0.0
+        worker.held += held - self.held
+        self.held = held
+
+    def owe(self, out: list[int]) -> None:
+        """Many answers from one read: keep them as counts, send what the kernel takes."""
+        owed = self.owed = self.owed or []
+        first = out[0]
+        if out.count(first) == len(out):
+            owed.append([first, len(out)])
+        else:
+            for kind, run in itertools.groupby(out):
+                owed.append([kind, sum(1 for _ in run)])
+        if not self.pending:
+            self.flush(waiting=False)
+
+    def flush(self, waiting: bool) -> bool:
+        """Render and send owed answers a batch at a time. When the kernel stops taking them,
+        the unsent rest of the answer it stopped in (or the next whole one) becomes `pending`
+        and the connection waits to be writable; returns whether everything went."""
+        owed: list[list[int]] = self.owed  # type: ignore[assignment]  # called when not empty
+        table = self.table
+        while owed:
+            run = owed[0]
+            kind, count = run
+            answer = table[kind]
+            size = len(answer)
+            payload = answer * min(count, _BATCH)
+            try:
+                sent = self.sock.send(payload)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self.close()
+                return False
+            # When the kernel stopped short, the answer it stopped in (or the next whole one)
+            # goes to pending, so `pending` holds at most one answer.
+            done = len(payload) // size if sent == len(payload) else sent // size + 1
+            if done < count:
+                run[1] = count - done
+            else:
+                del owed[0]
+            if sent != len(payload):
+                if sent:
+                    self.seen = True
+                rest = payload[sent : done * size]
+                if waiting:
+                    self.pending = rest
+                else:
+                    self.wait_writable(rest)
+                return False
+        return True
+
+    def refuse(self, kind: int) -> None:
+        """The worker's own final answer (408 on a timeout, 431 past the head budget)."""
+        worker = self.worker
+        worker.held -= self.held  # finish() drops the partial bytes
+        self.held = 0
+        self.head_since = 0.0
+        worker.rules.rejected += 1
+        worker.rules.answered += 1
+        metrics.publish(worker)
+        if self.owed:  # after the answers still owed, in order (a list when not empty)
+            self.owed.append([kind, 1])  # type: ignore[union-attr]
+        else:
+            self.send(self.table[kind])
+        self.close_after_send()
 
     def on_discard(self) -> None:
         """Lingering after the final answer: read and drop until the peer closes."""
@@ -721,14 +905,19 @@ class Connection:
         except OSError:
             self.close()
             return
+        if sent:
+            self.seen = True  # progress: the send timeout starts again
         self.pending = self.pending[sent:]
-        if self.pending:
+        if self.pending or (self.owed and not self.flush(waiting=True)):
+            return
+        if self.reader is None:  # closed by flush
             return
         self.writer.stop()
-        self.seen = True
         if self.framer.closed:
             self.linger()
-        elif self.reader is not None:
+        else:
+            if self.head_since:  # we stopped reading that head, not the client sending it
+                self.head_since = time.monotonic()
             self.reader.start(self.on_readable)
 
     def linger(self) -> None:
@@ -777,8 +966,9 @@ class Connection:
         self.close()
         return False
 
-    def on_tick(self, keepalive: int, head_timeout: int) -> None:
-        """Once a second, from the worker's sweep: keep-alive, head and linger timeouts."""
+    def on_tick(self, keepalive: int, now: float) -> None:
+        """Once a second, from the worker's sweep: every timeout of the connection, each
+        measured per request (docs/reliability.md, "Timeouts")."""
         if self.lingering:
             self.lingering += 1
             if self.lingering > _LINGER_TICKS:
@@ -789,19 +979,33 @@ class Connection:
             self.idle_ticks = 0
         else:
             self.idle_ticks += 1
-        if self.framer.in_head:
-            self.head_ticks += 1
-            if self.head_ticks >= head_timeout:
-                self.worker.rules.rejected += 1
-                self.worker.rules.answered += 1
-                metrics.publish(self.worker)
-                self.send(self.table[REQUEST_TIMEOUT])
-                self.close_after_send()
-                return
-        else:
-            self.head_ticks = 0
-        if self.idle_ticks >= keepalive and not self.pending:
-            self.close()
+        worker = self.worker
+        if self.pending:  # answers owed that the client does not take: the send timeout
+            if self.idle_ticks >= worker.send_timeout:
+                self.close()
+        elif self.head_since:  # a head from its first byte to its end: the head timeout
+            if now - self.head_since >= worker.head_timeout:
+                self.refuse(REQUEST_TIMEOUT)
+        elif self.framer.idle:  # between requests: keep-alive
+            if self.idle_ticks >= keepalive:
+                self.close()
+        elif self.idle_ticks >= worker.body_timeout:  # between two reads of a body
+            self.refuse(REQUEST_TIMEOUT)
+
+    def evictable(self) -> bool:
+        """An idle keep-alive connection: nothing partial, nothing owed, not closing."""
+        return (
+            self.seen is not None
+            and self.reader is not None
+            and not self.pending
+            and not self.lingering
+            and self.framer.idle
+        )
+
+    def idleness(self) -> tuple[int, int]:
+        """Larger for connections used less recently: sweeps idle, then not used since the
+        last sweep, then accepted earlier (a just-accepted client's request may not be read)."""
+        return 2 * self.idle_ticks + (not self.seen), -self.born
 
     def close_after_send(self) -> None:
         self.framer.finish()
@@ -813,6 +1017,10 @@ class Connection:
             return
         self.reader.close()
         self.reader = None
+        if self.held:
+            self.worker.held -= self.held
+            self.held = 0
+        self.owed = ()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
