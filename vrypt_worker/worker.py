@@ -96,6 +96,12 @@ _EVICT = 32
 # A partial head up to this size is always held (nginx holds up to 4 x 8 KB); a bigger one only
 # while the worker's partial heads together stay within VRYPT_HEAD_BUFFER, else it gets 431.
 _SMALL_HEAD = 32 * 1024
+# A read whose body had more chunk-size lines than this parsed one at a time (chunks with
+# extensions, leading zeros or 16+ bytes: about 1.5 µs each, so up to 14 ms for 64 KiB) moves
+# its connection to reads of _CHUNKY_RECV_SIZE: about 1 ms of one loop turn at most, so a
+# client sending such a body cannot hold up the others for longer.
+_MANY_CHUNK_LINES = 256
+_CHUNKY_RECV_SIZE = 4096
 # The kernel's send buffer per connection (it doubles the value: 128 KiB, about 1,000 answers).
 # Left to autotuning, a client that pipelines and never reads makes the kernel hold megabytes of
 # our answers for it: with 3,000 such clients the machine's TCP memory went into pressure and a
@@ -753,7 +759,7 @@ class Connection:
                     self.wait_writable(payload[sent:])
                 return
         try:
-            if len(data) == self.recv_size:
+            if len(data) == self.recv_size == _FIRST_RECV_SIZE:
                 self.recv_size = _RECV_SIZE  # more may be waiting: pipelined, or a body
             out = framer.feed(data)
             if out:
@@ -786,6 +792,10 @@ class Connection:
             return
         framer = self.framer
         worker = self.worker
+        if framer.chunk_lines:
+            if framer.chunk_lines > _MANY_CHUNK_LINES:
+                self.recv_size = _CHUNKY_RECV_SIZE  # small chunks the scan cannot take
+            framer.chunk_lines = 0
         held = framer.buffered
         if framer.in_head:
             if answered or not self.head_since:  # a new head began in this read
