@@ -403,3 +403,41 @@ def test_heartbeat_is_not_starved_under_load() -> None:
         assert sum(t.ok for t in tallies) > 1000
         assert server.worker_pids() == [worker]
         assert "WORKER TIMEOUT" not in server.log
+
+
+def test_gunicorn_exit_hooks_run_for_every_leaving_worker(tmp_path: Path) -> None:
+    """A worker leaves with os._exit (no interpreter teardown), after gunicorn's own steps:
+    the `Worker exiting` line and the worker_exit server hook, on recycling and on TERM."""
+    marks = tmp_path / "exits"
+    conf = tmp_path / "hooks.py"
+    conf.write_text(
+        "from vrypt_worker.conf import *  # noqa: F403\n"
+        "def worker_exit(server, worker):\n"
+        f"    with open({str(marks)!r}, 'a') as f:\n"
+        "        f.write(f'{worker.pid} {type(server).__name__}\\n')\n"
+    )
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "gunicorn", "-c", str(conf), "--bind", f"127.0.0.1:{port}",
+        "--workers", "1", "--no-control-socket", "--max-requests", "5",
+        "--max-requests-jitter", "0",
+    ]  # fmt: skip
+    server = start_server(cmd=cmd, port=port)
+    try:
+        first = server.worker_pids()
+        for _ in range(12):  # two recycles
+            with server.connect() as sock:
+                sock.sendall(GET)
+                assert is_vrypt(read_responses(sock, 1)[0])
+        deadline = time.monotonic() + 10
+        while server.log.count("Worker exiting") < 2:
+            assert time.monotonic() < deadline, server.log
+            time.sleep(0.05)
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(20) == 0
+    finally:
+        server.stop()
+    lines = marks.read_text().split()
+    exits = server.log.count("Worker exiting")
+    assert exits >= 3 and len(lines) == 2 * exits, (lines, server.log)
+    assert f"{first[0]}" in lines and set(lines[1::2]) == {"Arbiter"}
