@@ -68,8 +68,10 @@ class SlotPool:
         self.holders: dict[int, list[Any]] = {}  # slot -> worker objects given that slot
         # shared: owners[slot] = pid of the worker that serves it, or 0;
         # owners[MAX_SLOTS + slot] = when it last said so (CLOCK_MONOTONIC, ms: one clock for all
-        # processes of the machine)
+        # processes of the machine); owners[2 * MAX_SLOTS + slot] = pid of a worker that has
+        # reached max_requests and asks for its successor (`want_successor`), or 0
         self.owners = owners
+        self.successor_slot: int | None = None  # the next worker's slot, set by the arbiter
 
     @property
     def listeners(self) -> list[Any]:
@@ -165,7 +167,7 @@ def prepare(arbiter: Any) -> None:
     addresses = _tcp_addresses(cfg)
     if addresses is None:
         return
-    page = mmap.mmap(-1, 2 * MAX_SLOTS * 8)
+    page = mmap.mmap(-1, 3 * MAX_SLOTS * 8)
     new = SlotPool(addresses, memoryview(page).cast("Q"))
     inherited = os.environ.pop("GUNICORN_FD", "") if os.environ.get("GUNICORN_PID") else ""
     if inherited:
@@ -214,19 +216,80 @@ def assign(worker: Any) -> tuple[int, list[Any], dict[int, list[Any]]]:
     assert current is not None
     arbiter = calling_arbiter(2)
     wanted = arbiter.num_workers if arbiter is not None else int(worker.cfg.workers or 1)
-    slot = current.assign(worker, wanted, worker.cfg, worker.log)
+    if current.successor_slot is not None:
+        slot, current.successor_slot = current.successor_slot, None
+        current.holders.setdefault(slot, []).append(worker)
+    else:
+        slot = current.assign(worker, wanted, worker.cfg, worker.log)
     if arbiter is not None:
         arbiter.LISTENERS = current.listeners  # a new slot goes to a USR2 upgrade too
     others = {k: listeners for k, listeners in enumerate(current.slots) if k != slot}
     return slot, current.slots[slot], others
 
 
-def claim(slot: int) -> None:
+def claim(slot: int, first: bool = False) -> None:
     """In the worker: this process serves `slot` now (written again on every clock tick, so a
-    predecessor that cleared the word while leaving cannot undo it for long)."""
-    if _pool is not None:
-        _pool.owners[MAX_SLOTS + slot] = _now_ms()
-        _pool.owners[slot] = os.getpid()
+    predecessor that cleared the word while leaving cannot undo it for long). The `first` claim
+    tells a predecessor still serving the slot (a recycled worker waiting for us) at once."""
+    if _pool is None:
+        return
+    previous = _pool.owners[slot]
+    _pool.owners[MAX_SLOTS + slot] = _now_ms()
+    _pool.owners[slot] = os.getpid()
+    if first and previous not in (0, os.getpid()) and alive_child(previous, os.getppid()):
+        try:
+            os.kill(previous, signal.SIGWINCH)
+        except OSError:
+            pass
+
+
+def want_successor(slot: int) -> None:
+    """In a worker that reached max_requests: ask the arbiter to fork our successor now, while
+    we keep serving the slot, instead of after we have exited (gunicorn's order, which leaves the
+    slot unserved for the exit, the reaping and the boot: about 15 ms per recycle). SIGCHLD wakes
+    the arbiter's loop, whose manage_workers (`succession`) reads the request."""
+    if _pool is None:
+        return
+    _pool.owners[2 * MAX_SLOTS + slot] = os.getpid()
+    try:
+        os.kill(os.getppid(), signal.SIGCHLD)
+    except OSError:
+        pass
+
+
+def succession(arbiter: Any, manage_workers: Any) -> Any:
+    """The arbiter's manage_workers, wrapped: first fork the successor of every worker that
+    asked for one (in its slot), then let gunicorn's own manage_workers count the workers with
+    the ones waiting for their successors left out, so that it neither kills a serving worker
+    (it kills the oldest beyond num_workers) nor forks a second replacement."""
+    succeeded: set[int] = set()
+
+    def manage() -> None:
+        current = _pool
+        if current is None:
+            manage_workers()
+            return
+        succeeded.intersection_update(arbiter.WORKERS)
+        base = 2 * MAX_SLOTS
+        for slot in range(len(current.slots)):
+            pid = current.owners[base + slot]
+            if not pid:
+                continue
+            current.owners[base + slot] = 0
+            if pid in arbiter.WORKERS and pid not in succeeded:
+                succeeded.add(pid)
+                current.successor_slot = slot
+                try:
+                    arbiter.spawn_worker()
+                finally:
+                    current.successor_slot = None
+        leaving = {pid: arbiter.WORKERS.pop(pid) for pid in succeeded if pid in arbiter.WORKERS}
+        try:
+            manage_workers()
+        finally:
+            arbiter.WORKERS.update(leaving)
+
+    return manage
 
 
 def release(slot: int) -> None:

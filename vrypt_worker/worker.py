@@ -64,6 +64,9 @@ _DRAIN_GRACE = 0.2
 # (its request follows the handshake, later on a busy machine) or a load balancer's spare: it gets
 # this long from its accept (or from the start of the drain) before it is closed as idle.
 _FRESH_GRACE = 1.0
+# A recycled worker keeps serving its slot at most this long for the successor it asked the
+# arbiter for (a reload in progress, say, keeps the arbiter busy); then it leaves as before.
+_SUCCESSOR_WAIT = 2.0
 _TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info
 
 
@@ -173,6 +176,9 @@ def _spawn_replacements_at_once(arbiter: Any) -> None:
             arbiter.spawn_worker()
 
     arbiter.spawn_workers = spawn_workers
+    if listeners.slot_mode():
+        # max_requests: the successor is forked before the old worker stops serving its slot
+        arbiter.manage_workers = listeners.succession(arbiter, arbiter.manage_workers)
     arbiter._vrypt_spawn_patched = True
 
 
@@ -256,6 +262,7 @@ class VryptWorker(Worker):
         self._late: dict[Connection, float] = {}  # accepted while draining: when
         self._drain_started = 0.0
         self._listeners_closed = False
+        self._awaiting_successor = False
         if self.max_requests < sys.maxsize:
             self.max_requests += self.rules.answered
         # The answer that reaches max_requests says `Connection: close` (see FramingRules);
@@ -327,7 +334,7 @@ class VryptWorker(Worker):
         answered_at = self.slot_base + metrics.ANSWERED
         publisher.start(self._publish_answered, self.counts, answered_at, self.rules)
         if self.slot >= 0:
-            listeners.claim(self.slot)
+            listeners.claim(self.slot, first=True)
         clock = loop.timer(0.25, 0.25)
         clock.start(self._on_clock)
         sweep = loop.timer(1.0, 1.0)
@@ -460,7 +467,7 @@ class VryptWorker(Worker):
         if self.draining:
             if self._old:
                 self._old.discard(conn)
-                if not self._old and self._accepting:
+                if not self._old and self._accepting and not self._awaiting_successor:
                     self._close_listeners()  # the last connection from before the drain left
             if not self.connections and not self._accepting:
                 self._stop()
@@ -471,7 +478,14 @@ class VryptWorker(Worker):
         """Every clock tick: say again that this worker serves its slot, and serve any other
         slot nobody serves (its worker died or left and no replacement has claimed it)."""
         if self.draining:
-            if self._accepting and listeners.served_by_another(self.slot, self.ppid):
+            if self._accepting and (
+                listeners.served_by_another(self.slot, self.ppid)
+                or (
+                    self._awaiting_successor
+                    and not self._old
+                    and time.monotonic() - self._drain_started > _SUCCESSOR_WAIT
+                )
+            ):
                 self._close_listeners()  # a successor serves our slot: leave it to it
             return
         listeners.claim(self.slot)
@@ -556,6 +570,11 @@ class VryptWorker(Worker):
         """max_requests (+ jitter) reached: drain and exit so the arbiter starts a fresh worker."""
         if not self.draining:
             self.log.info("Autorestarting worker after current request.")
+            if self.slot >= 0 and self._arbiter is not None:
+                # Keep serving the slot until the successor the arbiter forks now claims it
+                # (_tend_slots), or _SUCCESSOR_WAIT has passed.
+                self._awaiting_successor = True
+                listeners.want_successor(self.slot)
             self.start_draining()
 
     def start_draining(self, handover: bool = False) -> None:
@@ -576,7 +595,9 @@ class VryptWorker(Worker):
             # claims the slot (HUP); _tend_slots and connection_closed watch for both.
             self._close_spare_copies()
             self._old = set(self.connections)
-            if not self._old or listeners.served_by_another(self.slot, self.ppid):
+            if listeners.served_by_another(self.slot, self.ppid) or not (
+                self._old or self._awaiting_successor
+            ):
                 self._close_listeners()
                 return
             for conn in list(self.connections):
