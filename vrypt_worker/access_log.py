@@ -32,7 +32,6 @@ import base64
 import binascii
 import logging
 import os
-
 import threading
 import time
 from collections import deque
@@ -196,7 +195,7 @@ class AccessLog:
         # the order the format asks for them (names from _DYNAMIC only, never user text).
         source = "lambda c, L, d: ({},)".format(", ".join(_DYNAMIC[key] for key in self.order))
         self.fill = eval(source) if self.order else None
-        self.pid = "<%d>" % os.getpid()
+        self.pid = f"<{os.getpid()}>"
         self.templates: dict[tuple[bytes, int], str] = {}
         self.recent_head = b""
         self.recent_template = ""
@@ -232,8 +231,10 @@ class AccessLog:
             return found
         static = self._static(head, kind)
         text = self.format % _Atoms(static, self.dynamic) if self.format else ""
-        # Markers become %s; what the format itself rendered as % is doubled to stay literal.
-        found = "%s".join(part.replace("%", "%%") for part in text.split("\x00"))
+        if self.fill is not None:
+            # Markers become %s; a % the format itself rendered is doubled to stay literal.
+            text = "%s".join(part.replace("%", "%%") for part in text.split("\x00"))
+        found = text
         if len(head) <= framing._CACHE_HEAD_MAX:
             if len(self.templates) >= _TEMPLATES:
                 self.templates.clear()
@@ -294,7 +295,7 @@ class AccessLog:
     def line(self, conn: Any, head: bytes, kind: int, duration: float) -> str:
         template = self.template(head, kind)
         if self.fill is None:
-            return template.replace("%%", "%")
+            return template
         return template % self.fill(conn, self, duration)
 
     def turn(self) -> None:
@@ -602,7 +603,7 @@ class LoggingConnection(Connection):
                     access.recent_template = template
                 fill = access.fill
                 if fill is None:
-                    access.lines.append(template.replace("%%", "%"))
+                    access.lines.append(template)
                 else:
                     duration = time.perf_counter() - start if access.timed else 0.0
                     access.lines.append(template % fill(self, access, duration))
