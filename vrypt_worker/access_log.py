@@ -11,8 +11,11 @@ The cost with the log on is kept near nginx's (docs/performance.md):
   caches verdicts; only the atoms that change with the connection, the second or the request
   (h t T D M L, `{date}o`, `{remote_addr}e`, `{remote_port}e`) are filled per request, and the
   clock is read per request only when the format asks for a duration.
-- Lines are collected per loop turn and handed, as one chunk, to a writer thread that passes
-  them to gunicorn's `gunicorn.access` logger: one record (one write) per chunk when every handler
+- While the second and the client's address stay the same, a repeated keep-alive head reuses
+  the last line as it is (unless the format has a duration or the client's port).
+- Lines are collected and handed, as one chunk, every _HAND_OFF seconds (checked once per loop
+  turn) or _HAND_OFF_LINES lines, to a writer thread that passes them to gunicorn's
+  `gunicorn.access` logger: one record (one write) per chunk when every handler
   writes `%(message)s` as gunicorn's own do, else one record per line so that a `logconfig_dict`
   formatter sees each line. A slow disk stalls that thread, never the hub. Chunks waiting for it
   are bounded (_MAX_QUEUED characters): past the bound, lines are dropped and counted, and the
@@ -71,6 +74,10 @@ from vrypt_worker.worker import _BATCH, _RECV_SIZE, Connection
 _MAX_QUEUED = 16 * 1024 * 1024
 # The request line of a malformed request is logged up to this many bytes.
 _MAX_LINE = 2048
+# Collected lines go to the writer thread at most this often (seconds), or once there are this
+# many: each hand-off wakes the thread, which then competes with the hub for the GIL.
+_HAND_OFF = 0.1
+_HAND_OFF_LINES = 1024
 _TEMPLATES = 1024  # cached templates (heads x kinds) before the cache starts over
 
 # Atoms filled per request, each from (connection, log, duration in seconds).
@@ -199,6 +206,13 @@ class AccessLog:
         self.templates: dict[tuple[bytes, int], str] = {}
         self.recent_head = b""
         self.recent_template = ""
+        # Atoms that are the same for every request from one address within a second: then
+        # the keep-alive path reuses the last line (wrk, health checkers, load balancers).
+        self.per_second = not self.dynamic & (_TIMED | {"{remote_port}e"})
+        self.line_template: str | None = None
+        self.line_addr = ""
+        self.last_line = ""
+        self.handed = 0.0
         self.second = -1
         self.t = ""
         self.date = ""
@@ -222,6 +236,7 @@ class AccessLog:
             self.second = second
             self.t = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second))
             self.date = formatdate(second, usegmt=True)
+            self.line_template = None  # the cached line names the second
 
     def template(self, head: bytes, kind: int) -> str:
         """The line for this head and answer kind with its static atoms in, `%s` for the rest."""
@@ -298,13 +313,31 @@ class AccessLog:
             return template
         return template % self.fill(conn, self, duration)
 
-    def turn(self) -> None:
-        """Once per loop turn (a prepare watcher): the second's atoms, and this turn's lines to
-        the writer thread."""
-        self.tick(time.time())
+    def fresh_line(self, conn: Any, template: str, start: float) -> str:
+        """A line formatted now (the keep-alive path's cached one did not fit)."""
+        fill = self.fill
+        if fill is None:
+            return template
+        duration = time.perf_counter() - start if self.timed else 0.0
+        line = template % fill(conn, self, duration)
+        if self.per_second:  # the same line for the same head and address, this second
+            self.line_template = template
+            self.line_addr = conn.log_addr
+            self.last_line = line
+        return line
+
+    def turn(self, force: bool = False) -> None:
+        """Once per loop turn (a prepare watcher): the second's atoms, and the lines collected
+        to the writer thread every _HAND_OFF seconds or _HAND_OFF_LINES lines."""
+        now = time.time()
+        if int(now) != self.second:
+            self.tick(now)
         lines = self.lines
         if not lines:
             return
+        if not force and len(lines) < _HAND_OFF_LINES and now - self.handed < _HAND_OFF:
+            return
+        self.handed = now
         self.lines = []
         size = sum(map(len, lines))
         with self.ready:
@@ -317,7 +350,7 @@ class AccessLog:
 
     def close(self, timeout: float = 5.0) -> None:
         """Leaving: what is collected goes to the handlers before the process ends."""
-        self.turn()
+        self.turn(force=True)
         with self.ready:
             self.stopping = True
             self.ready.notify()
@@ -594,19 +627,18 @@ class LoggingConnection(Connection):
                 except OSError:
                     self.close()
                     return
-                # log: the template of the head answered last, again, without hashing it.
+                # log: the template of the head answered last, again, without hashing it; and
+                # the line itself while the second and the client's address are the same.
                 if data == access.recent_head:
                     template = access.recent_template
                 else:
                     template = access.template(data, kind)
                     access.recent_head = data
                     access.recent_template = template
-                fill = access.fill
-                if fill is None:
-                    access.lines.append(template)
+                if template is access.line_template and self.log_addr == access.line_addr:
+                    access.lines.append(access.last_line)
                 else:
-                    duration = time.perf_counter() - start if access.timed else 0.0
-                    access.lines.append(template % fill(self, access, duration))
+                    access.lines.append(access.fresh_line(self, template, start))
                 if sent != len(payload):
                     self.wait_writable(payload[sent:])
                 return
