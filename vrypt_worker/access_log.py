@@ -93,6 +93,12 @@ _DYNAMIC = {
     "L": "'%d.%06d' % (int(d), int(d * 1000000) % 1000000)",
 }
 _TIMED = frozenset("TDML")
+_PARTS_ATOMS = frozenset(
+    ("m", "U", "q", "H", "{request_method}e", "{raw_uri}e", "{path_info}e")
+) | {"{query_string}e", "{server_protocol}e"}
+_LINE_ATOMS = frozenset(
+    ("r", "m", "U", "q", "H", "{request_method}e", "{raw_uri}e", "{path_info}e")
+) | {"{query_string}e", "{server_protocol}e"}
 
 _ESCAPES = {i: f"\\x{i:02X}" for i in range(256) if not 0x20 <= i < 0x7F}
 _ESCAPES[ord('"')] = '\\"'
@@ -101,7 +107,11 @@ _ESCAPES[ord("\\")] = "\\\\"
 
 def escape(raw: bytes) -> str:
     """gunicorn's `"` escaping, plus `\\` and every byte outside printable ASCII as nginx does."""
-    return raw.decode("latin-1").translate(_ESCAPES)
+    text = raw.decode("latin-1")
+    # The usual value needs none: tested in C, instead of a dict lookup per character.
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return text.translate(_ESCAPES)
 
 
 class _Probe(dict):
@@ -169,16 +179,16 @@ def _user(authorization: bytes | None) -> str:
         return "-"
 
 
-def _answer_parts(answer: bytes) -> tuple[str, str, list[tuple[bytes, bytes]]]:
-    """Status code, body length and header fields of one rendered answer."""
+def _answer_atoms(answer: bytes) -> dict[str, str]:
+    """`s`, `b`, `B` and the `{header}o` atoms of one rendered answer."""
     head, _, body = answer.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
-    status = lines[0].split(b" ", 2)[1].decode("ascii")
-    fields = []
+    sent = str(len(body))  # gunicorn's resp.sent: body bytes
+    atoms = {"s": lines[0].split(b" ", 2)[1].decode("ascii"), "b": sent, "B": sent}
     for line in lines[1:]:
         name, _, value = line.partition(b":")
-        fields.append((name.strip().lower(), value.strip()))
-    return status, str(len(body)), fields
+        atoms[f"{{{escape(name.strip().lower())}}}o"] = escape(value.strip())
+    return atoms
 
 
 class AccessLog:
@@ -198,6 +208,13 @@ class AccessLog:
         self.order = [key for key in probe.asked if key in _DYNAMIC]
         self.dynamic = frozenset(self.order)
         self.timed = bool(self.dynamic & _TIMED)
+        # What a new head must be parsed for: only the atoms the format asks for.
+        self.asked = frozenset(probe.asked) - self.dynamic
+        self.need_line = bool(self.asked & _LINE_ATOMS)
+        self.need_head = self.need_line or any(
+            key in ("f", "a", "u") or key.endswith("}i") or key.endswith("}e") for key in self.asked
+        )
+        self.answers: dict[int, dict[str, str]] = {}
         # The per-request part, generated once from the format: a tuple of the dynamic atoms in
         # the order the format asks for them (names from _DYNAMIC only, never user text).
         source = "lambda c, L, d: ({},)".format(", ".join(_DYNAMIC[key] for key in self.order))
@@ -257,54 +274,59 @@ class AccessLog:
         return found
 
     def _static(self, head: bytes, kind: int) -> dict[str, str]:
-        line, fields = _parse_head(head)
-        parts = line.split(b" ")
-        method = target = version = b""
-        if len(parts) == 3:
-            method, target, version = parts
-        elif parts:
-            method = parts[0]
-            target = parts[1] if len(parts) > 1 else b""
-        path, _, query = target.partition(b"?")
-        status, sent, answer_fields = _answer_parts(self.worker.responses.bytes_for[kind])
-        static = {
-            "l": "-",
-            "r": escape(line) if line else "-",
-            "m": escape(method) if method else "-",
-            "U": escape(unquote_to_bytes(path)) if target else "-",
-            "q": escape(query),
-            "H": escape(version) if version else "-",
-            "s": status,
-            "B": sent,
-            "b": sent,
-            "p": self.pid,
-        }
-        headers: dict[bytes, bytes] = {}
-        for name, value in fields:
-            static[f"{{{escape(name)}}}i"] = escape(value)
-            headers[name] = headers[name] + b"," + value if name in headers else value
-        static["f"] = escape(headers[b"referer"]) if b"referer" in headers else "-"
-        static["a"] = escape(headers[b"user-agent"]) if b"user-agent" in headers else "-"
-        static["u"] = _user(headers.get(b"authorization"))
-        for name, value in answer_fields:
-            static[f"{{{escape(name)}}}o"] = escape(value)
-        environ = {
-            "request_method": static["m"],
-            "raw_uri": escape(target) if target else "-",
-            "path_info": static["U"],
-            "query_string": static["q"],
-            "server_protocol": static["H"],
-            "script_name": "",
-            "wsgi.url_scheme": "http",
-        }
-        for name, value in headers.items():
-            key = escape(name).upper().replace("-", "_")
-            if key == "CONTENT_TYPE" or key == "CONTENT_LENGTH":
-                environ[key.lower()] = escape(value)
-            else:
-                environ["http_" + key.lower()] = escape(value)
-        for key, value in environ.items():
-            static[f"{{{key}}}e"] = value
+        """The atoms the format asks for that depend only on the head and the answer kind
+        (only those: a head seen for the first time costs its parse, once)."""
+        asked = self.asked
+        static = {"l": "-", "p": self.pid}
+        line, fields = _parse_head(head) if self.need_head else (b"", [])
+        if self.need_line:
+            parts = line.split(b" ")
+            method = target = version = b""
+            if len(parts) == 3:
+                method, target, version = parts
+            elif parts:
+                method = parts[0]
+                target = parts[1] if len(parts) > 1 else b""
+            static["r"] = escape(line) if line else "-"
+            if asked & _PARTS_ATOMS:
+                path, _, query = target.partition(b"?")
+                if b"%" in path:
+                    path = unquote_to_bytes(path)
+                static["m"] = escape(method) if method else "-"
+                static["U"] = escape(path) if target else "-"
+                static["q"] = escape(query)
+                static["H"] = escape(version) if version else "-"
+                static["{request_method}e"] = static["m"]
+                static["{raw_uri}e"] = escape(target) if target else "-"
+                static["{path_info}e"] = static["U"]
+                static["{query_string}e"] = static["q"]
+                static["{server_protocol}e"] = static["H"]
+        if fields:
+            headers: dict[bytes, bytes] = {}
+            for name, value in fields:
+                headers[name] = headers[name] + b"," + value if name in headers else value
+                key = f"{{{name.decode('latin-1')}}}i"
+                if key in asked:
+                    static[key] = escape(value)
+            if "f" in asked and b"referer" in headers:
+                static["f"] = escape(headers[b"referer"])
+            if "a" in asked and b"user-agent" in headers:
+                static["a"] = escape(headers[b"user-agent"])
+            if "u" in asked:
+                static["u"] = _user(headers.get(b"authorization"))
+            for name, value in headers.items():
+                key = name.decode("latin-1").lower().replace("-", "_")
+                if key not in ("content_type", "content_length"):
+                    key = "http_" + key
+                key = f"{{{key}}}e"
+                if key in asked:
+                    static[key] = escape(value)
+        answer = self.answers.get(kind)
+        if answer is None:  # the answer's parts but its Date (a dynamic atom) never change
+            answer = self.answers[kind] = _answer_atoms(self.worker.responses.bytes_for[kind])
+        static.update(answer)
+        static["{script_name}e"] = ""
+        static["{wsgi.url_scheme}e"] = "http"
         return static
 
     def line(self, conn: Any, head: bytes, kind: int, duration: float) -> str:
