@@ -314,3 +314,25 @@ def test_answers_not_delayed_when_the_log_is_a_pipe_nobody_reads(tmp: Path) -> N
             assert time.monotonic() - started < 10
     finally:
         os.close(holder)
+
+
+def test_two_workers_on_a_stdout_pipe_never_mix_lines() -> None:
+    """`-` with several workers: their records share one pipe, each written whole."""
+    with running("--access-logfile", "-", workers=2) as server:
+        agent = b"User-Agent: " + b"w" * 300 + b"\r\n"
+        payload = b"".join(b"GET /p%d HTTP/1.1\r\n%s\r\n" % (i, agent) for i in range(200))
+        for _ in range(10):
+            send(server.port, payload, 200)
+        deadline = time.monotonic() + 10
+        while server.log.count('"GET /p') < 2000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lines = [line for line in server.log.splitlines() if "/p" in line and "GET" in line]
+    assert len(lines) == 2000
+    assert all(COMBINED.fullmatch(line) for line in lines)
+
+
+def test_a_format_that_cannot_be_rendered_turns_the_log_off_once() -> None:
+    with running("--access-logfile", "-", "--access-logformat", "%(s)d %(r)s") as server:
+        send(server.port, b"GET /x HTTP/1.1\r\n\r\n" * 3, 3)
+        server.wait_for_log(r"access log off: access_log_format")
+        assert server.log.count("access log off") == 1

@@ -35,6 +35,8 @@ import base64
 import binascii
 import logging
 import os
+import select
+import stat
 import threading
 import time
 from collections import deque
@@ -241,6 +243,7 @@ class AccessLog:
         self.dropped = 0
         self.ready = threading.Condition(threading.Lock())
         self.stopping = False
+        self.whole = False  # one record per batch, else PIPE_BUF-sized records (_records)
         self.batch = self._batchable()
         self.thread = threading.Thread(target=self._write_loop, name="access-log", daemon=True)
         self.thread.start()
@@ -392,12 +395,39 @@ class AccessLog:
             if not logger.propagate:
                 break
             logger = logger.parent
+        whole = True
         for handler in handlers:
             if handler.filters or not isinstance(handler, logging.StreamHandler):
                 return False
             if handler.formatter is not None and handler.formatter._fmt != "%(message)s":
                 return False
+            try:
+                regular = stat.S_ISREG(os.fstat(handler.stream.fileno()).st_mode)
+            except (AttributeError, OSError, ValueError):
+                regular = False
+            whole = whole and regular
+        self.whole = whole
         return True
+
+    def _records(self, lines: list[str]) -> list[str]:
+        """Lines joined into records: one for a regular file (an O_APPEND write is not
+        interleaved with another worker's); for a pipe or a terminal (`-`), records of at most
+        PIPE_BUF bytes, the size up to which the kernel keeps two workers' writes apart."""
+        if self.whole:
+            return ["\n".join(lines)]
+        records: list[str] = []
+        group: list[str] = []
+        size = 0
+        for line in lines:
+            if group and size + len(line) + 1 > select.PIPE_BUF:
+                records.append("\n".join(group))
+                group = []
+                size = 0
+            group.append(line)
+            size += len(line) + 1
+        if group:
+            records.append("\n".join(group))
+        return records
 
     def _write_loop(self) -> None:
         logger = self.logger
@@ -414,7 +444,8 @@ class AccessLog:
                 if chunks:
                     if self.batch:
                         lines = [line for chunk in chunks for line in chunk]
-                        logger.info("\n".join(lines))
+                        for record in self._records(lines):
+                            logger.info(record)
                     else:
                         for chunk in chunks:
                             for line in chunk:
@@ -727,6 +758,14 @@ def start(worker: Any) -> AccessLog | None:
     if not enabled or access_logger is None or not access_logger.isEnabledFor(logging.INFO):
         return None
     access = AccessLog(worker)
+    try:  # a format that cannot be rendered: said once here, not per request
+        access.template(b"GET / HTTP/1.1\r\n\r\n", framing.OK)
+    except Exception as exc:
+        access.close()
+        log.error(
+            "access log off: access_log_format %r cannot be rendered (%r)", access.format, exc
+        )
+        return None
     worker.access_log = access
     worker.access_heads = []
     worker.connection_class = LoggingConnection
