@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import base64
+import inspect
 import os
 import random
 import re
 import signal
 import socket
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +20,9 @@ import pytest
 
 from tests import fuzz_corpus
 from tests.support import StrictReader, base_env, read_responses, running
-from vrypt_worker.access_log import LoggingFramer, escape
+from vrypt_worker.access_log import LoggingConnection, LoggingFramer, escape
 from vrypt_worker.framing import FramingRules, RequestFramer
+from vrypt_worker.worker import Connection
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -293,7 +297,7 @@ def test_logging_framer_agrees_with_the_framer() -> None:
             assert len(logged.heads) == len(got)
             for kind, head in zip(got, logged.heads, strict=True):
                 assert (head is None) == (kind == 12), (kind, head)
-            for slot in ("_state", "_buf", "_remaining", "closed", "clean", "fresh"):
+            for slot in set(RequestFramer.__slots__) - {"_rules"}:  # every state the framer has
                 assert getattr(plain, slot) == getattr(logged, slot), slot
         assert (plain_rules.answered, plain_rules.rejected) == (
             logged_rules.answered, logged_rules.rejected
@@ -336,3 +340,29 @@ def test_a_format_that_cannot_be_rendered_turns_the_log_off_once() -> None:
         send(server.port, b"GET /x HTTP/1.1\r\n\r\n" * 3, 3)
         server.wait_for_log(r"access log off: access_log_format")
         assert server.log.count("access log off") == 1
+
+
+def _code_without_log_lines(function: object) -> str:
+    """A function's code with the lines marked `# log` removed, comments and docstring gone."""
+    source = textwrap.dedent(inspect.getsource(function))  # type: ignore[arg-type]
+    kept = "\n".join(line for line in source.splitlines() if not line.endswith("# log"))
+    node = ast.parse(kept).body[0]
+    assert isinstance(node, ast.FunctionDef)
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    return "\n".join(ast.unparse(statement) for statement in body)
+
+
+@pytest.mark.parametrize(
+    ("copy", "original"),
+    [
+        (LoggingFramer.feed, RequestFramer.feed),
+        (LoggingConnection.on_readable, Connection.on_readable),
+    ],
+    ids=["feed", "on_readable"],
+)
+def test_the_logging_copies_follow_their_originals(copy: object, original: object) -> None:
+    """The logging path copies the framer's feed and the connection's on_readable, so that the
+    path with the log off stays as it is: a change made to one and not the other fails here."""
+    assert _code_without_log_lines(copy) == _code_without_log_lines(original)
