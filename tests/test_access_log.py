@@ -366,3 +366,29 @@ def test_the_logging_copies_follow_their_originals(copy: object, original: objec
     """The logging path copies the framer's feed and the connection's on_readable, so that the
     path with the log off stays as it is: a change made to one and not the other fails here."""
     assert _code_without_log_lines(copy) == _code_without_log_lines(original)
+
+
+def test_lines_past_the_bound_are_dropped_and_counted_while_the_output_is_blocked(
+    tmp: Path,
+) -> None:
+    """Up to 16 MiB of lines wait for a blocked output; past that they are dropped, answers go
+    on, and the count reaches the error log once the output moves again."""
+    fifo = tmp / "blocked"
+    os.mkfifo(fifo)
+    holder = os.open(fifo, os.O_RDWR | os.O_NONBLOCK)
+    try:
+        with running("--access-logfile", str(fifo), "--access-logformat", "%(a)s") as server:
+            request = b"GET / HTTP/1.1\r\nUser-Agent: " + b"d" * 8000 + b"\r\n\r\n"
+            for _ in range(50):  # 5,000 lines of 8 KB: 40 MB
+                send(server.port, request * 100, 100)
+            time.sleep(0.5)  # the last lines handed to the (blocked) writer
+            deadline = time.monotonic() + 20
+            while "lines dropped" not in server.log and time.monotonic() < deadline:
+                try:
+                    os.read(holder, 1 << 20)  # the output moves again
+                except BlockingIOError:
+                    time.sleep(0.01)
+            match = server.wait_for_log(r"access log: (\d+) lines dropped", timeout=1)
+            assert 0 < int(match.group(1)) < 5000
+    finally:
+        os.close(holder)
