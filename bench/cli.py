@@ -29,6 +29,7 @@ from bench.scenarios import (
 from bench.servers import (
     BUILTIN,
     NGINX,
+    OPT_IN,
     ROOT,
     ServerError,
     ServerSpec,
@@ -60,7 +61,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument(
         "--servers",
-        help=f"comma-separated built-in servers (default: those available of {','.join(BUILTIN)})",
+        help=(
+            "comma-separated built-in servers (default: those available of "
+            f"{','.join(n for n in BUILTIN if n not in OPT_IN)}; also {','.join(sorted(OPT_IN))})"
+        ),
     )
     p.add_argument(
         "--peer",
@@ -98,9 +102,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def available(name: str) -> bool:
-    if name == "vrypt":
+    if name in ("vrypt", "vrypt-log"):
         return vrypt_importable()
-    if name == "nginx":
+    if name in ("nginx", "nginx-log"):
         return nginx_available()
     return True
 
@@ -115,8 +119,8 @@ def pick_servers(args: argparse.Namespace) -> list[ServerSpec]:
         if missing:
             raise UsageError(f"not available on this machine: {missing}")
     else:
-        names = [n for n in BUILTIN if available(n)]
-        for skipped in sorted(set(BUILTIN) - set(names)):
+        names = [n for n in BUILTIN if n not in OPT_IN and available(n)]
+        for skipped in sorted(set(BUILTIN) - OPT_IN - set(names)):
             progress(f"warning: {skipped} is not available here; skipped")
         if args.quick:
             refs = [n for n in names if n != "vrypt"]

@@ -89,14 +89,20 @@ def worker_pid(leader: int) -> int:
     return kids[0] if kids else leader
 
 
-def _nginx_single_process(port: int, workers: int, tmp: Path) -> list[str]:
+def _nginx_single_process(port: int, workers: int, tmp: Path, log: bool = False) -> list[str]:
     """nginx as one process (`master_process off`): started as root, nginx's workers switch to
     an unprivileged user, which can no longer take callgrind_control's commands or write its
-    counts into our temporary directory; one process that stays who it was can."""
+    counts into our temporary directory; one process that stays who it was can. With `log`,
+    it logs to a file in its default `combined` format (the nginx-log server)."""
     conf = tmp / "nginx.conf"
-    text = NGINX_CONF.format(workers=workers, tmp=tmp, port=port)
+    access_log = f"{tmp}/access.log combined" if log else "off"
+    text = NGINX_CONF.format(workers=workers, tmp=tmp, port=port, access_log=access_log)
     conf.write_text(text.replace("master_process on;", "master_process off;"))
     return [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
+
+
+def _nginx_single_process_log(port: int, workers: int, tmp: Path) -> list[str]:
+    return _nginx_single_process(port, workers, tmp, log=True)
 
 
 def total_instructions(dump: Path) -> int:
@@ -179,11 +185,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{tool} not found: apt-get install valgrind", file=sys.stderr)
             return 2
     specs = [BUILTIN[name] for name in args.servers.split(",") if name]
+    single = {"nginx": _nginx_single_process, "nginx-log": _nginx_single_process_log}
     specs = [
-        dataclasses.replace(s, build=_nginx_single_process) if s.name == "nginx" else s
-        for s in specs
+        dataclasses.replace(s, build=single[s.name]) if s.name in single else s for s in specs
     ]
-    specs = [s for s in specs if s.name != "nginx" or nginx_available()]
+    specs = [s for s in specs if s.name not in single or nginx_available()]
     specs += [peer_spec(arg) for arg in args.peer]
     results: dict[str, float] = {}
     for spec in specs:

@@ -72,6 +72,12 @@ def _vrypt(port: int, workers: int, tmp: Path) -> list[str]:
     )
 
 
+def _vrypt_log(port: int, workers: int, tmp: Path) -> list[str]:
+    """vrypt with gunicorn's access log to a file, in gunicorn's default format, which is the
+    `combined` format nginx logs in by default."""
+    return [*_vrypt(port, workers, tmp), "--access-logfile", str(tmp / "access.log")]
+
+
 def _gevent_builder(worker_class: str) -> Builder:
     def build(port: int, workers: int, tmp: Path) -> list[str]:
         return _gunicorn(
@@ -96,7 +102,7 @@ events {{
     worker_connections 10000;
 }}
 http {{
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {tmp}/client_body;
     proxy_temp_path {tmp}/proxy;
     fastcgi_temp_path {tmp}/fastcgi;
@@ -119,7 +125,15 @@ def _nginx(port: int, workers: int, tmp: Path) -> list[str]:
     """nginx in the foreground (daemon off) with its master, so the master is our child and the
     workers its children: the whole tree stays in our session and is measured."""
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, port=port))
+    conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, port=port, access_log="off"))
+    return [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
+
+
+def _nginx_log(port: int, workers: int, tmp: Path) -> list[str]:
+    """nginx logging every request to a file in its default `combined` format."""
+    conf = tmp / "nginx.conf"
+    log = f"{tmp}/access.log combined"
+    conf.write_text(NGINX_CONF.format(workers=workers, tmp=tmp, port=port, access_log=log))
     return [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
 
 
@@ -148,6 +162,18 @@ BUILTIN: dict[str, ServerSpec] = {
         _nginx,
         command="nginx -p TMPDIR -e TMPDIR/error.log -c TMPDIR/nginx.conf (written by bench)",
     ),
+    "vrypt-log": ServerSpec(
+        "vrypt-log",
+        "vrypt with --access-logfile TMPDIR/access.log (gunicorn's default format: combined)",
+        _vrypt_log,
+        env=(("VRYPT_STATSD_HOST", ""),),
+    ),
+    "nginx-log": ServerSpec(
+        "nginx-log",
+        'nginx, return 200 "Vrypt", access_log to a file (combined)',
+        _nginx_log,
+        command="nginx as above, with `access_log TMPDIR/access.log combined;`",
+    ),
     "gevent": ServerSpec(
         "gevent", "gunicorn -k gevent + 3-line WSGI app", _gevent_builder("gevent")
     ),
@@ -157,6 +183,8 @@ BUILTIN: dict[str, ServerSpec] = {
         _gevent_builder("gevent_pywsgi"),
     ),
 }
+# Run only when named (--servers): the access-log comparison, not part of the default set.
+OPT_IN = frozenset(("vrypt-log", "nginx-log"))
 
 
 def server_env(extra: tuple[tuple[str, str], ...]) -> dict[str, str]:

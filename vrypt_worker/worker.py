@@ -230,10 +230,6 @@ class VryptWorker(Worker):
                 "listener when it exits are reset by the kernel. Set VRYPT_REUSE_PORT=0 with "
                 "systemd sockets; see docs/reliability.md"
             )
-        if cfg.accesslog:
-            log.warning(
-                "vrypt_worker writes no access log; accesslog=%s stays empty", cfg.accesslog
-            )
         metrics.start(cfg, log)  # shared counter slots and the StatsD pusher, before any fork
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -281,6 +277,10 @@ class VryptWorker(Worker):
         self._accept_paused = False
         self._stopped = False
         self._last_accept_error = 0.0
+        # The access log, when gunicorn's logger has it on, swaps in LoggingConnection at start
+        # (access_log.py), so with it off the request path has not one check more.
+        self.connection_class: type[Connection] = Connection
+        self.access_log: Any = None
 
     # gunicorn lifecycle -------------------------------------------------------------------------
 
@@ -316,6 +316,9 @@ class VryptWorker(Worker):
         hub = gevent.get_hub()
         self.loop = loop = hub.loop
         self.responses = ResponseTable(time.time())
+        from vrypt_worker import access_log  # imports this module
+
+        self.access_log = access_log.start(self)
         self._done = gevent.event.Event()
         for listener in self.sockets:
             sock = listener.sock if hasattr(listener, "sock") else listener
@@ -367,6 +370,8 @@ class VryptWorker(Worker):
         except Exception:
             self.log.exception("Exception during worker exit")
         metrics.publish(self)
+        if self.access_log is not None:
+            self.access_log.close()  # the lines still collected, before the handlers close
         logging.shutdown()  # flushes every handler, gunicorn's included
         sys.stdout.flush()
         sys.stderr.flush()
@@ -415,7 +420,7 @@ class VryptWorker(Worker):
             except OSError:
                 sock.close()
                 continue
-            conn = Connection(self, sock)
+            conn = self.connection_class(self, sock)
             self.connections.add(conn)
             if self.draining:
                 self._late[conn] = time.monotonic()

@@ -1,0 +1,784 @@
+"""gunicorn's access log for VryptWorker: `accesslog`, `access_log_format`, `logconfig*`.
+
+Selected once, at worker start, when gunicorn's logger says the access log is on
+(`Logger.access_log_enabled`): the worker then accepts `LoggingConnection`s instead of
+`Connection`s, so with the log off the request path is exactly what it was, not one check more.
+
+The cost with the log on is kept near nginx's (docs/performance.md):
+- A line is `template % dynamic`. The template is the format rendered once per (request head,
+  answer kind) with every atom that depends only on those two (r m U q H s B b f a u, `{x}i`,
+  most `{x}o` and `{x}e`) filled in and escaped, and cached by the head's bytes as the framer
+  caches verdicts; only the atoms that change with the connection, the second or the request
+  (h t T D M L, `{date}o`, `{remote_addr}e`, `{remote_port}e`) are filled per request, and the
+  clock is read per request only when the format asks for a duration.
+- While the second and the client's address stay the same, a repeated keep-alive head reuses
+  the last line as it is (unless the format has a duration or the client's port).
+- Lines are collected and handed, as one chunk, every _HAND_OFF seconds (checked once per loop
+  turn) or _HAND_OFF_LINES lines, to a writer thread that passes them to gunicorn's
+  `gunicorn.access` logger: one record (one write) per chunk when every handler
+  writes `%(message)s` as gunicorn's own do, else one record per line so that a `logconfig_dict`
+  formatter sees each line. A slow disk stalls that thread, never the hub. Chunks waiting for it
+  are bounded (_MAX_QUEUED characters): past the bound, lines are dropped and counted, and the
+  count goes to the error log once the writer catches up (nginx would block its worker instead).
+- USR1 is gunicorn's `reopen_files`, as before: handlers are reopened under their locks.
+
+Escaping: gunicorn replaces `"` with `\\"` in every string atom. Its parser never lets a control
+byte through; ours answers malformed requests too (400 and friends are logged), so in addition a
+backslash becomes `\\\\` and every byte outside printable ASCII (CR, LF, other controls, DEL,
+non-ASCII) becomes `\\xHH`, as nginx writes them: a line is one line, in ASCII, whatever the client
+sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import os
+import select
+import stat
+import threading
+import time
+from collections import deque
+from email.utils import formatdate
+from typing import Any
+from urllib.parse import unquote_to_bytes
+
+from vrypt_worker import framing
+from vrypt_worker.framing import (
+    _BODY,
+    _BODY_CHUNKED,
+    _CHUNK_DATA,
+    _CHUNK_END,
+    _CHUNK_SIZE,
+    _DONE,
+    _EXPECT_CONTINUE,
+    _GROW_IN_PLACE,
+    _HEAD,
+    _LENGTH_SHIFT,
+    _SKIP,
+    _SMALL_CHUNKS,
+    _TRAILERS,
+    BAD_REQUEST,
+    CLOSING,
+    CONTINUE,
+    FIELDS_TOO_LARGE,
+    OK_CLOSE,
+    OK_HEAD,
+    REQUEST_TIMEOUT,
+    FramingRules,
+    RequestFramer,
+    _chunk_size,
+)
+from vrypt_worker.worker import _BATCH, _RECV_SIZE, Connection
+
+# Characters of lines waiting for the writer thread beyond which new lines are dropped: a disk
+# that stalls for seconds under 100k requests/s costs at most this much memory (x4 as str).
+_MAX_QUEUED = 16 * 1024 * 1024
+# The request line of a malformed request is logged up to this many bytes.
+_MAX_LINE = 2048
+# Collected lines go to the writer thread at most this often (seconds), or once there are this
+# many: each hand-off wakes the thread, which then competes with the hub for the GIL.
+_HAND_OFF = 0.1
+_HAND_OFF_LINES = 1024
+_TEMPLATES = 1024  # cached templates (heads x kinds) before the cache starts over
+
+# Atoms filled per request, each from (connection, log, duration in seconds).
+_DYNAMIC = {
+    "h": "c.log_addr",
+    "{remote_addr}e": "c.log_addr",
+    "{remote_port}e": "c.log_port",
+    "t": "L.t",
+    "{date}o": "L.date",
+    "T": "str(int(d))",
+    "D": "str(int(d * 1000000))",
+    "M": "str(int(d * 1000))",
+    "L": "'%d.%06d' % (int(d), int(d * 1000000) % 1000000)",
+}
+_TIMED = frozenset("TDML")
+_PARTS_ATOMS = frozenset(
+    ("m", "U", "q", "H", "{request_method}e", "{raw_uri}e", "{path_info}e")
+) | {"{query_string}e", "{server_protocol}e"}
+_LINE_ATOMS = frozenset(
+    ("r", "m", "U", "q", "H", "{request_method}e", "{raw_uri}e", "{path_info}e")
+) | {"{query_string}e", "{server_protocol}e"}
+
+_ESCAPES = {i: f"\\x{i:02X}" for i in range(256) if not 0x20 <= i < 0x7F}
+_ESCAPES[ord('"')] = '\\"'
+_ESCAPES[ord("\\")] = "\\\\"
+
+
+def escape(raw: bytes) -> str:
+    """gunicorn's `"` escaping, plus `\\` and every byte outside printable ASCII as nginx does."""
+    text = raw.decode("latin-1")
+    # The usual value needs none: tested in C, instead of a dict lookup per character.
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return text.translate(_ESCAPES)
+
+
+class _Probe(dict):
+    """A mapping that records the atoms a format asks for, in order, and fills in markers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    def __getitem__(self, key: str) -> str:
+        if key.startswith("{"):
+            key = key.lower()
+        self.asked.append(key)
+        return "\x00"
+
+
+class _Atoms(dict):
+    """Static atoms for one template; dynamic ones become markers, unknown ones `-` (SafeAtoms)."""
+
+    def __init__(self, static: dict[str, str], dynamic: frozenset[str]) -> None:
+        super().__init__()
+        self.static = static
+        self.dynamic = dynamic
+
+    def __getitem__(self, key: str) -> str:
+        if key.startswith("{"):
+            key = key.lower()
+        if key in self.dynamic:
+            return "\x00"
+        return self.static.get(key, "-")
+
+
+def _parse_head(head: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The request line and the field lines of a (possibly partial or malformed) head."""
+    head = head.lstrip(b"\r\n")
+    end = head.find(b"\r\n\r\n")
+    if end >= 0:
+        head = head[:end]
+    line, _, rest = head.partition(b"\r\n")
+    if not rest and len(line) > _MAX_LINE:
+        line = line[:_MAX_LINE]
+    fields = []
+    for field in rest.split(b"\r\n") if rest else ():
+        name, colon, value = field.partition(b":")
+        if colon:
+            fields.append((name.strip().lower(), value.strip(b" \t")))
+    return line, fields
+
+
+def _user(authorization: bytes | None) -> str:
+    """gunicorn's `u`: the user of Basic credentials, else `-`."""
+    if not authorization or not authorization.lower().startswith(b"basic"):
+        return "-"
+    parts = authorization.split(b" ", 1)
+    if len(parts) != 2:
+        return "-"
+    try:
+        return escape(
+            base64.b64decode(parts[1].strip())
+            .split(b":", 1)[0]
+            .decode("utf-8")
+            .encode("latin-1", "backslashreplace")
+        )
+    except (binascii.Error, UnicodeError, ValueError):
+        return "-"
+
+
+def _answer_atoms(answer: bytes) -> dict[str, str]:
+    """`s`, `b`, `B` and the `{header}o` atoms of one rendered answer."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    sent = str(len(body))  # gunicorn's resp.sent: body bytes
+    atoms = {"s": lines[0].split(b" ", 2)[1].decode("ascii"), "b": sent, "B": sent}
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        atoms[f"{{{escape(name.strip().lower())}}}o"] = escape(value.strip())
+    return atoms
+
+
+class AccessLog:
+    """One worker's access log: templates, the per-second atoms, and the writer thread."""
+
+    def __init__(self, worker: Any) -> None:
+        self.worker = worker
+        log = worker.log
+        self.logger: logging.Logger = log.access_log
+        self.error = log
+        self.format: str = worker.cfg.access_log_format
+        probe = _Probe()
+        try:
+            self.format % probe
+        except (TypeError, ValueError, KeyError):
+            probe.asked = []
+        self.order = [key for key in probe.asked if key in _DYNAMIC]
+        self.dynamic = frozenset(self.order)
+        self.timed = bool(self.dynamic & _TIMED)
+        # What a new head must be parsed for: only the atoms the format asks for.
+        self.asked = frozenset(probe.asked) - self.dynamic
+        self.need_line = bool(self.asked & _LINE_ATOMS)
+        self.need_head = self.need_line or any(
+            key in ("f", "a", "u") or key.endswith("}i") or key.endswith("}e") for key in self.asked
+        )
+        self.answers: dict[int, dict[str, str]] = {}
+        # The per-request part, generated once from the format: a tuple of the dynamic atoms in
+        # the order the format asks for them (names from _DYNAMIC only, never user text).
+        source = "lambda c, L, d: ({},)".format(", ".join(_DYNAMIC[key] for key in self.order))
+        self.fill = eval(source) if self.order else None
+        self.pid = f"<{os.getpid()}>"
+        self.templates: dict[tuple[bytes, int], str] = {}
+        self.recent_head = b""
+        self.recent_template = ""
+        # Atoms that are the same for every request from one address within a second: then
+        # the keep-alive path reuses the last line (wrk, health checkers, load balancers).
+        self.per_second = not self.dynamic & (_TIMED | {"{remote_port}e"})
+        self.line_template: str | None = None
+        self.line_addr = ""
+        self.last_line = ""
+        self.handed = 0.0
+        self.second = -1
+        self.t = ""
+        self.date = ""
+        self.tick(time.time())
+        self.lines: list[str] = []
+        # Writer thread state: chunks waiting, their size, lines dropped at the bound.
+        self.queue: deque[list[str]] = deque()
+        self.queued = 0
+        self.dropped = 0
+        self.ready = threading.Condition(threading.Lock())
+        self.stopping = False
+        self.whole = False  # one record per batch, else PIPE_BUF-sized records (_records)
+        self.batch = self._batchable()
+        self.thread = threading.Thread(target=self._write_loop, name="access-log", daemon=True)
+        self.thread.start()
+
+    # the hub's side ------------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        second = int(now)
+        if second != self.second:
+            self.second = second
+            self.t = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second))
+            self.date = formatdate(second, usegmt=True)
+            self.line_template = None  # the cached line names the second
+
+    def template(self, head: bytes, kind: int) -> str:
+        """The line for this head and answer kind with its static atoms in, `%s` for the rest."""
+        key = (head, kind)
+        found = self.templates.get(key)
+        if found is not None:
+            return found
+        static = self._static(head, kind)
+        text = self.format % _Atoms(static, self.dynamic) if self.format else ""
+        if self.fill is not None:
+            # Markers become %s; a % the format itself rendered is doubled to stay literal.
+            text = "%s".join(part.replace("%", "%%") for part in text.split("\x00"))
+        found = text
+        if len(head) <= framing._CACHE_HEAD_MAX:
+            if len(self.templates) >= _TEMPLATES:
+                self.templates.clear()
+            self.templates[key] = found
+        return found
+
+    def _static(self, head: bytes, kind: int) -> dict[str, str]:
+        """The atoms the format asks for that depend only on the head and the answer kind
+        (only those: a head seen for the first time costs its parse, once)."""
+        asked = self.asked
+        static = {"l": "-", "p": self.pid}
+        line, fields = _parse_head(head) if self.need_head else (b"", [])
+        if self.need_line:
+            parts = line.split(b" ")
+            method = target = version = b""
+            if len(parts) == 3:
+                method, target, version = parts
+            elif parts:
+                method = parts[0]
+                target = parts[1] if len(parts) > 1 else b""
+            static["r"] = escape(line) if line else "-"
+            if asked & _PARTS_ATOMS:
+                path, _, query = target.partition(b"?")
+                if b"%" in path:
+                    path = unquote_to_bytes(path)
+                static["m"] = escape(method) if method else "-"
+                static["U"] = escape(path) if target else "-"
+                static["q"] = escape(query)
+                static["H"] = escape(version) if version else "-"
+                static["{request_method}e"] = static["m"]
+                static["{raw_uri}e"] = escape(target) if target else "-"
+                static["{path_info}e"] = static["U"]
+                static["{query_string}e"] = static["q"]
+                static["{server_protocol}e"] = static["H"]
+        if fields:
+            headers: dict[bytes, bytes] = {}
+            for name, value in fields:
+                headers[name] = headers[name] + b"," + value if name in headers else value
+                key = f"{{{name.decode('latin-1')}}}i"
+                if key in asked:
+                    static[key] = escape(value)
+            if "f" in asked and b"referer" in headers:
+                static["f"] = escape(headers[b"referer"])
+            if "a" in asked and b"user-agent" in headers:
+                static["a"] = escape(headers[b"user-agent"])
+            if "u" in asked:
+                static["u"] = _user(headers.get(b"authorization"))
+            for name, value in headers.items():
+                key = name.decode("latin-1").lower().replace("-", "_")
+                if key not in ("content_type", "content_length"):
+                    key = "http_" + key
+                key = f"{{{key}}}e"
+                if key in asked:
+                    static[key] = escape(value)
+        answer = self.answers.get(kind)
+        if answer is None:  # the answer's parts but its Date (a dynamic atom) never change
+            answer = self.answers[kind] = _answer_atoms(self.worker.responses.bytes_for[kind])
+        static.update(answer)
+        static["{script_name}e"] = ""
+        static["{wsgi.url_scheme}e"] = "http"
+        return static
+
+    def line(self, conn: Any, head: bytes, kind: int, duration: float) -> str:
+        template = self.template(head, kind)
+        if self.fill is None:
+            return template
+        return template % self.fill(conn, self, duration)
+
+    def fresh_line(self, conn: Any, template: str, start: float) -> str:
+        """A line formatted now (the keep-alive path's cached one did not fit)."""
+        fill = self.fill
+        if fill is None:
+            return template
+        duration = time.perf_counter() - start if self.timed else 0.0
+        line = template % fill(conn, self, duration)
+        if self.per_second:  # the same line for the same head and address, this second
+            self.line_template = template
+            self.line_addr = conn.log_addr
+            self.last_line = line
+        return line
+
+    def turn(self, force: bool = False) -> None:
+        """Once per loop turn (a prepare watcher): the second's atoms, and the lines collected
+        to the writer thread every _HAND_OFF seconds or _HAND_OFF_LINES lines."""
+        now = time.time()
+        if int(now) != self.second:
+            self.tick(now)
+        lines = self.lines
+        if not lines:
+            return
+        if not force and len(lines) < _HAND_OFF_LINES and now - self.handed < _HAND_OFF:
+            return
+        self.handed = now
+        self.lines = []
+        size = sum(map(len, lines))
+        with self.ready:
+            if self.queued + size > _MAX_QUEUED:
+                self.dropped += len(lines)
+                return
+            self.queued += size
+            self.queue.append(lines)
+            self.ready.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Leaving: what is collected goes to the handlers before the process ends."""
+        self.turn(force=True)
+        with self.ready:
+            self.stopping = True
+            self.ready.notify()
+        self.thread.join(timeout)
+
+    # the writer thread's side --------------------------------------------------------------------
+
+    def _batchable(self) -> bool:
+        """Whether one record may carry many lines: every handler that will see it writes the
+        message alone (gunicorn's own access handlers, `%(message)s`) and nothing filters."""
+        logger: logging.Logger | None = self.logger
+        if logger is None or logger.filters:
+            return False
+        handlers: list[logging.Handler] = []
+        while logger is not None:
+            handlers.extend(logger.handlers)
+            if not logger.propagate:
+                break
+            logger = logger.parent
+        whole = True
+        for handler in handlers:
+            if handler.filters or not isinstance(handler, logging.StreamHandler):
+                return False
+            if handler.formatter is not None and handler.formatter._fmt != "%(message)s":
+                return False
+            try:
+                regular = stat.S_ISREG(os.fstat(handler.stream.fileno()).st_mode)
+            except (AttributeError, OSError, ValueError):
+                regular = False
+            whole = whole and regular
+        self.whole = whole
+        return True
+
+    def _records(self, lines: list[str]) -> list[str]:
+        """Lines joined into records: one for a regular file (an O_APPEND write is not
+        interleaved with another worker's); for a pipe or a terminal (`-`), records of at most
+        PIPE_BUF bytes, the size up to which the kernel keeps two workers' writes apart."""
+        if self.whole:
+            return ["\n".join(lines)]
+        records: list[str] = []
+        group: list[str] = []
+        size = 0
+        for line in lines:
+            if group and size + len(line) + 1 > select.PIPE_BUF:
+                records.append("\n".join(group))
+                group = []
+                size = 0
+            group.append(line)
+            size += len(line) + 1
+        if group:
+            records.append("\n".join(group))
+        return records
+
+    def _write_loop(self) -> None:
+        logger = self.logger
+        while True:
+            with self.ready:
+                while not self.queue and not self.stopping:
+                    self.ready.wait()
+                chunks = list(self.queue)
+                self.queue.clear()
+                self.queued = 0
+                dropped, self.dropped = self.dropped, 0
+                stopping = self.stopping
+            try:
+                if chunks:
+                    if self.batch:
+                        lines = [line for chunk in chunks for line in chunk]
+                        for record in self._records(lines):
+                            logger.info(record)
+                    else:
+                        for chunk in chunks:
+                            for line in chunk:
+                                logger.info(line)
+                if dropped:
+                    self.error.warning(
+                        "access log: %d lines dropped, the log's output was slower than the "
+                        "requests",
+                        dropped,
+                    )
+            except Exception:
+                self.error.exception("access log: writing failed")
+            if stopping:
+                return
+
+
+class LoggingFramer(RequestFramer):
+    """RequestFramer.feed, with the head of each answer noted in `heads` (in step with `out`).
+
+    A copy of the base class's feed plus the lines marked `# log`, kept apart so that with the
+    log off the framing path is untouched; test_access_log checks that both agree on every byte
+    stream of the framing tests' corpus."""
+
+    __slots__ = ("_head", "heads")
+
+    def __init__(self, rules: FramingRules, heads: list[bytes | None]) -> None:
+        super().__init__(rules)
+        self._head = b""  # the head of the request whose body is being read
+        self.heads = heads
+
+    def feed(self, data: bytes) -> list[int]:
+        rules = self._rules
+        cache = rules.cache
+        out = rules.out
+        out.clear()
+        heads = self.heads  # log
+        heads.clear()  # log
+        state = self._state
+        held = self._buf
+        if not held:
+            if state == _DONE:
+                return out
+            buf = data
+        elif len(held) < _GROW_IN_PLACE:
+            buf = held + data
+        elif state == _HEAD:
+            if type(held) is bytes:
+                held = bytearray(held)
+            scan = len(held) - 3
+            held += data
+            if held.find(b"\r\n\r\n", scan) < 0 and not self._check_partial_head(held, 0):
+                self._buf = held
+                return out
+            buf = bytes(held)
+        else:
+            buf = held + data
+
+        answered = rules.answered
+        open_until = rules.open_until
+        pos = 0
+        end = len(buf)
+        last_head = None
+        head = self._head  # log
+        owed = -1
+        while pos < end:
+            if state == _HEAD:
+                if last_head is not None and buf.startswith(last_head, pos):
+                    pos += len(last_head)
+                    head = last_head  # log
+                else:
+                    head_end = buf.find(b"\r\n\r\n", pos)
+                    if head_end < 0:
+                        owed = self._check_partial_head(buf, pos) or -1
+                        if owed < 0:
+                            break
+                        head = bytes(buf[pos : pos + _MAX_LINE])  # log
+                    else:
+                        head_end += 4
+                        last_head = buf[pos:head_end]
+                        head = last_head  # log
+                        verdict = cache.get(last_head)
+                        if verdict is None:
+                            verdict = rules.parse_and_cache(last_head)
+                        pos = head_end
+                if owed < 0:
+                    self._checked = self._fields = 0
+                    if verdict < 16:
+                        if verdict == _SKIP:
+                            continue
+                        owed = verdict
+                    else:
+                        self._kind = verdict & 0xF
+                        if verdict & _EXPECT_CONTINUE:
+                            out.append(CONTINUE)
+                            heads.append(None)  # log
+                        if verdict & _BODY_CHUNKED:
+                            state = _CHUNK_SIZE
+                        else:
+                            state = _BODY
+                            self._remaining = verdict >> _LENGTH_SHIFT
+                        continue
+            elif state in (_BODY, _CHUNK_DATA):
+                take = min(self._remaining, end - pos)
+                pos += take
+                self._remaining -= take
+                if self._remaining:
+                    continue
+                if state == _CHUNK_DATA:
+                    state = _CHUNK_END
+                    continue
+                owed = self._kind
+            elif state == _CHUNK_END:
+                if end - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    owed = BAD_REQUEST
+                else:
+                    pos += 2
+                    state = _CHUNK_SIZE
+                    continue
+            else:
+                limit = rules.limits.field_size
+                if state == _CHUNK_SIZE:
+                    pos = _SMALL_CHUNKS.match(buf, pos).end()  # type: ignore[union-attr]
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    if end - pos <= limit:
+                        break
+                    owed = BAD_REQUEST if state == _CHUNK_SIZE else FIELDS_TOO_LARGE
+                else:
+                    line = buf[pos:eol]
+                    pos = eol + 2
+                    if state == _CHUNK_SIZE:
+                        size = _chunk_size(line, limit)
+                        if size > 0:
+                            self._remaining = size
+                            state = _CHUNK_DATA
+                            continue
+                        if size < 0:
+                            owed = BAD_REQUEST
+                        else:
+                            state = _TRAILERS
+                            self._fields = 0
+                            continue
+                    elif line:
+                        owed = self._check_trailer(line)
+                        if not owed:
+                            owed = -1
+                            continue
+                    else:
+                        self._fields = 0
+                        owed = self._kind
+
+            if owed < CLOSING and answered >= open_until:
+                owed = OK_CLOSE | (owed & OK_HEAD)
+            out.append(owed)
+            heads.append(head)  # log
+            answered += 1
+            if owed >= CLOSING:
+                if BAD_REQUEST <= owed <= REQUEST_TIMEOUT:
+                    rules.rejected += 1
+                state = _DONE
+                break
+            state = _HEAD
+            owed = -1
+
+        rules.answered = answered
+        self._state = state
+        self._head = head if state != _HEAD else b""  # log
+        if state == _DONE:
+            self._buf = b""
+            self.closed = True
+            self.clean = not BAD_REQUEST <= owed <= REQUEST_TIMEOUT and pos == end
+            self.fresh = False
+        else:
+            self._buf = buf[pos:] if pos < end else b""
+            self.fresh = state == _HEAD and not self._buf
+        return out
+
+
+class LoggingConnection(Connection):
+    """A Connection that logs every answer it gives.
+
+    `on_readable` is Connection.on_readable plus the lines marked `# log` (inlined: a call per
+    request costs about as much as the rest of the logging); test_access_log checks that the
+    two are the same code without those lines, so a change to one that is not made to the
+    other fails the tests."""
+
+    __slots__ = ("access", "log_addr", "log_port")
+
+    def __init__(self, worker: Any, sock: Any) -> None:
+        super().__init__(worker, sock)
+        self.access: AccessLog = worker.access_log
+        self.framer = LoggingFramer(self.rules, worker.access_heads)
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            peer = None
+        if isinstance(peer, tuple):
+            self.log_addr = escape(str(peer[0]).encode("latin-1", "replace"))
+            self.log_port = str(peer[1])
+        else:  # a unix socket: gunicorn's REMOTE_ADDR is empty there too
+            self.log_addr = "-"
+            self.log_port = "-"
+
+    def on_readable(self) -> None:
+        access = self.access  # log
+        start = time.perf_counter() if access.timed else 0.0  # log
+        try:
+            data = self.sock.recv(self.recv_size)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self.seen = True
+        framer = self.framer
+        rules = self.rules
+        if framer.fresh:
+            if data == rules.recent_head:
+                kind = rules.recent_kind
+            else:
+                kind = rules.cache.get(data, CLOSING)
+                if kind < CLOSING:
+                    rules.recent_head = data
+                    rules.recent_kind = kind
+            if kind < CLOSING and rules.answered < rules.open_until:
+                rules.answered += 1
+                payload = self.table[kind]
+                try:
+                    sent = self.sock.send(payload)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    self.close()
+                    return
+                # The template of the head answered last, again, without hashing it; and the
+                # line itself while the second and the client's address are the same.
+                if data == access.recent_head:  # log
+                    template = access.recent_template  # log
+                else:  # log
+                    template = access.template(data, kind)  # log
+                    access.recent_head = data  # log
+                    access.recent_template = template  # log
+                if template is access.line_template and self.log_addr == access.line_addr:  # log
+                    access.lines.append(access.last_line)  # log
+                else:  # log
+                    access.lines.append(access.fresh_line(self, template, start))  # log
+                if sent != len(payload):
+                    self.wait_writable(payload[sent:])
+                return
+        try:
+            if len(data) == self.recv_size:
+                self.recv_size = _RECV_SIZE
+            out = framer.feed(data)
+            if out:
+                table = self.table
+                first = out[0]
+                if len(out) == 1:
+                    payload = table[first]
+                elif len(out) > _BATCH:
+                    self.owe(out)
+                    payload = b""
+                elif out.count(first) == len(out):
+                    payload = table[first] * len(out)
+                else:
+                    payload = b"".join(map(table.__getitem__, out))
+                if payload:
+                    self.send(payload)
+                self._log_answers(out, start)  # log
+            if not framer.fresh or self.held:
+                self.track_partial(bool(out))
+            if framer.closed and not self.pending:
+                self.linger()
+        except Exception:
+            self.worker.log.exception("vrypt_worker: closing a connection after an internal error")
+            self.close()
+
+    def _log_answers(self, out: list[int], start: float) -> None:
+        access = self.access
+        duration = time.perf_counter() - start if access.timed else 0.0
+        heads = self.framer.heads
+        lines = access.lines
+        previous = None
+        line = ""
+        for kind, head in zip(out, heads, strict=False):
+            if kind == CONTINUE or head is None:
+                continue  # an interim 100, not an answer
+            # Pipelined requests are often the same bytes again: the same line again.
+            if previous is None or previous[0] is not head or previous[1] != kind:
+                line = access.line(self, head, kind, duration)
+                previous = (head, kind)
+            lines.append(line)
+
+    def refuse(self, kind: int) -> None:
+        framer = self.framer
+        # log: the worker's own 408/431, with what the request had sent of its head.
+        head = bytes(framer._buf[:_MAX_LINE]) if framer.in_head else framer._head
+        self.access.lines.append(self.access.line(self, head, kind, 0.0))
+        super().refuse(kind)
+
+
+def start(worker: Any) -> AccessLog | None:
+    """At worker start: the access log if gunicorn's logger has it on, else None (and nothing
+    on the request path changes)."""
+    log = worker.log
+    enabled = getattr(log, "access_log_enabled", None)
+    if enabled is None:
+        cfg = worker.cfg
+        enabled = bool(cfg.accesslog or cfg.logconfig or cfg.logconfig_dict)
+    access_logger = getattr(log, "access_log", None)
+    if not enabled or access_logger is None or not access_logger.isEnabledFor(logging.INFO):
+        return None
+    access = AccessLog(worker)
+    try:  # a format that cannot be rendered: said once here, not per request
+        access.template(b"GET / HTTP/1.1\r\n\r\n", framing.OK)
+    except Exception as exc:
+        access.close()
+        log.error(
+            "access log off: access_log_format %r cannot be rendered (%r)", access.format, exc
+        )
+        return None
+    worker.access_log = access
+    worker.access_heads = []
+    worker.connection_class = LoggingConnection
+    turn = worker.loop.prepare()
+    turn.start(access.turn)
+    access.watcher = turn
+    return access
+
+
+__all__ = ["AccessLog", "LoggingConnection", "LoggingFramer", "escape", "start"]
