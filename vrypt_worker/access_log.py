@@ -70,7 +70,7 @@ from vrypt_worker.framing import (
     RequestFramer,
     _chunk_size,
 )
-from vrypt_worker.worker import _BATCH, _RECV_SIZE, Connection
+from vrypt_worker.worker import _BATCH, _FIRST_RECV_SIZE, _RECV_SIZE, Connection
 
 # Characters of lines waiting for the writer thread beyond which new lines are dropped: a disk
 # that stalls for seconds under 100k requests/s costs at most this much memory (x4 as str).
@@ -582,6 +582,7 @@ class LoggingFramer(RequestFramer):
                     if state == _CHUNK_SIZE:
                         size = _chunk_size(line, limit)
                         if size > 0:
+                            self.chunk_lines += 1
                             self._remaining = size
                             state = _CHUNK_DATA
                             continue
@@ -702,7 +703,7 @@ class LoggingConnection(Connection):
                     self.wait_writable(payload[sent:])
                 return
         try:
-            if len(data) == self.recv_size:
+            if len(data) == self.recv_size == _FIRST_RECV_SIZE:
                 self.recv_size = _RECV_SIZE
             out = framer.feed(data)
             if out:
