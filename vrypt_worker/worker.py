@@ -14,6 +14,7 @@ import heapq
 import itertools
 import logging
 import os
+import pprint
 import resource
 import signal
 import socket
@@ -37,6 +38,10 @@ from vrypt_worker.framing import (
 )
 from vrypt_worker.response import ResponseTable
 
+# gevent imports pprint the first time a signal handler is installed (gevent.util), which every
+# worker does in init_signals: imported with this module, in the arbiter, it costs no worker's
+# boot (a few milliseconds each, measured with cProfile; a recycled worker's slot waits for them).
+_PRELOADED = (pprint,)
 _READ, _WRITE = 1, 2
 _RECV_SIZE = 65536
 # A connection's reads start at this size: a bytes object of up to 512 bytes (33 of them its
@@ -189,6 +194,11 @@ class VryptWorker(Worker):
     def setup(cls) -> None:
         """gunicorn calls this from Arbiter.setup, before it binds (at start and on reload):
         the arbiter's SO_REUSEPORT listener slots are made here (listeners.py)."""
+        # Loaded here, in the arbiter, rather than in every worker's run(): a module imported
+        # after the fork is executed again in each worker (it imports this module, so not at
+        # the top).
+        from vrypt_worker import access_log  # noqa: F401
+
         arbiter = listeners.calling_arbiter(2)
         if arbiter is not None:
             listeners.prepare(arbiter)
