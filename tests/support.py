@@ -17,6 +17,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "gunicorn.conf.py"
+# A stopping server's listeners close for good: a connection whose handshake completes in the
+# microseconds between a worker's last accept and its listener's close is reset by the kernel
+# (every worker is leaving, nothing can take it over). Seen once in ~13,000 connections in a CI
+# run (docs/reliability.md); the stop tests allow this many, and fail on anything more.
+RESET_AT_STOP = 2
 DATE = re.compile(rb"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} GMT")
 
 
