@@ -114,11 +114,6 @@ def slot_mode() -> bool:
     return _pool is not None
 
 
-def pool() -> SlotPool:
-    assert _pool is not None
-    return _pool
-
-
 def _tcp_addresses(cfg: Any) -> list[tuple[Any, ...]] | None:
     addresses = cfg.address
     if not addresses or any(not isinstance(address, tuple) for address in addresses):
