@@ -75,6 +75,11 @@ _SUCCESSOR_WAIT = 2.0
 _TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info
 
 
+def _raw(listener: Any) -> Any:
+    """The socket of a gunicorn listener object (None once closed), or the socket itself."""
+    return listener.sock if hasattr(listener, "sock") else listener
+
+
 def never_received(sock: Any) -> bool:
     """The peer has sent nothing on this TCP connection yet (kernel's count, not ours)."""
     try:
@@ -331,7 +336,7 @@ class VryptWorker(Worker):
         self.access_log = access_log.start(self)
         self._done = gevent.event.Event()
         for listener in self.sockets:
-            sock = listener.sock if hasattr(listener, "sock") else listener
+            sock = _raw(listener)
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 # Accepted sockets inherit TCP_NODELAY from their listener on Linux: set it once.
@@ -509,7 +514,7 @@ class VryptWorker(Worker):
             if orphan and slot not in self._adopted:
                 watchers = []
                 for listener in socks:
-                    sock = listener.sock if hasattr(listener, "sock") else listener
+                    sock = _raw(listener)
                     if sock is None:
                         break
                     watchers.append((self.loop.io(sock.fileno(), _READ), sock))
@@ -639,7 +644,7 @@ class VryptWorker(Worker):
             watcher.close()
         self._accepting.clear()
         for listener in self.sockets:
-            sock = listener.sock if hasattr(listener, "sock") else listener
+            sock = _raw(listener)
             if sock is None:
                 continue  # closed already
             self._accept_queued(sock)
