@@ -206,6 +206,7 @@ def test_the_arbiter_names_its_address() -> None:
     with running(workers=2) as server:
         line = server.wait_for_log(r"Listening at: (\S+) \(\d+\)").group(1)
         assert line.split(",") == [f"http://127.0.0.1:{server.port}"] * 2, line
+        assert "one SO_REUSEPORT listener per worker on each address" in server.log
         assert "tcp_migrate_req" not in server.log
 
 

@@ -245,6 +245,14 @@ class VryptWorker(Worker):
                 "listener when it exits are reset by the kernel. Set VRYPT_REUSE_PORT=0 with "
                 "systemd sockets; see docs/reliability.md"
             )
+        if listeners.slot_mode():
+            # gunicorn's `Listening at:` names every slot's listener, so an address shows once per
+            # worker: say why, once.
+            log.info(
+                "vrypt_worker: one SO_REUSEPORT listener per worker on each address, kept by "
+                "the arbiter so that restarts never leave the port without one "
+                "(VRYPT_REUSE_PORT=0 for a single shared listener)"
+            )
         metrics.start(cfg, log)  # shared counter slots and the StatsD pusher, before any fork
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
