@@ -115,9 +115,10 @@ class TLSSession:
     """One server-side TLS connection over memory buffers: no socket, no clock.
 
     `receive(data)` feeds ciphertext and returns the plaintext it completed (b"" while the
-    handshake runs or a record is partial); after each call, `output()` has what must go to the
-    peer. `handshaken` turns True once the handshake is done, then `alpn` is the protocol chosen
-    (or None). `peer_closed` turns True on the peer's close_notify. Failures raise TLSError.
+    handshake runs or a record is partial, or at the peer's close_notify); after each call,
+    `output()` has what must go to the peer. `handshaken` turns True once the handshake is done,
+    then `alpn` is the protocol chosen (or None). `peer_closed` turns True on the peer's
+    close_notify. Failures raise TLSError.
     """
 
     __slots__ = (
@@ -155,6 +156,9 @@ class TLSSession:
             return b""
         except ssl.SSLError as exc:
             raise TLSError(str(exc)) from exc
+        if not plain:  # (CPython gives b"" for the peer's close_notify)
+            self.peer_closed = True
+            return b""
         if not obj.pending() and not self.incoming.pending:
             return plain  # the common case: one record, one read
         return self._read_rest(plain)
@@ -164,7 +168,11 @@ class TLSSession:
         obj = self.obj
         try:
             while obj.pending() or self.incoming.pending:
-                chunks.append(obj.read(_READ_SIZE))
+                chunk = obj.read(_READ_SIZE)
+                if not chunk:
+                    self.peer_closed = True
+                    break
+                chunks.append(chunk)
         except ssl.SSLWantReadError:
             pass  # a partial record stays in `incoming` for the next read
         except ssl.SSLZeroReturnError:
