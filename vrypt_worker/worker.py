@@ -27,7 +27,7 @@ import gevent
 import gevent.event
 from gunicorn.workers.base import Worker
 
-from vrypt_worker import listeners, metrics, settings
+from vrypt_worker import listeners, metrics, settings, tls, transport
 from vrypt_worker.framing import (
     CLOSING,
     FIELDS_TOO_LARGE,
@@ -214,8 +214,11 @@ class VryptWorker(Worker):
         """Runs once in the arbiter before any worker starts: refuse what we cannot honour."""
         refused = []
         if cfg.is_ssl:
-            refused.append("certfile/keyfile (TLS): terminate TLS in front of this server")
-        if "h2" in (cfg.http_protocols or []):
+            try:  # made here, in the arbiter, so that every worker shares its ticket keys
+                tls.context_for(cfg)
+            except Exception as exc:
+                refused.append(f"certfile/keyfile/ca_certs/ciphers/ssl_context (TLS): {exc}")
+        if "h2" in (cfg.http_protocols or []) and tls.H2_PROTOCOL is None:
             refused.append("http_protocols=h2: this worker speaks HTTP/1.x only")
         if (cfg.proxy_protocol or "off") != "off":
             refused.append("proxy_protocol: PROXY protocol headers are not parsed")
@@ -288,7 +291,7 @@ class VryptWorker(Worker):
         # keepalive = 0 means no keep-alive at all, as in gunicorn's own workers.
         self.rules.open_until = self.max_requests - 1 if self.cfg.keepalive > 0 else 0
         hostile = hostile_settings_from_env()
-        self.head_timeout = hostile["VRYPT_HEAD_TIMEOUT"]
+        self.head_timeout = hostile["VRYPT_HEAD_TIMEOUT"]  # a TLS handshake's bound too
         self.body_timeout = hostile["VRYPT_BODY_TIMEOUT"]
         self.send_timeout = hostile["VRYPT_SEND_TIMEOUT"]
         self.head_budget = hostile["VRYPT_HEAD_BUFFER"]
@@ -304,6 +307,9 @@ class VryptWorker(Worker):
         # (access_log.py), so with it off the request path has not one check more.
         self.connection_class: type[Connection] = Connection
         self.access_log: Any = None
+        # TLS (gunicorn's certfile/keyfile): one context per configuration, made here in the
+        # arbiter before the fork, so that every worker resumes every worker's sessions.
+        self.tls_context = tls.context_for(self.cfg, self.log) if self.cfg.is_ssl else None
 
     # gunicorn lifecycle -------------------------------------------------------------------------
 
@@ -342,6 +348,8 @@ class VryptWorker(Worker):
         from vrypt_worker import access_log  # imports this module
 
         self.access_log = access_log.start(self)
+        if self.tls_context is not None:
+            transport.serve_tls(self)  # TLSConnection instead of Connection
         self._done = gevent.event.Event()
         for listener in self.sockets:
             sock = _raw(listener)
@@ -456,7 +464,7 @@ class VryptWorker(Worker):
         if not idle:
             return False
         count = max(1, min(_EVICT, len(idle) // 8))
-        for conn in heapq.nlargest(count, idle, key=Connection.idleness):
+        for conn in heapq.nlargest(count, idle, key=lambda conn: conn.idleness()):
             conn.close()
         return True
 

@@ -1,0 +1,168 @@
+"""HTTP/1.x as a `PlaintextProtocol`: what a transport other than the plain socket (TLS) serves
+when the peer chose `http/1.1` by ALPN, or chose nothing.
+
+It answers exactly as worker.Connection does, from the same `RequestFramer` and the worker's
+response table: one answer per request, in order, counted in `rules.answered` (4xx included,
+`rules.rejected` too); `Connection: close`, HTTP/1.0, HEAD, `Expect: 100-continue`, errors (4xx
+and close), the answer that reaches max_requests and every answer while draining saying close
+(`rules.open_until`). The common keep-alive read (exactly one head seen before) takes the same
+shortcut as the plain path (FramingRules' hot-path contract), without calling the framer.
+
+Pipelined requests are answered in one piece (one TLS record, one write). Past _BATCH answers in
+one read the rest are kept as answer kinds and rendered a batch at a time as the transport's
+writes go (`writable`), so a client that pipelines and never reads costs counts, not answers.
+
+Timeouts that belong to a request are here (`tick`): the head timeout from a partial head's first
+read to its end, and the body timeout between two reads of a body, each answered 408 and close.
+The keep-alive and send timeouts are the transport's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from vrypt_worker.framing import CLOSING, REQUEST_TIMEOUT, FramingRules, RequestFramer
+
+# Answers rendered at most this many at a time (as worker._BATCH).
+_BATCH = 64
+
+
+class H1Protocol:
+    """One connection's HTTP/1.x state, I/O-free (see the module docstring)."""
+
+    __slots__ = (
+        "body_ticks",
+        "body_timeout",
+        "clean",
+        "clock",
+        "closing",
+        "fed",
+        "framer",
+        "head_since",
+        "head_timeout",
+        "owed",
+        "rules",
+        "table",
+    )
+
+    def __init__(
+        self,
+        rules: FramingRules,
+        table: list[bytes],
+        head_timeout: float,
+        body_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.rules = rules
+        self.table = table  # the worker's live response table (updated in place each second)
+        self.framer = RequestFramer(rules)
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+        self.clock = clock
+        self.closing = False
+        self.clean = False
+        self.owed: list[int] = []  # answer kinds beyond the batch already given
+        self.head_since = 0.0  # when the current partial head began (clock), or 0
+        self.fed = False  # input since the last tick (for the body timeout)
+        self.body_ticks = 0
+
+    def receive(self, data: bytes) -> bytes:
+        framer = self.framer
+        rules = self.rules
+        if framer.fresh:
+            # The plain path's shortcut: a read that is exactly one keep-alive head seen before.
+            if data == rules.recent_head:
+                kind = rules.recent_kind
+            else:
+                kind = rules.cache.get(data, CLOSING)
+                if kind < CLOSING:
+                    rules.recent_head = data
+                    rules.recent_kind = kind
+            if kind < CLOSING and rules.answered < rules.open_until:
+                rules.answered += 1
+                return self.table[kind]
+        if self.closing or framer.closed:
+            return b""  # input after the final answer is dropped
+        self.fed = True
+        out = framer.feed(data)
+        payload = b""
+        if out:
+            table = self.table
+            if len(out) > _BATCH:
+                self.owed.extend(out[_BATCH:])  # rules.out is shared: copy what we keep
+                out = out[:_BATCH]
+            first = out[0]
+            if len(out) == 1:
+                payload = table[first]
+            elif out.count(first) == len(out):
+                payload = table[first] * len(out)
+            else:
+                payload = b"".join(map(table.__getitem__, out))
+        framer.chunk_lines = 0  # (the plain path's read-size hint; records bound reads here)
+        if framer.in_head:
+            if out or not self.head_since:  # a new head began in this read
+                self.head_since = self.clock()
+        else:
+            self.head_since = 0.0
+        if framer.closed and not self.owed:
+            self.closing = True
+            self.clean = framer.clean
+        return payload
+
+    def writable(self) -> bytes:
+        owed = self.owed
+        if not owed:
+            if self.head_since and not self.closing:
+                # we stopped reading that head (back-pressure), not the client sending it
+                self.head_since = self.clock()
+            return b""
+        batch = owed[:_BATCH]
+        del owed[:_BATCH]
+        if not owed and self.framer.closed:
+            self.closing = True
+            self.clean = self.framer.clean
+        table = self.table
+        return b"".join(map(table.__getitem__, batch))
+
+    def eof(self) -> bytes:
+        self.closing = True
+        self.head_since = 0.0
+        return b""
+
+    def idle(self) -> bool:
+        return self.framer.idle and not self.owed and not self.closing
+
+    def shutdown(self) -> bytes:
+        # HTTP/1 announces nothing: the worker's rules make every answer from now on say close.
+        return b""
+
+    def tick(self, now: float) -> bytes:
+        if self.closing or self.framer.closed:
+            return b""
+        if self.head_since:
+            if now - self.head_since >= self.head_timeout:
+                return self.refuse(REQUEST_TIMEOUT)
+        elif not self.framer.idle:  # between two reads of a body
+            if self.fed:
+                self.fed = False
+                self.body_ticks = 0
+            else:
+                self.body_ticks += 1
+                if self.body_ticks >= self.body_timeout:
+                    return self.refuse(REQUEST_TIMEOUT)
+        return b""
+
+    def refuse(self, kind: int) -> bytes:
+        """The server's own final answer (408 on a timeout), after any answers still owed."""
+        rules = self.rules
+        rules.rejected += 1
+        rules.answered += 1
+        self.framer.finish()
+        self.head_since = 0.0
+        self.clean = False
+        if self.owed:
+            self.owed.append(kind)
+            return b""
+        self.closing = True
+        return self.table[kind]
