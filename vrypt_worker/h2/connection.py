@@ -62,6 +62,9 @@ OUTPUT_BUDGET = 256 * 1024
 # Streams we reset and remember, so that frames already in flight on them are dropped quietly
 # (RFC 9113 §5.1 "closed") instead of answered with another RST_STREAM.
 _RESET_MEMORY = 256
+# Gaps in the client's stream ids remembered, to tell a stream id that goes back (PROTOCOL_ERROR)
+# from HEADERS on a stream that was used and closed (STREAM_CLOSED). Clients count up by 2.
+_SKIP_MEMORY = 32
 # A mapped `http2_max_header_list_size = 0` ("unlimited" in gunicorn): still a bound here.
 UNLIMITED_HEADER_LIST = 256 * 1024
 
@@ -175,6 +178,7 @@ class H2Protocol:
         self._streams: dict[int, _Stream] = {}
         self._held: dict[int, _Stream] = {}  # streams with DATA waiting for flow control
         self._reset_by_us: dict[int, None] = {}
+        self._skipped: list[tuple[int, int]] = []  # (a, b): ids between a and b never opened
         # A header block in assembly (HEADERS without END_HEADERS, then CONTINUATION).
         self._cont_sid = 0
         self._cont_flags = 0
@@ -387,9 +391,9 @@ class H2Protocol:
                     and flags == _END_STREAM_AND_HEADERS
                     and not self._streams
                     and not self._cont_sid
-                    and self._last_id < sid <= self._accept_until
-                    and sid & 1
+                    and sid == self._last_id + 2  # the next id: odd and new
                     and self._settings_seen
+                    and not self._goaway_sent
                 ):
                     # The hot path: a complete GET/HEAD-like request on a new stream.
                     block = buf[start:pos]
@@ -548,6 +552,10 @@ class H2Protocol:
         if sid > self._last_id:
             # A new stream (§5.1.1: ids only grow). Decoded first: the table must stay right.
             verdict = self._decode_request(block)
+            if sid > self._last_id + 2:
+                self._skipped.append((self._last_id, sid))  # ids never used in between
+                if len(self._skipped) > _SKIP_MEMORY:
+                    del self._skipped[0]
             self._last_id = sid
             if sid > self._accept_until:
                 return  # after our GOAWAY: ignored (§6.8)
@@ -607,6 +615,9 @@ class H2Protocol:
         if stream is not None:
             self._stream_error(sid, frames.STREAM_CLOSED)
             return
+        if any(low < sid < high for low, high in self._skipped):
+            # Never used: an attempt to open a stream below the last one (§5.1.1).
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "stream id lower than the last")
         raise _ConnectionError(frames.STREAM_CLOSED, "HEADERS on a closed stream")
 
     def _on_data(self, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
