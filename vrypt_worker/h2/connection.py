@@ -514,9 +514,9 @@ class H2Protocol:
         if not self._cont_sid or sid != self._cont_sid:
             raise _ConnectionError(frames.PROTOCOL_ERROR, "unexpected CONTINUATION")
         block = self._cont_block
-        block += buf[start:end]
-        if len(block) > self._block_limit:
+        if len(block) + end - start > self._block_limit:
             raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header block too large")
+        block += buf[start:end]
         if not flags & FLAG_END_HEADERS:
             if start == end:
                 self._control()
@@ -867,6 +867,7 @@ class H2Protocol:
         self._out.append(frames.goaway(self._last_id, exc.code, str(exc).encode()[:64]))
         self._held.clear()
         self._streams.clear()
+        self._cont_block = bytearray()
         self._buf = b""
         self.closing = True
         self.clean = False
