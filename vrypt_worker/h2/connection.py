@@ -62,6 +62,8 @@ OUTPUT_BUDGET = 256 * 1024
 # Streams we reset and remember, so that frames already in flight on them are dropped quietly
 # (RFC 9113 §5.1 "closed") instead of answered with another RST_STREAM.
 _RESET_MEMORY = 256
+# Connection-level credit goes back once this much DATA is consumed (half the initial window).
+_CONNECTION_CREDIT_AT = frames.DEFAULT_WINDOW // 2 + 1
 # Gaps in the client's stream ids remembered, to tell a stream id that goes back (PROTOCOL_ERROR)
 # from HEADERS on a stream that was used and closed (STREAM_CLOSED). Clients count up by 2.
 _SKIP_MEMORY = 32
@@ -277,10 +279,6 @@ class H2Protocol:
                 buf = self._match_preface(buf)
             if buf:
                 self._frames(buf)
-            if self._held:
-                self._flush()
-            if self._recv_unacked >= 32768:
-                self._credit_connection()
         except _ConnectionError as exc:
             self._fail(exc)
         self._check_drain()
@@ -629,6 +627,8 @@ class H2Protocol:
             raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "connection window exceeded")
         self._recv_window -= size
         self._recv_unacked += size
+        if self._recv_unacked >= _CONNECTION_CREDIT_AT:
+            self._credit_connection()
         data = size
         if flags & FLAG_PADDED:
             if size < 1 or buf[start] >= size:
@@ -659,8 +659,6 @@ class H2Protocol:
             self._out.append(frames.window_update(sid, stream.recv_unacked))
             stream.recv_window += stream.recv_unacked
             stream.recv_unacked = 0
-        if self._recv_unacked >= 32768:
-            self._credit_connection()
 
     def _credit_connection(self) -> None:
         self._out.append(frames.window_update(0, self._recv_unacked))
@@ -691,6 +689,8 @@ class H2Protocol:
         self._control()
         self._apply_settings(payload)
         self._out.append(frames.SETTINGS_ACK)
+        if self._held:
+            self._flush()  # a larger INITIAL_WINDOW_SIZE or MAX_FRAME_SIZE lets DATA go
 
     def _apply_settings(self, payload: bytes) -> None:
         for ident, value in frames.parse_settings(payload):
@@ -723,6 +723,8 @@ class H2Protocol:
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "connection window overflow")
+            if self._held:
+                self._flush()
             return
         if sid > self._last_id or not sid & 1:
             raise _ConnectionError(frames.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
@@ -735,6 +737,8 @@ class H2Protocol:
         stream.send_window += increment
         if stream.send_window > MAX_WINDOW:
             self._stream_error(sid, frames.FLOW_CONTROL_ERROR)
+        elif sid in self._held:
+            self._flush()
 
     def _on_rst_stream(self, sid: int, payload: bytes) -> None:
         if sid == 0:
