@@ -44,8 +44,11 @@ TOO_LARGE = 8
 HAS_LENGTH = 16
 LENGTH_SHIFT = 8
 
-# Cache bounds: per table, blocks that insert nothing; globally, blocks that insert.
-_READS_MAX = 256
+# Cache bounds. Per table, blocks that insert nothing (at most 32 of at most 512 bytes: 16 KiB
+# per table state, which a connection with its own table can make us hold); globally, blocks
+# that insert (512 of at most 1 KiB, and the table states they lead to, each at most 4 KiB).
+_READS_MAX = 32
+_READS_BLOCK_MAX = 512
 _TRANSITIONS_MAX = 512
 _CACHE_BLOCK_MAX = 1024
 
@@ -117,15 +120,15 @@ def request_verdict(table: Table, block: bytes) -> tuple[int, Table]:
         return hit
     fields, after, size = decode(table, block)
     verdict = _judge_request(fields) if size <= table.limit else TOO_LARGE
-    if len(block) <= _CACHE_BLOCK_MAX:
-        if after is table:
+    if after is table:
+        if len(block) <= _READS_BLOCK_MAX:
             if len(table.reads) >= _READS_MAX:
                 table.reads.clear()
             table.reads[block] = verdict
-        else:
-            if len(_transitions) >= _TRANSITIONS_MAX:
-                _transitions.clear()
-            _transitions[(table.key, block)] = (verdict, after)
+    elif len(block) <= _CACHE_BLOCK_MAX:
+        if len(_transitions) >= _TRANSITIONS_MAX:
+            _transitions.clear()
+        _transitions[(table.key, block)] = (verdict, after)
     return verdict, after
 
 
