@@ -1,0 +1,877 @@
+"""One HTTP/2 connection, I/O-free (RFC 9113, RFC 7541): bytes in, bytes out.
+
+`H2Protocol` is a `vrypt_worker.protocol.PlaintextProtocol`: the transport hands it every piece
+of plaintext (`receive`), writes what it returns, and asks once a second (`tick(now)`) whether a
+timeout ran out. No sockets, no clocks, no hub: every behaviour is testable byte by byte.
+
+What it does with requests: every request stream gets the operator's fixed answer (answers.py),
+HEAD without DATA, as soon as the request is complete (END_STREAM). Request bodies are counted,
+checked against Content-Length and thrown away, with WINDOW_UPDATE credit returned so that an
+upload never stalls. All the answers one `receive` produces go out as one bytes object.
+
+The hot path is the request that h2load, load balancers and browsers send over and over: one
+HEADERS frame with END_STREAM|END_HEADERS on a new odd stream, whose block the connection's
+HPACK table has seen before (hpack_decoder caches verdicts per table state). It costs a frame
+header unpack, a slice, a dict lookup and five list appends. Everything else (bodies, padding,
+priority, CONTINUATION, flow control that holds DATA back, errors) takes the general path.
+
+Limits, each a bound on what a peer can make us hold or do (docs/http2.md has the numbers):
+- input held: one partial frame (at most 9 + SETTINGS_MAX_FRAME_SIZE bytes) and one header
+  block being assembled (at most SETTINGS_MAX_HEADER_LIST_SIZE bytes, else ENHANCE_YOUR_CALM);
+- streams: at most SETTINGS_MAX_CONCURRENT_STREAMS open or holding an answer back (then
+  REFUSED_STREAM); a held answer is a reference to the shared body and an offset;
+- output per call: answers beyond OUTPUT_BUDGET bytes in one call wait for `writable()`;
+- frames that cost work and carry no request (PING, SETTINGS, PRIORITY, empty DATA, empty
+  CONTINUATION, unknown types) and stream resets (the client's RST_STREAM, our REFUSED_STREAM):
+  token buckets refilled once a second by `tick`; empty → GOAWAY ENHANCE_YOUR_CALM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vrypt_worker.framing import FramingRules
+from vrypt_worker.h2 import frames
+from vrypt_worker.h2 import hpack_decoder as hd
+from vrypt_worker.h2.answers import H2Answers, Variant
+from vrypt_worker.h2.frames import (
+    CONTINUATION,
+    DATA,
+    FLAG_ACK,
+    FLAG_END_HEADERS,
+    FLAG_END_STREAM,
+    FLAG_PADDED,
+    FLAG_PRIORITY,
+    GOAWAY,
+    HEADERS,
+    MAX_WINDOW,
+    PING,
+    PRIORITY,
+    PUSH_PROMISE,
+    RST_STREAM,
+    SETTINGS,
+    WINDOW_UPDATE,
+)
+
+_UNPACK_HEADER = frames.HEADER.unpack_from
+_END_STREAM_AND_HEADERS = FLAG_END_STREAM | FLAG_END_HEADERS
+
+# Output that one call may produce from answers (DATA); more waits for writable(). A peer can
+# make a 1 MiB body leave once per 10-byte HEADERS frame: this keeps one call's output bounded.
+OUTPUT_BUDGET = 256 * 1024
+# Streams we reset and remember, so that frames already in flight on them are dropped quietly
+# (RFC 9113 §5.1 "closed") instead of answered with another RST_STREAM.
+_RESET_MEMORY = 256
+# Connection-level credit goes back once this much DATA is consumed (half the initial window).
+_CONNECTION_CREDIT_AT = frames.DEFAULT_WINDOW // 2 + 1
+# Gaps in the client's stream ids remembered, to tell a stream id that goes back (PROTOCOL_ERROR)
+# from HEADERS on a stream that was used and closed (STREAM_CLOSED). Clients count up by 2.
+_SKIP_MEMORY = 32
+# A mapped `http2_max_header_list_size = 0` ("unlimited" in gunicorn): still a bound here.
+UNLIMITED_HEADER_LIST = 256 * 1024
+
+
+@dataclass(frozen=True)
+class H2Config:
+    """gunicorn's HTTP/2 settings (`http2_max_concurrent_streams`, `http2_initial_window_size`,
+    `http2_max_frame_size`, `http2_max_header_list_size`), the timeouts in seconds and the
+    flood budgets (burst, refill per second: gunicorn 27 allows 200 RST_STREAM and 1000 control
+    frames per 10 s, the same average rates)."""
+
+    max_concurrent_streams: int = 100
+    initial_window_size: int = 65535
+    max_frame_size: int = 16384
+    max_header_list_size: int = 65536
+    idle_timeout: float = 5.0  # nothing in progress and nothing received: GOAWAY and close
+    head_timeout: float = 10.0  # something in progress (frame, header block, body) that stalls
+    reset_burst: int = 200
+    reset_rate: int = 20
+    control_burst: int = 1000
+    control_rate: int = 100
+
+    @classmethod
+    def from_gunicorn(cls, cfg: object, **overrides: float) -> H2Config:
+        """From a gunicorn Config (the `http2_*` settings, keepalive as the idle timeout)."""
+        values = {
+            "max_concurrent_streams": cfg.http2_max_concurrent_streams,  # type: ignore[attr-defined]
+            "initial_window_size": cfg.http2_initial_window_size,  # type: ignore[attr-defined]
+            "max_frame_size": cfg.http2_max_frame_size,  # type: ignore[attr-defined]
+            "max_header_list_size": cfg.http2_max_header_list_size,  # type: ignore[attr-defined]
+            "idle_timeout": max(getattr(cfg, "keepalive", 5) or 1, 1),
+        }
+        values.update(overrides)
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def header_list_limit(self) -> int:
+        return self.max_header_list_size or UNLIMITED_HEADER_LIST
+
+
+class _ConnectionError(Exception):
+    """A connection error (RFC 9113 §5.4.1): GOAWAY with this code, then close."""
+
+    def __init__(self, code: int, debug: str = "") -> None:
+        super().__init__(debug)
+        self.code = code
+
+
+class _Stream:
+    """A stream that outlives the frame that opened it: still receiving a body, or holding back
+    DATA that flow control does not let go yet (or both, for CONNECT)."""
+
+    __slots__ = (
+        "answered",
+        "body",
+        "head",
+        "length",
+        "offset",
+        "received",
+        "recv_unacked",
+        "recv_window",
+        "remote_closed",
+        "send_window",
+        "variant",
+    )
+
+    def __init__(self, length: int, recv_window: int, send_window: int, head: bool) -> None:
+        self.length = length  # declared Content-Length, -1 when none
+        self.received = 0  # DATA bytes (padding excluded) received so far
+        self.recv_window = recv_window  # what the client may still send on this stream
+        self.recv_unacked = 0  # consumed and not yet given back by WINDOW_UPDATE
+        self.send_window = send_window
+        self.head = head
+        self.remote_closed = False
+        self.answered = False
+        self.body = b""  # DATA still owed: body[offset:]
+        self.offset = 0
+        self.variant: Variant | None = None
+
+
+class H2Protocol:
+    """The server side of one HTTP/2 connection. See the module docstring; constructors:
+
+    - `H2Protocol(config, rules, answers)`: TLS with ALPN `h2`, or h2c with prior knowledge
+      (the client preface is expected at the start of the input, even if the transport already
+      looked at it: hand over every byte read).
+    - `H2Protocol.upgraded(config, rules, answers, settings, head)`: h2c after an HTTP/1.1
+      `Upgrade: h2c` request; the transport has written `101 Switching Protocols` itself.
+
+    Call `start()` first and write what it returns (the server preface SETTINGS, and for an
+    upgrade the answer to stream 1); if the transport does not, the first `receive` prepends it.
+    """
+
+    def __init__(self, config: H2Config, rules: FramingRules, answers: H2Answers) -> None:
+        self.config = config
+        self.rules = rules
+        self.answers = answers
+        self.closing = False
+        self.clean = False
+        self._started = False
+        self._preface_left = len(frames.PREFACE)  # client preface bytes still expected
+        self._settings_seen = False  # the client's first frame must be SETTINGS (§3.4)
+        self._buf = b""
+        self._out: list[bytes] = []
+        self._budget = OUTPUT_BUDGET
+        self._table = hd.empty_table(config.header_list_limit)
+        self._last_id = 0  # highest client stream id seen
+        self._accept_until = frames.STREAM_MASK  # after our GOAWAY: its last stream id
+        self._goaway_sent = False
+        self._peer_goaway = False
+        self._streams: dict[int, _Stream] = {}
+        self._held: dict[int, _Stream] = {}  # streams with DATA waiting for flow control
+        self._reset_by_us: dict[int, None] = {}
+        self._skipped: list[tuple[int, int]] = []  # (a, b): ids between a and b never opened
+        # A header block in assembly (HEADERS without END_HEADERS, then CONTINUATION).
+        self._cont_sid = 0
+        self._cont_flags = 0
+        self._cont_block = bytearray()
+        self._cont_bad_priority = False
+        # Flow control: what we may send, what the client may send.
+        self._send_window = frames.DEFAULT_WINDOW
+        self._peer_initial = frames.DEFAULT_WINDOW
+        self._peer_max_frame = frames.MIN_MAX_FRAME_SIZE
+        self._recv_window = frames.DEFAULT_WINDOW
+        self._recv_unacked = 0
+        self._stream_credit_at = max(1, config.initial_window_size // 2)
+        self._max_frame = config.max_frame_size
+        self._block_limit = config.header_list_limit
+        # Flood budgets (token buckets refilled by tick).
+        self._resets = config.reset_burst
+        self._controls = config.control_burst
+        # Timeouts: progress counters observed by tick.
+        self._reads = 0
+        self._blocks = 0  # frames completed (CONTINUATION counts when its block ends)
+        self._seen_reads = -1
+        self._seen_blocks = -1
+        self._quiet_since = 0.0
+        self._stuck_since = 0.0
+        self._upgrade_answer: tuple[bool] | None = None
+
+    # -- constructors -----------------------------------------------------------------------
+
+    @classmethod
+    def upgraded(
+        cls,
+        config: H2Config,
+        rules: FramingRules,
+        answers: H2Answers,
+        settings: bytes,
+        head: bool = False,
+    ) -> H2Protocol:
+        """After `Upgrade: h2c` (RFC 9113 §3.1 refers to RFC 7540 §3.2): `settings` is the
+        decoded HTTP2-Settings payload (negotiation.upgrade_settings), applied as if the client
+        had sent it in a SETTINGS frame (the 101 acknowledges it implicitly). The upgraded
+        request is stream 1, half-closed (remote); its answer follows our SETTINGS."""
+        proto = cls(config, rules, answers)
+        if len(settings) % 6:
+            raise ValueError("HTTP2-Settings payload is not a list of settings")
+        try:
+            proto._apply_settings(settings)
+        except _ConnectionError as exc:
+            raise ValueError(f"HTTP2-Settings rejected: {exc}") from None
+        proto._last_id = 1
+        proto._upgrade_answer = (head,)
+        return proto
+
+    # -- PlaintextProtocol ------------------------------------------------------------------
+
+    def start(self) -> bytes:
+        """The server connection preface (SETTINGS, §3.4), and stream 1's answer after an
+        upgrade. Idempotent: b"" once sent."""
+        if self._started:
+            return b""
+        self._started = True
+        config = self.config
+        values = {
+            frames.SETTINGS_MAX_CONCURRENT_STREAMS: config.max_concurrent_streams,
+            frames.SETTINGS_INITIAL_WINDOW_SIZE: config.initial_window_size,
+            frames.SETTINGS_MAX_FRAME_SIZE: config.max_frame_size,
+        }
+        if config.max_header_list_size:
+            values[frames.SETTINGS_MAX_HEADER_LIST_SIZE] = config.max_header_list_size
+        out = self._out
+        out.clear()
+        out.append(frames.settings(values))
+        self._budget = OUTPUT_BUDGET
+        if self._upgrade_answer is not None:
+            (head,) = self._upgrade_answer
+            self._upgrade_answer = None
+            self._answer(1, self.answers.ok, head, None)
+            self._answered()
+            self._check_drain()
+        data = b"".join(out)
+        out.clear()
+        return data
+
+    def receive(self, data: bytes) -> bytes:
+        if self.closing:
+            return b""
+        prefix = b"" if self._started else self.start()
+        self._reads += 1
+        out = self._out
+        out.clear()
+        if prefix:
+            out.append(prefix)
+        self._budget = OUTPUT_BUDGET
+        buf = self._buf + data if self._buf else data
+        try:
+            if self._preface_left:
+                buf = self._match_preface(buf)
+            if buf:
+                self._frames(buf)
+        except _ConnectionError as exc:
+            self._fail(exc)
+        self._check_drain()
+        result = b"".join(out)
+        out.clear()
+        return result
+
+    def eof(self) -> bytes:
+        """The peer will send nothing more: nothing can complete, nothing is answered."""
+        self.closing = True
+        self.clean = True
+        self._held.clear()
+        return b""
+
+    def idle(self) -> bool:
+        return (
+            not self._streams
+            and not self._buf
+            and not self._cont_sid
+            and (self._preface_left in (0, len(frames.PREFACE)))
+        )
+
+    def shutdown(self) -> bytes:
+        """GOAWAY(NO_ERROR, last stream id): streams up to it are still answered."""
+        if self.closing:
+            return b""
+        prefix = b"" if self._started else self.start()
+        out = self._out
+        out.clear()
+        out.append(prefix)
+        if not self._goaway_sent:
+            self._goaway(frames.NO_ERROR)
+        self._check_drain()
+        result = b"".join(out)
+        out.clear()
+        return result
+
+    def tick(self, now: float) -> bytes:
+        config = self.config
+        self._resets = min(config.reset_burst, self._resets + config.reset_rate)
+        self._controls = min(config.control_burst, self._controls + config.control_rate)
+        if self.closing:
+            return b""
+        if self._reads != self._seen_reads:
+            self._seen_reads = self._reads
+            self._quiet_since = now
+        if self._blocks != self._seen_blocks:
+            self._seen_blocks = self._blocks
+            self._stuck_since = now
+        if self.idle():
+            if now - self._quiet_since < config.idle_timeout:
+                return b""
+        elif now - self._stuck_since < config.head_timeout:
+            return b""
+        # Timed out: say so (GOAWAY with the last stream we processed) and close.
+        out = self._out
+        out.clear()
+        self._held.clear()
+        self._goaway(frames.NO_ERROR)
+        self.closing = True
+        result = b"".join(out)
+        out.clear()
+        return result
+
+    def writable(self) -> bytes:
+        if self.closing or not self._held:
+            return b""
+        out = self._out
+        out.clear()
+        self._budget = OUTPUT_BUDGET
+        self._flush()
+        self._check_drain()
+        result = b"".join(out)
+        out.clear()
+        return result
+
+    # -- input ------------------------------------------------------------------------------
+
+    def _match_preface(self, buf: bytes) -> bytes:
+        done = len(frames.PREFACE) - self._preface_left
+        take = min(self._preface_left, len(buf))
+        if buf[:take] != frames.PREFACE[done : done + take]:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "invalid connection preface")
+        self._preface_left -= take
+        return buf[take:]
+
+    def _frames(self, buf: bytes) -> None:
+        """Every complete frame in buf; the partial rest is kept for the next call."""
+        out = self._out
+        answers = self.answers
+        pos = 0
+        end = len(buf)
+        max_frame = self._max_frame
+        try:
+            while end - pos >= 9:
+                hi, lo, kind, flags, sid = _UNPACK_HEADER(buf, pos)
+                length = hi << 16 | lo
+                if length > max_frame:
+                    raise _ConnectionError(frames.FRAME_SIZE_ERROR, "frame larger than allowed")
+                start = pos + 9
+                if end - start < length:
+                    break
+                pos = start + length
+                sid &= 0x7FFFFFFF
+                self._blocks += 1
+                if (
+                    kind == HEADERS
+                    and flags == _END_STREAM_AND_HEADERS
+                    and not self._streams
+                    and not self._cont_sid
+                    and sid == self._last_id + 2  # the next id: odd and new
+                    and self._settings_seen
+                    and not self._goaway_sent
+                ):
+                    # The hot path: a complete GET/HEAD-like request on a new stream.
+                    block = buf[start:pos]
+                    verdict = self._table.reads.get(block)
+                    if verdict is not None and verdict <= hd.HEAD:
+                        self._last_id = sid
+                        variant = answers.ok
+                        if verdict:
+                            sid4 = sid.to_bytes(4, "big")
+                            out.append(variant.headers_for(sid4, True))
+                        else:
+                            body_size = len(variant.body)
+                            if (
+                                variant.one_frame
+                                and body_size <= self._send_window
+                                and body_size <= self._peer_initial
+                                and body_size <= self._budget
+                            ):
+                                self._send_window -= body_size
+                                self._budget -= body_size
+                                sid4 = sid.to_bytes(4, "big")
+                                out += (variant.get_prefix, sid4, variant.get_middle, sid4)
+                                out.append(variant.body)
+                            else:
+                                self._answer(sid, variant, False, None)
+                        rules = self.rules
+                        rules.answered += 1
+                        if rules.answered >= rules.open_until and not self._goaway_sent:
+                            self._goaway(frames.NO_ERROR)
+                        continue
+                self._frame(kind, flags, sid, buf, start, pos)
+                if self.closing:
+                    pos = end
+                    break
+        finally:
+            self._buf = buf[pos:] if pos < end else b""
+
+    def _frame(self, kind: int, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
+        if self._cont_sid and kind != CONTINUATION:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "expected CONTINUATION")
+        if not self._settings_seen:
+            if kind != SETTINGS or flags & FLAG_ACK:
+                raise _ConnectionError(frames.PROTOCOL_ERROR, "preface must be SETTINGS")
+            self._settings_seen = True
+        if kind == HEADERS:
+            self._on_headers(flags, sid, buf, start, end)
+        elif kind == DATA:
+            self._on_data(flags, sid, buf, start, end)
+        elif kind == CONTINUATION:
+            self._on_continuation(flags, sid, buf, start, end)
+        elif kind == SETTINGS:
+            self._on_settings(flags, sid, buf[start:end])
+        elif kind == WINDOW_UPDATE:
+            self._on_window_update(sid, buf[start:end])
+        elif kind == PING:
+            if sid:
+                raise _ConnectionError(frames.PROTOCOL_ERROR, "PING on a stream")
+            if end - start != 8:
+                raise _ConnectionError(frames.FRAME_SIZE_ERROR, "PING length")
+            self._control()
+            if not flags & FLAG_ACK:
+                self._out.append(frames.ping_ack(buf[start:end]))
+        elif kind == RST_STREAM:
+            self._on_rst_stream(sid, buf[start:end])
+        elif kind == PRIORITY:
+            self._on_priority(sid, buf[start:end])
+        elif kind == GOAWAY:
+            self._on_goaway(sid, buf[start:end])
+        elif kind == PUSH_PROMISE:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+        else:
+            self._control()  # unknown frame types are ignored (§4.1, §5.5), but not for free
+
+    def _control(self) -> None:
+        """A frame that costs work and carries no request."""
+        self._controls -= 1
+        if self._controls < 0:
+            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "control frame flood")
+
+    def _count_reset(self) -> None:
+        self._resets -= 1
+        if self._resets < 0:
+            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "stream reset flood")
+
+    def _on_headers(self, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
+        if sid == 0:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "HEADERS on stream 0")
+        pos = start
+        pad = 0
+        if flags & FLAG_PADDED:
+            if end - pos < 1:
+                raise _ConnectionError(frames.FRAME_SIZE_ERROR, "HEADERS too short")
+            pad = buf[pos]
+            pos += 1
+        bad_priority = False
+        if flags & FLAG_PRIORITY:
+            if end - pos < 5:
+                raise _ConnectionError(frames.FRAME_SIZE_ERROR, "HEADERS too short")
+            bad_priority = int.from_bytes(buf[pos : pos + 4], "big") & 0x7FFFFFFF == sid
+            pos += 5
+        if pad > end - pos:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "padding longer than the payload")
+        fragment = buf[pos : end - pad]
+        if flags & FLAG_END_HEADERS:
+            self._header_block(sid, flags, fragment, bad_priority)
+            return
+        if len(fragment) > self._block_limit:
+            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header block too large")
+        if not fragment:
+            self._control()
+        self._cont_sid = sid
+        self._cont_flags = flags
+        self._cont_block = bytearray(fragment)
+        self._cont_bad_priority = bad_priority
+        self._blocks -= 1  # the block is not complete: no progress for the head timeout
+
+    def _on_continuation(self, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
+        if not self._cont_sid or sid != self._cont_sid:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "unexpected CONTINUATION")
+        block = self._cont_block
+        if len(block) + end - start > self._block_limit:
+            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header block too large")
+        block += buf[start:end]
+        if not flags & FLAG_END_HEADERS:
+            if start == end:
+                self._control()
+            self._blocks -= 1
+            return
+        self._cont_sid = 0
+        self._cont_block = bytearray()
+        self._header_block(sid, self._cont_flags, bytes(block), self._cont_bad_priority)
+
+    def _decode_request(self, block: bytes) -> int:
+        try:
+            verdict, self._table = hd.request_verdict(self._table, block)
+        except hd.CompressionError as exc:
+            raise _ConnectionError(frames.COMPRESSION_ERROR, str(exc)) from None
+        except hd.HeaderBomb:
+            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header list bomb") from None
+        return verdict
+
+    def _decode_trailers(self, block: bytes) -> int:
+        try:
+            verdict, self._table = hd.trailers_verdict(self._table, block)
+        except hd.CompressionError as exc:
+            raise _ConnectionError(frames.COMPRESSION_ERROR, str(exc)) from None
+        except hd.HeaderBomb:
+            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header list bomb") from None
+        return verdict
+
+    def _header_block(self, sid: int, flags: int, block: bytes, bad_priority: bool) -> None:
+        """A complete header block: a new request, trailers, or a frame on a closed stream."""
+        if not sid & 1:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "even stream id from a client")
+        end_stream = bool(flags & FLAG_END_STREAM)
+        if sid > self._last_id:
+            # A new stream (§5.1.1: ids only grow). Decoded first: the table must stay right.
+            verdict = self._decode_request(block)
+            if sid > self._last_id + 2:
+                self._skipped.append((self._last_id, sid))  # ids never used in between
+                if len(self._skipped) > _SKIP_MEMORY:
+                    del self._skipped[0]
+            self._last_id = sid
+            if sid > self._accept_until:
+                return  # after our GOAWAY: ignored (§6.8)
+            if bad_priority:
+                self._stream_error(sid, frames.PROTOCOL_ERROR)  # depends on itself (§5.3.1)
+                return
+            if verdict & hd.MALFORMED:
+                self._stream_error(sid, frames.PROTOCOL_ERROR)  # §8.1.1
+                return
+            if len(self._streams) >= self.config.max_concurrent_streams:
+                self._count_reset()
+                self._stream_error(sid, frames.REFUSED_STREAM)  # §5.1.2
+                return
+            if verdict & hd.TOO_LARGE:
+                # §10.5.1: our choice is a 431 answer on the stream (the connection lives on;
+                # the block was decoded, so the table is right), as HTTP/1 answers 431.
+                self.rules.rejected += 1
+                self._answer(sid, self.answers.too_large, False, None)
+                self._answered()
+                if not end_stream:
+                    self._reset(sid, frames.NO_ERROR)  # §8.1: the body is not needed
+                return
+            length = verdict >> hd.LENGTH_SHIFT if verdict & hd.HAS_LENGTH else -1
+            head = bool(verdict & hd.HEAD)
+            if end_stream:
+                if length > 0:
+                    self._stream_error(sid, frames.PROTOCOL_ERROR)  # §8.1.1: CL vs DATA
+                    return
+                self._answer(sid, self.answers.ok, head, None)
+                self._answered()
+                return
+            stream = _Stream(length, self.config.initial_window_size, self._peer_initial, head)
+            self._streams[sid] = stream
+            if self.config.initial_window_size < 1024:
+                # A tiny advertised window would make the client wait on us for every byte; we
+                # discard the body anyway, so give it room at once.
+                stream.recv_window += frames.DEFAULT_WINDOW
+                self._out.append(frames.window_update(sid, frames.DEFAULT_WINDOW))
+            if verdict & hd.CONNECT:
+                # §8.5: the 2xx opens a tunnel; answer now, then discard what flows in.
+                self._answer(sid, self.answers.tunnel, False, stream)
+                self._answered()
+            return
+        stream = self._streams.get(sid)
+        if stream is not None and not stream.remote_closed:
+            # Trailers (§8.1): they end the stream, carry no pseudo-header.
+            verdict = self._decode_trailers(block)
+            if not end_stream or verdict & hd.MALFORMED:
+                self._stream_error(sid, frames.PROTOCOL_ERROR)
+                return
+            self._end_of_request(sid, stream)
+            return
+        # Half-closed (remote) or closed: decode for the table, then refuse (§5.1).
+        self._decode_trailers(block)
+        if sid in self._reset_by_us:
+            return
+        if stream is not None:
+            self._stream_error(sid, frames.STREAM_CLOSED)
+            return
+        if any(low < sid < high for low, high in self._skipped):
+            # Never used: an attempt to open a stream below the last one (§5.1.1).
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "stream id lower than the last")
+        raise _ConnectionError(frames.STREAM_CLOSED, "HEADERS on a closed stream")
+
+    def _on_data(self, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
+        if sid == 0:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "DATA on stream 0")
+        size = end - start
+        # Flow control counts the whole payload, padding included (§6.9.1).
+        if size > self._recv_window:
+            raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "connection window exceeded")
+        self._recv_window -= size
+        self._recv_unacked += size
+        if self._recv_unacked >= _CONNECTION_CREDIT_AT:
+            self._credit_connection()
+        data = size
+        if flags & FLAG_PADDED:
+            if size < 1 or buf[start] >= size:
+                raise _ConnectionError(frames.PROTOCOL_ERROR, "padding longer than the payload")
+            data = size - 1 - buf[start]
+        stream = self._streams.get(sid)
+        if stream is None or stream.remote_closed:
+            if sid > self._last_id or not sid & 1:
+                raise _ConnectionError(frames.PROTOCOL_ERROR, "DATA on an idle stream")
+            if sid not in self._reset_by_us and sid <= self._accept_until:
+                self._stream_error(sid, frames.STREAM_CLOSED)  # §6.1
+            return
+        if size > stream.recv_window:
+            self._stream_error(sid, frames.FLOW_CONTROL_ERROR)
+            return
+        stream.recv_window -= size
+        stream.received += data
+        if 0 <= stream.length < stream.received:
+            self._stream_error(sid, frames.PROTOCOL_ERROR)  # more than Content-Length
+            return
+        if flags & FLAG_END_STREAM:
+            self._end_of_request(sid, stream)
+            return
+        if not size:
+            self._control()
+        stream.recv_unacked += size
+        if stream.recv_unacked >= self._stream_credit_at:
+            self._out.append(frames.window_update(sid, stream.recv_unacked))
+            stream.recv_window += stream.recv_unacked
+            stream.recv_unacked = 0
+
+    def _credit_connection(self) -> None:
+        self._out.append(frames.window_update(0, self._recv_unacked))
+        self._recv_window += self._recv_unacked
+        self._recv_unacked = 0
+
+    def _end_of_request(self, sid: int, stream: _Stream) -> None:
+        """The client ended the stream: check the body's size, answer unless already done."""
+        if stream.length >= 0 and stream.received != stream.length and not stream.answered:
+            self._stream_error(sid, frames.PROTOCOL_ERROR)  # §8.1.1
+            return
+        stream.remote_closed = True
+        if not stream.answered:
+            self._answer(sid, self.answers.ok, stream.head, stream)
+            self._answered()
+        if sid not in self._held:
+            self._streams.pop(sid, None)
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & FLAG_ACK:
+            if payload:
+                raise _ConnectionError(frames.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        if len(payload) % 6:
+            raise _ConnectionError(frames.FRAME_SIZE_ERROR, "SETTINGS length")
+        self._control()
+        self._apply_settings(payload)
+        self._out.append(frames.SETTINGS_ACK)
+        if self._held:
+            self._flush()  # a larger INITIAL_WINDOW_SIZE or MAX_FRAME_SIZE lets DATA go
+
+    def _apply_settings(self, payload: bytes) -> None:
+        for ident, value in frames.parse_settings(payload):
+            if ident == frames.SETTINGS_ENABLE_PUSH:
+                if value > 1:
+                    raise _ConnectionError(frames.PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1")
+            elif ident == frames.SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > MAX_WINDOW:
+                    raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE")
+                delta = value - self._peer_initial
+                self._peer_initial = value
+                for stream in self._streams.values():  # §6.9.2: open windows move too
+                    stream.send_window += delta
+                    if stream.send_window > MAX_WINDOW:
+                        raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "window overflow")
+            elif ident == frames.SETTINGS_MAX_FRAME_SIZE:
+                if not frames.MIN_MAX_FRAME_SIZE <= value <= frames.MAX_MAX_FRAME_SIZE:
+                    raise _ConnectionError(frames.PROTOCOL_ERROR, "MAX_FRAME_SIZE")
+                self._peer_max_frame = value
+            # HEADER_TABLE_SIZE: our blocks never use the client's table. MAX_CONCURRENT_STREAMS:
+            # we open none. MAX_HEADER_LIST_SIZE: advisory. Unknown ids: ignored (§6.5.2).
+
+    def _on_window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise _ConnectionError(frames.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
+        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
+        if sid == 0:
+            if not increment:
+                raise _ConnectionError(frames.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self._send_window += increment
+            if self._send_window > MAX_WINDOW:
+                raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "connection window overflow")
+            if self._held:
+                self._flush()
+            return
+        if sid > self._last_id or not sid & 1:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
+        stream = self._streams.get(sid)
+        if stream is None:
+            return  # closed: updates may cross our END_STREAM (§5.1)
+        if not increment:
+            self._stream_error(sid, frames.PROTOCOL_ERROR)
+            return
+        stream.send_window += increment
+        if stream.send_window > MAX_WINDOW:
+            self._stream_error(sid, frames.FLOW_CONTROL_ERROR)
+        elif sid in self._held:
+            self._flush()
+
+    def _on_rst_stream(self, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        if len(payload) != 4:
+            raise _ConnectionError(frames.FRAME_SIZE_ERROR, "RST_STREAM length")
+        if sid > self._last_id or not sid & 1:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
+        self._count_reset()  # CVE-2023-44487: opening and resetting streams costs us work
+        self._streams.pop(sid, None)
+        self._held.pop(sid, None)
+
+    def _on_priority(self, sid: int, payload: bytes) -> None:
+        if sid == 0:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "PRIORITY on stream 0")
+        if len(payload) != 5:
+            self._stream_error(sid, frames.FRAME_SIZE_ERROR)  # §6.3
+            return
+        self._control()
+        if int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
+            self._stream_error(sid, frames.PROTOCOL_ERROR)  # §5.3.1
+
+    def _on_goaway(self, sid: int, payload: bytes) -> None:
+        if sid:
+            raise _ConnectionError(frames.PROTOCOL_ERROR, "GOAWAY on a stream")
+        if len(payload) < 8:
+            raise _ConnectionError(frames.FRAME_SIZE_ERROR, "GOAWAY length")
+        self._peer_goaway = True
+        if int.from_bytes(payload[4:8], "big") != frames.NO_ERROR:
+            self._held.clear()
+            self._streams.clear()
+            self.closing = True  # the client gave up: nothing more to say
+
+    # -- output -----------------------------------------------------------------------------
+
+    def _answer(self, sid: int, variant: Variant, head: bool, stream: _Stream | None) -> None:
+        """Queue an answer's HEADERS and as much of its DATA as flow control allows."""
+        sid4 = sid.to_bytes(4, "big")
+        body = variant.body
+        if head or not body:
+            self._out.append(variant.headers_for(sid4, True))
+            if stream is not None:
+                stream.answered = True
+            return
+        self._out.append(variant.headers_for(sid4, False))
+        if stream is None:
+            stream = _Stream(-1, 0, self._peer_initial, head)
+            stream.remote_closed = True
+            self._streams[sid] = stream
+        stream.answered = True
+        stream.body = body
+        stream.offset = 0
+        self._held[sid] = stream
+        self._flush()
+
+    def _flush(self) -> None:
+        """Send held DATA as far as the windows, the peer's frame size and the budget allow."""
+        out = self._out
+        max_frame = self._peer_max_frame
+        for sid, stream in list(self._held.items()):
+            body = stream.body
+            size = len(body)
+            while True:
+                count = min(
+                    size - stream.offset,
+                    stream.send_window,
+                    self._send_window,
+                    max_frame,
+                    self._budget,
+                )
+                if count <= 0:
+                    break
+                offset = stream.offset
+                stream.offset = offset + count
+                stream.send_window -= count
+                self._send_window -= count
+                self._budget -= count
+                done = stream.offset == size
+                out.append(
+                    frames.frame(
+                        DATA, FLAG_END_STREAM if done else 0, sid, body[offset : offset + count]
+                    )
+                )
+                if done:
+                    del self._held[sid]
+                    stream.body = b""
+                    if stream.remote_closed:
+                        self._streams.pop(sid, None)
+                    break
+            if self._send_window <= 0 or self._budget <= 0:
+                return
+
+    def _answered(self) -> None:
+        rules = self.rules
+        rules.answered += 1
+        if rules.answered >= rules.open_until and not self._goaway_sent:
+            self._goaway(frames.NO_ERROR)  # max_requests reached, or the worker drains
+
+    def _goaway(self, code: int) -> None:
+        self._goaway_sent = True
+        self._accept_until = self._last_id
+        self._out.append(frames.goaway(self._last_id, code))
+
+    def _check_drain(self) -> None:
+        """After our GOAWAY or the client's: close once every accepted stream is done."""
+        if self.closing or not (self._goaway_sent or self._peer_goaway):
+            return
+        if not self._streams and not self._cont_sid:
+            self.closing = True
+            self.clean = False
+
+    def _reset(self, sid: int, code: int) -> None:
+        self._out.append(frames.rst_stream(sid, code))
+        self._streams.pop(sid, None)
+        self._held.pop(sid, None)
+        reset = self._reset_by_us
+        reset[sid] = None
+        if len(reset) > _RESET_MEMORY:
+            del reset[next(iter(reset))]
+
+    def _stream_error(self, sid: int, code: int) -> None:
+        """A stream error (§5.4.2): RST_STREAM, the stream is closed, the connection lives."""
+        self.rules.rejected += 1
+        self._reset(sid, code)
+
+    def _fail(self, exc: _ConnectionError) -> None:
+        """A connection error (§5.4.1): GOAWAY with its code, nothing more is processed."""
+        self.rules.rejected += 1
+        self._goaway_sent = True
+        self._out.append(frames.goaway(self._last_id, exc.code, str(exc).encode()[:64]))
+        self._held.clear()
+        self._streams.clear()
+        self._cont_block = bytearray()
+        self._buf = b""
+        self.closing = True
+        self.clean = False

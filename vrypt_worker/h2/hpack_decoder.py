@@ -1,0 +1,310 @@
+"""HPACK decoding (RFC 7541) for a server that only needs a verdict per request.
+
+The server's answer is constant, so of a request's header section it needs only: is it well
+formed (RFC 9113 §8.2, §8.3), is it HEAD or CONNECT, what Content-Length does it declare, and is
+it larger than SETTINGS_MAX_HEADER_LIST_SIZE. Decoding must still be exact, because the
+decoder's dynamic table has to stay in step with the client's encoder for the rest of the
+connection.
+
+Decoding is a pure function of (dynamic table, header block) -> (verdict, next table), so it is
+memoised. A `Table` is immutable: a block that inserts entries yields a new Table, which is shared
+by every connection whose encoder made the same insertions from the same state (h2load, a load
+balancer, a browser: their first block inserts the same fields, later blocks only reference
+them). A block that inserts nothing is cached on the table itself (`Table.reads`, one dict lookup
+by the block's bytes: the steady-state request costs that and nothing else); a block that inserts
+is cached in a bounded global map by (table key, block). Both caches are bounded; clearing them
+never changes an answer, only what it costs.
+
+Huffman strings are decoded by the `hpack` package's table-driven decoder and the static table is
+its table (`hpack` is a dependency of `h2`, which gunicorn requires for HTTP/2 anyway).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+from hpack.exceptions import HPACKDecodingError
+from hpack.huffman_table import decode_huffman
+from hpack.table import HeaderTable
+
+STATIC = HeaderTable.STATIC_TABLE
+_STATIC_LEN = len(STATIC)
+_ENTRY_OVERHEAD = 32  # RFC 7541 §4.1, also the per-field overhead of SETTINGS_MAX_HEADER_LIST_SIZE
+# Our SETTINGS_HEADER_TABLE_SIZE: we never advertise another, so a size update above it is an error.
+MAX_TABLE_SIZE = 4096
+# Integers in a block are lengths and indexes: anything above this cannot be valid here.
+_MAX_INT = 1 << 24
+
+# Verdict bits. The declared Content-Length, when there is one, is stored from bit 8.
+HEAD = 1
+CONNECT = 2
+MALFORMED = 4
+TOO_LARGE = 8
+HAS_LENGTH = 16
+LENGTH_SHIFT = 8
+
+# Cache bounds. Per table, blocks that insert nothing (at most 32 of at most 512 bytes: 16 KiB
+# per table state, which a connection with its own table can make us hold); globally, blocks
+# that insert (512 of at most 1 KiB, and the table states they lead to, each at most 4 KiB).
+_READS_MAX = 32
+_READS_BLOCK_MAX = 512
+_TRANSITIONS_MAX = 512
+_CACHE_BLOCK_MAX = 1024
+
+# RFC 9113 §8.2.1: names without 0x00-0x20, uppercase, 0x7f-0xff, and a colon only as the first
+# byte of a pseudo-header; values without NUL, CR, LF, and not starting or ending with SP/HTAB.
+_NAME = re.compile(rb":?[\x21-\x39\x3b-\x40\x5b-\x7e]+")
+_VALUE = re.compile(rb"(?:[^\x00\x0a\x0d\x20\x09](?:[^\x00\x0a\x0d]*[^\x00\x0a\x0d\x20\x09])?)?")
+_CONNECTION_SPECIFIC = frozenset(
+    (b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade")
+)
+_REQUEST_PSEUDO = frozenset((b":method", b":scheme", b":authority", b":path"))
+
+
+class CompressionError(Exception):
+    """The block cannot be decoded: a connection error of type COMPRESSION_ERROR (RFC 9113
+    §4.3), since the dynamic table is no longer known."""
+
+
+class HeaderBomb(Exception):
+    """The decoded list is more than twice SETTINGS_MAX_HEADER_LIST_SIZE: not a big request but
+    an attack (RFC 9113 §10.5.1); the connection ends with ENHANCE_YOUR_CALM."""
+
+
+_keys = itertools.count()
+
+
+class Table:
+    """One state of a decoder's dynamic table: entries newest first (index 62 is entries[0])."""
+
+    __slots__ = ("entries", "key", "limit", "max_size", "reads", "size")
+
+    def __init__(
+        self, entries: tuple[tuple[bytes, bytes], ...], size: int, max_size: int, limit: int
+    ) -> None:
+        self.entries = entries
+        self.size = size
+        self.max_size = max_size
+        self.limit = limit  # SETTINGS_MAX_HEADER_LIST_SIZE, part of what a verdict means
+        self.key = next(_keys)
+        self.reads: dict[bytes, int] = {}
+
+
+_roots: dict[int, Table] = {}
+_transitions: dict[tuple[int, bytes], tuple[int, Table]] = {}
+
+
+def empty_table(max_header_list_size: int) -> Table:
+    """The state every connection starts from (shared, so that caches are shared)."""
+    root = _roots.get(max_header_list_size)
+    if root is None:
+        root = _roots[max_header_list_size] = Table((), 0, MAX_TABLE_SIZE, max_header_list_size)
+    return root
+
+
+def clear_caches() -> None:
+    """Forget every memoised verdict (tests, and measurements of the uncached path)."""
+    _transitions.clear()
+    for root in _roots.values():
+        root.reads.clear()
+
+
+def request_verdict(table: Table, block: bytes) -> tuple[int, Table]:
+    """The verdict for a request's complete header block, and the table after it."""
+    verdict = table.reads.get(block)
+    if verdict is not None:
+        return verdict, table
+    hit = _transitions.get((table.key, block))
+    if hit is not None:
+        return hit
+    fields, after, size = decode(table, block)
+    verdict = _judge_request(fields) if size <= table.limit else TOO_LARGE
+    if after is table:
+        if len(block) <= _READS_BLOCK_MAX:
+            if len(table.reads) >= _READS_MAX:
+                table.reads.clear()
+            table.reads[block] = verdict
+    elif len(block) <= _CACHE_BLOCK_MAX:
+        if len(_transitions) >= _TRANSITIONS_MAX:
+            _transitions.clear()
+        _transitions[(table.key, block)] = (verdict, after)
+    return verdict, after
+
+
+def trailers_verdict(table: Table, block: bytes) -> tuple[int, Table]:
+    """The verdict for a trailer section (rare: not cached): MALFORMED, TOO_LARGE or 0."""
+    fields, after, size = decode(table, block)
+    if size > table.limit:
+        return TOO_LARGE, after
+    for name, value in fields:
+        if name[:1] == b":" or not _regular_field_ok(name, value):
+            return MALFORMED, after
+    return 0, after
+
+
+def _integer(block: bytes, pos: int, prefix_bits: int) -> tuple[int, int]:
+    """RFC 7541 §5.1: (value, position after it)."""
+    mask = (1 << prefix_bits) - 1
+    value = block[pos] & mask
+    pos += 1
+    if value < mask:
+        return value, pos
+    shift = 0
+    end = len(block)
+    while True:
+        if pos >= end:
+            raise CompressionError("truncated integer")
+        byte = block[pos]
+        pos += 1
+        value += (byte & 0x7F) << shift
+        if value > _MAX_INT:
+            raise CompressionError("integer too large")
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _string(block: bytes, pos: int) -> tuple[bytes, int]:
+    """RFC 7541 §5.2: (octets, position after them)."""
+    if pos >= len(block):
+        raise CompressionError("truncated string")
+    huffman = block[pos] & 0x80
+    length, pos = _integer(block, pos, 7)
+    end = pos + length
+    if end > len(block):
+        raise CompressionError("truncated string")
+    raw = block[pos:end]
+    if huffman:
+        try:
+            raw = decode_huffman(raw)
+        except HPACKDecodingError as exc:
+            raise CompressionError(str(exc)) from None
+    return raw, end
+
+
+def decode(table: Table, block: bytes) -> tuple[list[tuple[bytes, bytes]], Table, int]:
+    """Decode a complete header block: (fields, table after it, decoded list size).
+
+    Decoding continues past SETTINGS_MAX_HEADER_LIST_SIZE (the table must stay right, RFC 9113
+    §10.5.1) but not past twice it: that is a bomb (HeaderBomb), not a request to refuse.
+    """
+    entries: list[tuple[bytes, bytes]] | None = None  # a copy, made at the first change
+    current = table.entries
+    size = table.size
+    max_size = table.max_size
+    fields: list[tuple[bytes, bytes]] = []
+    listed = 0
+    bound = 2 * table.limit
+    pos = 0
+    end = len(block)
+    while pos < end:
+        byte = block[pos]
+        if byte & 0x80:  # indexed field (§6.1)
+            index, pos = _integer(block, pos, 7)
+            field = _lookup(current if entries is None else entries, index)
+        elif byte & 0x40 or not byte & 0x20:
+            # A literal (§6.2): with incremental indexing (01), without (0000), never (0001).
+            indexing = bool(byte & 0x40)
+            index, pos = _integer(block, pos, 6 if indexing else 4)
+            if index:
+                name = _lookup(current if entries is None else entries, index)[0]
+            else:
+                name, pos = _string(block, pos)
+            value, pos = _string(block, pos)
+            field = (name, value)
+            if indexing:
+                if entries is None:
+                    entries = list(current)
+                cost = len(name) + len(value) + _ENTRY_OVERHEAD
+                if cost > max_size:
+                    entries.clear()  # §4.4: an entry larger than the table empties it
+                    size = 0
+                else:
+                    entries.insert(0, field)
+                    size += cost
+                    while size > max_size:
+                        old = entries.pop()
+                        size -= len(old[0]) + len(old[1]) + _ENTRY_OVERHEAD
+        else:  # 001: dynamic table size update (§6.3), only before the first field (§4.2)
+            if fields:
+                raise CompressionError("table size update after a field")
+            new_max, pos = _integer(block, pos, 5)
+            if new_max > MAX_TABLE_SIZE:
+                raise CompressionError("table size update above SETTINGS_HEADER_TABLE_SIZE")
+            if entries is None:
+                entries = list(current)
+            max_size = new_max
+            while size > max_size:
+                old = entries.pop()
+                size -= len(old[0]) + len(old[1]) + _ENTRY_OVERHEAD
+            continue
+        fields.append(field)
+        listed += len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
+        if listed > bound:
+            raise HeaderBomb
+    if entries is None and max_size == table.max_size:
+        return fields, table, listed
+    return fields, Table(tuple(entries or ()), size, max_size, table.limit), listed
+
+
+def _lookup(entries: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]], index: int):
+    if 0 < index <= _STATIC_LEN:
+        return STATIC[index - 1]
+    dynamic = index - _STATIC_LEN - 1
+    if index == 0 or dynamic >= len(entries):
+        raise CompressionError(f"index {index} not in the table")
+    return entries[dynamic]
+
+
+def _regular_field_ok(name: bytes, value: bytes) -> bool:
+    if not _NAME.fullmatch(name) or not _VALUE.fullmatch(value):
+        return False
+    if name in _CONNECTION_SPECIFIC:
+        return False
+    return not (name == b"te" and value != b"trailers")
+
+
+def _judge_request(fields: list[tuple[bytes, bytes]]) -> int:
+    """RFC 9113 §8.2-8.3 for a request header section: the verdict bits."""
+    pseudo: dict[bytes, bytes] = {}
+    regular = False
+    length = -1
+    for name, value in fields:
+        if name[:1] == b":":
+            # Only the request pseudo-headers, each once, all before the regular fields.
+            if regular or name not in _REQUEST_PSEUDO or name in pseudo:
+                return MALFORMED
+            if not _VALUE.fullmatch(value):
+                return MALFORMED
+            pseudo[name] = value
+            continue
+        regular = True
+        if not _regular_field_ok(name, value):
+            return MALFORMED
+        if name == b"content-length":
+            # A list of equal values is one value (RFC 9110 §8.6); anything else is malformed.
+            parts = {part.strip(b" \t") for part in value.split(b",")}
+            if len(parts) != 1:
+                return MALFORMED
+            (part,) = parts
+            if not part.isdigit() or len(part) > 18 or (length >= 0 and int(part) != length):
+                return MALFORMED
+            length = int(part)
+    method = pseudo.get(b":method")
+    if not method:
+        return MALFORMED
+    verdict = 0
+    if method == b"CONNECT":
+        # §8.5: :authority only; :scheme and :path omitted.
+        if b":scheme" in pseudo or b":path" in pseudo or not pseudo.get(b":authority"):
+            return MALFORMED
+        verdict = CONNECT
+    else:
+        if not pseudo.get(b":scheme") or not pseudo.get(b":path"):
+            return MALFORMED  # §8.3.1: both required, :path never empty
+        if method == b"HEAD":
+            verdict = HEAD
+    if length >= 0:
+        verdict |= HAS_LENGTH | (length << LENGTH_SHIFT)
+    return verdict
