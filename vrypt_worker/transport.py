@@ -55,11 +55,12 @@ class TLSConnection:
         "writer",
     )
 
-    def __init__(self, worker: Any, sock: Any) -> None:
+    def __init__(self, worker: Any, sock: Any, session: Any = None, protocol: Any = None) -> None:
         self.worker = worker
         self.sock = sock
-        self.session = TLSSession(worker.tls_context, worker.tls_ragged_eofs)
-        self.protocol: Any = None  # chosen when the handshake is done
+        # A plain connection (h2c, cleartext.py) passes a pass-through session and its protocol.
+        self.session = session or TLSSession(worker.tls_context, worker.tls_ragged_eofs)
+        self.protocol: Any = protocol  # for TLS: chosen when the handshake is done
         self.pending = b""  # ciphertext the kernel did not take yet
         self.writer: Any = None
         self.seen: bool | None = None  # as Connection.seen

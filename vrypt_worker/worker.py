@@ -27,7 +27,7 @@ import gevent
 import gevent.event
 from gunicorn.workers.base import Worker
 
-from vrypt_worker import listeners, metrics, settings, tls, transport
+from vrypt_worker import cleartext, listeners, metrics, settings, tls, transport
 from vrypt_worker.framing import (
     CLOSING,
     FIELDS_TOO_LARGE,
@@ -36,7 +36,12 @@ from vrypt_worker.framing import (
     Limits,
     RequestFramer,
 )
+from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy
 from vrypt_worker.response import ResponseTable
+from vrypt_worker.transport import TLSConnection
+
+# ALPN offers h2 (tls.py) once the HTTP/2 core answers it: the worker's protocol factory.
+tls.H2_PROTOCOL = lambda worker: worker.protocols.h2()
 
 # gevent imports pprint the first time a signal handler is installed (gevent.util), which every
 # worker does in init_signals: imported with this module, in the arbiter, it costs no worker's
@@ -218,8 +223,6 @@ class VryptWorker(Worker):
                 tls.context_for(cfg)
             except Exception as exc:
                 refused.append(f"certfile/keyfile/ca_certs/ciphers/ssl_context (TLS): {exc}")
-        if "h2" in (cfg.http_protocols or []) and tls.H2_PROTOCOL is None:
-            refused.append("http_protocols=h2: this worker speaks HTTP/1.x only")
         if (cfg.proxy_protocol or "off") != "off":
             refused.append("proxy_protocol: PROXY protocol headers are not parsed")
         if cfg.protocol != "http":
@@ -348,6 +351,15 @@ class VryptWorker(Worker):
         from vrypt_worker import access_log  # imports this module
 
         self.access_log = access_log.start(self)
+        # HTTP/1 inside TLS and HTTP/2 (by ALPN, or h2c from trusted peers) are protocols on
+        # one generic transport (transport.py); plain HTTP/1 stays on Connection.
+        self.protocols = cleartext.ProtocolFactory(
+            self,
+            H2cPolicy.from_config(self.cfg),
+            H2Config.from_gunicorn(self.cfg, head_timeout=self.head_timeout),
+            H2Answers(time.time()),
+        )
+        self.h2c = self.protocols if self.protocols.policy.available else None
         if self.tls_context is not None:
             transport.serve_tls(self)  # TLSConnection instead of Connection
         self._done = gevent.event.Event()
@@ -451,7 +463,13 @@ class VryptWorker(Worker):
             except OSError:
                 sock.close()
                 continue
-            conn = self.connection_class(self, sock)
+            conn = None
+            if self.h2c is not None:  # h2c for trusted peers (cleartext.py), else Connection
+                negotiation = self.h2c.negotiation(_addr)
+                if negotiation is not None:
+                    conn = TLSConnection(self, sock, cleartext.PLAIN, negotiation)
+            if conn is None:
+                conn = self.connection_class(self, sock)
             self.connections.add(conn)
             if self.draining:
                 self._late[conn] = time.monotonic()
@@ -571,7 +589,9 @@ class VryptWorker(Worker):
         counts[index] = rules.answered
 
     def _on_clock(self) -> None:
-        self.responses.refresh(time.time())
+        now = time.time()
+        self.responses.refresh(now)
+        self.protocols.h2_answers.refresh(now)
         if self.slot >= 0:
             self._tend_slots()
 
