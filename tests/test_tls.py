@@ -533,3 +533,50 @@ def test_tls_answers_are_counted_in_the_rps_gauges(certs) -> None:
             assert total == sent + 1
     finally:
         collector.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_slow_head_inside_tls_gets_408(certs) -> None:
+    env = base_env(VRYPT_HEAD_TIMEOUT="2")
+    with tls_server(certs, "--keep-alive", "30", env=env) as server:
+        sock = tls_connect(server, client_context(certs))
+        reader = StrictReader(sock)
+        sock.sendall(GET)
+        assert is_vrypt(reader.read())
+        started = time.monotonic()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost:")
+        response = reader.read()
+        waited = time.monotonic() - started
+        assert response is not None and response.status == 408
+        assert 1.5 <= waited <= 4, waited
+        assert reader.at_eof()
+        sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_at_the_connection_cap_idle_tls_connections_make_room(certs) -> None:
+    with tls_server(certs, "--worker-connections", "20", "--keep-alive", "60") as server:
+        context = client_context(certs)
+        old: list[ssl.SSLSocket] = []
+        recent: list[ssl.SSLSocket] = []
+        for group in (old, recent):
+            for _ in range(10):
+                sock = tls_connect(server, context)
+                sock.sendall(GET)
+                assert is_vrypt(StrictReader(sock).read())
+                group.append(sock)
+            time.sleep(1.2)  # at least one sweep between the groups
+        for sock in recent:
+            sock.sendall(GET)
+            assert is_vrypt(StrictReader(sock).read())
+        started = time.monotonic()
+        responses, _v, _a = ask(server, context)
+        waited = time.monotonic() - started
+        assert is_vrypt(responses[0]) and waited < 1.5
+        closed = [sock for sock in old + recent if StrictReader(sock).at_eof(timeout=0.2)]
+        assert closed and all(sock in old for sock in closed)
+        for sock in recent:
+            sock.sendall(GET)
+            assert is_vrypt(StrictReader(sock).read())
+        for sock in old + recent:
+            sock.close()

@@ -256,3 +256,27 @@ def test_head_timeout_and_body_timeout_give_408() -> None:
     assert proto.receive(b"POST / HTTP/1.1\r\nContent-Length: 9\r\n\r\nab") == b""
     outs = [proto.tick(clock.now + i) for i in range(61)]
     assert outs[:-1] == [b""] * 60 and outs[-1] == table[f.REQUEST_TIMEOUT]
+
+
+def test_the_h2_hook_is_offered_and_chosen(monkeypatch) -> None:
+    from vrypt_worker import transport
+
+    made = []
+
+    def h2_protocol(worker):
+        made.append(worker)
+        return "an HTTP/2 core"
+
+    worker = SimpleNamespace(
+        rules=FramingRules(),
+        responses=ResponseTable(0),
+        head_timeout=10,
+        body_timeout=60,
+    )
+    assert isinstance(transport.chooser(worker)("h2"), H1Protocol)  # no hook: never h2
+    monkeypatch.setattr(tls, "H2_PROTOCOL", h2_protocol)
+    assert tls.alpn_protocols(["h2", "h1"]) == ["h2", "http/1.1"]
+    choose = transport.chooser(worker)
+    assert choose("h2") == "an HTTP/2 core" and made == [worker]
+    assert isinstance(choose("http/1.1"), H1Protocol)
+    assert isinstance(choose(None), H1Protocol)

@@ -128,13 +128,20 @@ class TLSSession:
         "obj",
         "outgoing",
         "peer_closed",
+        "read",
         "suppress_ragged_eofs",
+        "write",
     )
 
     def __init__(self, context: ssl.SSLContext, suppress_ragged_eofs: bool = True) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        # The C object's read and write, without ssl.SSLObject's Python wrappers (a frame each
+        # per request; they add nothing for these arguments). Both raise what the wrappers do.
+        raw = getattr(self.obj, "_sslobj", self.obj)
+        self.read = raw.read
+        self.write = raw.write
         self.handshaken = False
         self.alpn: str | None = None
         self.peer_closed = False
@@ -146,9 +153,8 @@ class TLSSession:
         self.incoming.write(data)
         if not self.handshaken and not self._handshake():
             return b""
-        obj = self.obj
         try:
-            plain = obj.read(_READ_SIZE)
+            plain = self.read(_READ_SIZE)
         except ssl.SSLWantReadError:
             return b""
         except ssl.SSLZeroReturnError:
@@ -159,8 +165,11 @@ class TLSSession:
         if not plain:  # (CPython gives b"" for the peer's close_notify)
             self.peer_closed = True
             return b""
-        if not obj.pending() and not self.incoming.pending:
-            return plain  # the common case: one record, one read
+        if not self.incoming.pending:
+            # The common case: one record, one read. (SSL_read returns one record at most, and
+            # _READ_SIZE holds a whole one, so OpenSSL keeps no decrypted byte back: only
+            # `incoming` can hold more.)
+            return plain
         return self._read_rest(plain)
 
     def _read_rest(self, plain: bytes) -> bytes:
@@ -168,7 +177,7 @@ class TLSSession:
         obj = self.obj
         try:
             while obj.pending() or self.incoming.pending:
-                chunk = obj.read(_READ_SIZE)
+                chunk = self.read(_READ_SIZE)
                 if not chunk:
                     self.peer_closed = True
                     break
@@ -195,7 +204,7 @@ class TLSSession:
     def send(self, plain: bytes) -> bytes:
         """Plaintext in, the ciphertext to write out (with anything OpenSSL had queued)."""
         try:
-            self.obj.write(plain)
+            self.write(plain)
         except ssl.SSLError as exc:
             raise TLSError(str(exc)) from exc
         return self.outgoing.read()

@@ -102,11 +102,28 @@ class TLSConnection:
                 self.used = True
                 answer = protocol.receive(plain)
                 if answer:
-                    self.send(session.send(answer))
-                    if not self.pending:
-                        self.more()
-                    if protocol.closing and not self.pending:
+                    cipher = session.send(answer)
+                    if self.pending:
+                        self.pending += cipher
+                        return
+                    try:
+                        sent = self.sock.send(cipher)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        self.close()
+                        return
+                    if sent != len(cipher):
+                        self.wait_writable(cipher[sent:])
+                    elif protocol.closing:
                         self.finish()
+                    else:
+                        answer = protocol.writable()  # all went: what it held back may go
+                        if answer:
+                            self.send(session.send(answer))
+                            self.more()
+                            if protocol.closing and not self.pending:
+                                self.finish()
                     return
             out = session.output()  # session tickets, a KeyUpdate's answer
             if out:
