@@ -1000,3 +1000,69 @@ def test_writable_releases_output_held_past_the_budget():
         total += sum(len(f.data) for f in parse(more) if isinstance(f, DataFrame))
         rounds += 1
     assert total == 3_000_000 and rounds > 5
+
+
+# -- more of §6, §8 and the seam ------------------------------------------------------------
+
+
+def test_6_6_push_promise_from_a_client_is_a_protocol_error():
+    proto, _, enc = started()
+    out = proto.receive(raw(frames.PUSH_PROMISE, 4, 1, u32(2) + get_block(enc)))
+    assert goaway_code(out) == PROTOCOL_ERROR
+
+
+def test_8_1_trailers_above_the_header_list_limit_get_431():
+    proto, rules, enc = started(H2Config(max_header_list_size=1024))
+    proto.receive(headers(1, get_block(enc), end_stream=False))
+    out = proto.receive(headers(1, enc.encode([(b"x-t", b"v" * 1200)])))
+    answer = [f for f in parse(out) if isinstance(f, HeadersFrame)]
+    assert len(answer) == 1 and b"431" in answer[0].data
+    assert (rules.answered, rules.rejected) == (1, 1)
+
+
+def test_5_3_1_trailers_depending_on_their_own_stream_are_a_stream_error():
+    proto, _, enc = started()
+    proto.receive(headers(1, get_block(enc), end_stream=False))
+    out = proto.receive(headers(1, enc.encode([(b"x-t", b"1")]), depends_on=1))
+    assert resets(out) == {1: PROTOCOL_ERROR}
+
+
+def test_6_8_later_goaway_never_names_a_higher_stream():
+    proto, _, enc = started()
+    proto.receive(headers(1, get_block(enc), end_stream=False))
+    first = goaway(proto.shutdown())
+    out = proto.receive(headers(3, get_block(enc)) + raw(frames.PING, 0, 1, b"12345678"))
+    second = goaway(out)
+    assert first.last_stream_id == second.last_stream_id == 1
+    assert second.error_code == PROTOCOL_ERROR
+
+
+def test_config_from_gunicorn_settings():
+    from gunicorn.config import Config
+
+    cfg = Config()
+    cfg.set("http2_max_concurrent_streams", "7")
+    cfg.set("http2_initial_window_size", "1000")
+    cfg.set("http2_max_frame_size", "32768")
+    cfg.set("http2_max_header_list_size", "0")
+    cfg.set("keepalive", "9")
+    config = H2Config.from_gunicorn(cfg, head_timeout=3)
+    assert (config.max_concurrent_streams, config.initial_window_size) == (7, 1000)
+    assert (config.max_frame_size, config.max_header_list_size) == (32768, 0)
+    assert (config.idle_timeout, config.head_timeout) == (9, 3)
+    assert config.header_list_limit == 256 * 1024
+    proto, _ = make(config)
+    sent = parse(proto.start())[0].settings
+    assert frames.SETTINGS_MAX_HEADER_LIST_SIZE not in sent  # 0: "unlimited" is not advertised
+
+
+def test_wants_writable_when_a_call_used_its_output_budget():
+    proto, _ = make(answer=Answer(body=b"w" * 300_000))
+    proto.receive(client_start({frames.SETTINGS_INITIAL_WINDOW_SIZE: 2**31 - 1}))
+    proto.receive(raw(frames.WINDOW_UPDATE, 0, 0, u32(2**31 - 1 - 65535)))
+    proto.receive(headers(1, encoder().encode(REQUEST)))
+    assert proto.wants_writable and not proto.idle()
+    # A transport that never calls writable() still gets the rest with the next read.
+    out = proto.receive(PingFrame(0, b"12345678").serialize())
+    assert sum(len(f.data) for f in parse(out) if isinstance(f, DataFrame)) == 300_000 - 256 * 1024
+    assert not proto.wants_writable and proto.idle()

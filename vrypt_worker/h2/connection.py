@@ -206,6 +206,7 @@ class H2Protocol:
         self._quiet_since = 0.0
         self._stuck_since = 0.0
         self._upgrade_answer: tuple[bool] | None = None
+        self._starved = False  # held DATA stopped by OUTPUT_BUDGET, not by flow control
 
     # -- constructors -----------------------------------------------------------------------
 
@@ -279,6 +280,8 @@ class H2Protocol:
                 buf = self._match_preface(buf)
             if buf:
                 self._frames(buf)
+            if self._starved:
+                self._flush()  # output held past last call's budget (if writable() never came)
         except _ConnectionError as exc:
             self._fail(exc)
         self._check_drain()
@@ -343,12 +346,19 @@ class H2Protocol:
         out.clear()
         return result
 
+    @property
+    def wants_writable(self) -> bool:
+        """Answers wait for nothing but `writable()` (a call's output budget was used up): a
+        transport whose writes did not block should call it after writing."""
+        return self._starved and not self.closing
+
     def writable(self) -> bytes:
         if self.closing or not self._held:
             return b""
         out = self._out
         out.clear()
         self._budget = OUTPUT_BUDGET
+        self._starved = False
         self._flush()
         self._check_drain()
         result = b"".join(out)
@@ -601,10 +611,10 @@ class H2Protocol:
         if stream is not None and not stream.remote_closed:
             # Trailers (§8.1): they end the stream, carry no pseudo-header.
             verdict = self._decode_trailers(block)
-            if not end_stream or verdict & hd.MALFORMED:
+            if not end_stream or verdict & hd.MALFORMED or bad_priority:
                 self._stream_error(sid, frames.PROTOCOL_ERROR)
                 return
-            self._end_of_request(sid, stream)
+            self._end_of_request(sid, stream, bool(verdict & hd.TOO_LARGE))
             return
         # Half-closed (remote) or closed: decode for the table, then refuse (§5.1).
         self._decode_trailers(block)
@@ -665,14 +675,19 @@ class H2Protocol:
         self._recv_window += self._recv_unacked
         self._recv_unacked = 0
 
-    def _end_of_request(self, sid: int, stream: _Stream) -> None:
-        """The client ended the stream: check the body's size, answer unless already done."""
+    def _end_of_request(self, sid: int, stream: _Stream, too_large: bool = False) -> None:
+        """The client ended the stream: check the body's size, answer unless already done
+        (431 when the trailer section was above the header list limit)."""
         if stream.length >= 0 and stream.received != stream.length and not stream.answered:
             self._stream_error(sid, frames.PROTOCOL_ERROR)  # §8.1.1
             return
         stream.remote_closed = True
         if not stream.answered:
-            self._answer(sid, self.answers.ok, stream.head, stream)
+            if too_large:
+                self.rules.rejected += 1
+                self._answer(sid, self.answers.too_large, False, stream)
+            else:
+                self._answer(sid, self.answers.ok, stream.head, stream)
             self._answered()
         if sid not in self._held:
             self._streams.pop(sid, None)
@@ -799,6 +814,8 @@ class H2Protocol:
         out = self._out
         max_frame = self._peer_max_frame
         for sid, stream in list(self._held.items()):
+            if self._send_window <= 0 or self._budget <= 0:
+                break
             body = stream.body
             size = len(body)
             while True:
@@ -828,8 +845,7 @@ class H2Protocol:
                     if stream.remote_closed:
                         self._streams.pop(sid, None)
                     break
-            if self._send_window <= 0 or self._budget <= 0:
-                return
+        self._starved = bool(self._held) and self._budget <= 0
 
     def _answered(self) -> None:
         rules = self.rules
@@ -837,10 +853,12 @@ class H2Protocol:
         if rules.answered >= rules.open_until and not self._goaway_sent:
             self._goaway(frames.NO_ERROR)  # max_requests reached, or the worker drains
 
-    def _goaway(self, code: int) -> None:
+    def _goaway(self, code: int, debug: bytes = b"") -> None:
+        """GOAWAY with the last stream we process; a later GOAWAY never names a higher one."""
+        last = min(self._last_id, self._accept_until)
         self._goaway_sent = True
-        self._accept_until = self._last_id
-        self._out.append(frames.goaway(self._last_id, code))
+        self._accept_until = last
+        self._out.append(frames.goaway(last, code, debug))
 
     def _check_drain(self) -> None:
         """After our GOAWAY or the client's: close once every accepted stream is done."""
@@ -867,8 +885,7 @@ class H2Protocol:
     def _fail(self, exc: _ConnectionError) -> None:
         """A connection error (§5.4.1): GOAWAY with its code, nothing more is processed."""
         self.rules.rejected += 1
-        self._goaway_sent = True
-        self._out.append(frames.goaway(self._last_id, exc.code, str(exc).encode()[:64]))
+        self._goaway(exc.code, str(exc).encode()[:64])
         self._held.clear()
         self._streams.clear()
         self._cont_block = bytearray()
