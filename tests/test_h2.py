@@ -17,6 +17,7 @@ import pytest
 
 from tests.h2client import H2Client, is_vrypt_h2
 from tests.support import Server, StrictReader, running
+from tests.test_metrics import Collector, metrics_env
 
 H2C = ("--http-protocols", "h2,h1", "--http2-cleartext", "both")
 
@@ -292,3 +293,72 @@ def test_garbage_after_the_preface_closes_with_goaway_and_the_worker_lives(serve
     assert goaways, frames
     assert int.from_bytes(goaways[0][4:8], "big") != 0  # an error code, not NO_ERROR
     assert curl("--http2-prior-knowledge", f"http://127.0.0.1:{server.port}/").stdout == "Vrypt"
+
+
+def test_h2_streams_are_counted_in_the_rps_gauges() -> None:
+    collector = Collector()
+    try:
+        interval = 0.2
+        with running(*H2C, workers=2, env=metrics_env(collector, interval)) as srv:
+            sent = 0
+            for _ in range(6):
+                client = H2Client.connect(srv.port)
+                try:
+                    ids = [client.request() for _ in range(9)]
+                    client.wait(ids)
+                    assert all(is_vrypt_h2(client.streams[s]) for s in ids)
+                    sent += len(ids)
+                finally:
+                    client.close()
+            total = collector.wait_sum(sent + 1, interval)  # + the ready probe (HTTP/1)
+            assert total == sent + 1
+    finally:
+        collector.close()
+
+
+def test_rapid_reset_over_a_socket_ends_with_enhance_your_calm_and_others_are_served(
+    server: Server,
+) -> None:
+    """CVE-2023-44487: streams opened and reset at once, thousands of them, on a real socket."""
+    client = H2Client.connect(server.port)
+    try:
+        for _ in range(2000):
+            stream_id = client.conn.get_next_available_stream_id()
+            client.conn.send_headers(
+                stream_id,
+                [(":method", "GET"), (":scheme", "http"), (":authority", "t"), (":path", "/")],
+            )
+            client.conn.reset_stream(stream_id)
+        try:
+            client.flush()
+        except OSError:
+            pass  # the server may have closed already
+        deadline = time.monotonic() + 10
+        while client.goaway is None and time.monotonic() < deadline:
+            if not client.receive_some():
+                break
+        assert client.goaway is not None and client.goaway.error_code == 0xB  # ENHANCE_YOUR_CALM
+    finally:
+        client.sock.close()
+    assert curl("--http2-prior-knowledge", f"http://127.0.0.1:{server.port}/").stdout == "Vrypt"
+
+
+def test_a_zero_window_client_does_not_delay_others(server: Server) -> None:
+    stalled = H2Client.connect(server.port, window=0)
+    try:
+        ids = [stalled.request() for _ in range(50)]
+        started = time.monotonic()
+        for _ in range(20):
+            assert (
+                curl("--http2-prior-knowledge", f"http://127.0.0.1:{server.port}/").stdout
+                == "Vrypt"
+            )
+        assert time.monotonic() - started < 5
+        # Its answers are held: HEADERS sent, DATA waiting for a window it never opens.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not all(stalled.streams[s].responses for s in ids):
+            stalled.receive_some()
+        assert all(stalled.streams[s].responses == 1 for s in ids)
+        assert not any(stalled.streams[s].body for s in ids)
+    finally:
+        stalled.sock.close()
