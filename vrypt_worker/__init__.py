@@ -1,4 +1,4 @@
-"""vrypt_worker: a gunicorn worker class that answers every HTTP/1.x request with `Vrypt`.
+"""vrypt_worker: a gunicorn worker class that answers every HTTP request with `Vrypt`.
 
 Use it as `gunicorn -c conf/gunicorn.conf.py`, `gunicorn -k vrypt_worker.VryptWorker ...`, or the
 `vrypt-server` command. The modules, in the order one request meets them:

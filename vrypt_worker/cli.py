@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> int | None:
     """The port asked for, or None for the default (8080, or $PORT when set)."""
     parser = argparse.ArgumentParser(
         prog="vrypt-server",
-        description="Answer every HTTP/1.x request with 'Vrypt' on 0.0.0.0:PORT "
+        description="Answer every HTTP request with 'Vrypt' on 0.0.0.0:PORT "
         "(gunicorn, one VryptWorker per CPU).",
         epilog="Other gunicorn settings: GUNICORN_CMD_ARGS, or run "
         "`gunicorn -c conf/gunicorn.conf.py` with any gunicorn flag. The answer: VRYPT_STATUS, "

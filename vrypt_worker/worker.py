@@ -198,7 +198,7 @@ def _spawn_replacements_at_once(arbiter: Any) -> None:
 
 
 class VryptWorker(Worker):
-    """A gunicorn worker that answers every HTTP/1.x request with `Vrypt`, without WSGI."""
+    """A gunicorn worker that answers every HTTP request with `Vrypt`, without WSGI."""
 
     @classmethod
     def setup(cls) -> None:
