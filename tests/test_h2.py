@@ -362,3 +362,49 @@ def test_a_zero_window_client_does_not_delay_others(server: Server) -> None:
         assert not any(stalled.streams[s].body for s in ids)
     finally:
         stalled.sock.close()
+
+
+def test_gunicorn_http2_limits_are_advertised_and_enforced() -> None:
+    limits = (
+        "--http2-max-concurrent-streams",
+        "3",
+        "--http2-initial-window-size",
+        "100000",
+        "--http2-max-frame-size",
+        "32768",
+        "--http2-max-header-list-size",
+        "4096",
+    )
+    with running(*H2C, *limits) as srv:
+        client = H2Client.connect(srv.port)
+        try:
+            stream_id = client.request()
+            client.wait([stream_id])
+            remote = client.conn.remote_settings
+            assert remote.max_concurrent_streams == 3
+            assert remote.initial_window_size == 100000
+            assert remote.max_frame_size == 32768
+            assert remote.max_header_list_size == 4096
+            # A header list over the limit: 431 on that stream, and the connection goes on.
+            big = client.request(extra=[("x-big", "v" * 5000)])
+            client.wait([big])
+            assert client.streams[big].status == 431
+            after = client.request()
+            client.wait([after])
+            assert is_vrypt_h2(client.streams[after])
+        finally:
+            client.close()
+        # More open streams than allowed: the extra ones are refused (REFUSED_STREAM), the
+        # others answered. Streams stay open while their request bodies are unfinished.
+        client = H2Client.connect(srv.port)
+        try:
+            client.conn.remote_settings.max_concurrent_streams = 100  # let the client exceed it
+            ids = [client.request("POST", body=b"x", end=False) for _ in range(5)]
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and sum(
+                client.streams[s].reset is not None for s in ids
+            ) < 2:
+                client.receive_some()
+            assert [client.streams[s].reset for s in ids] == [None, None, None, 7, 7]
+        finally:
+            client.sock.close()
