@@ -197,7 +197,6 @@ def test_drop_in_worker_class_never_imports_the_application() -> None:
     ("flags", "named"),
     [
         (["--certfile", "{cert}", "--keyfile", "{cert}"], "certfile"),
-        (["--http-protocols", "h2,h1"], "http_protocols"),
         (["--proxy-protocol", "v1"], "proxy_protocol"),
         (["--bind", "unix:{cert}.sock"], "reuse_port with a unix"),
     ],

@@ -129,7 +129,7 @@ def test_tls12_and_tls13_answer_with_alpn_http11(server: Server, certs, version)
     responses, got_version, alpn = ask(server, context)
     assert [is_vrypt(r) for r in responses] == [True]
     assert got_version == {TLS12: "TLSv1.2", TLS13: "TLSv1.3"}[version]
-    # h2 is not offered until an HTTP/2 core is plugged in (tls.H2_PROTOCOL)
+    # h2 is offered only when http_protocols names it (gunicorn's default: h1 alone)
     assert alpn == "http/1.1"
 
 

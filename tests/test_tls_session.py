@@ -177,10 +177,11 @@ def test_one_context_per_configuration(pki) -> None:
 
 
 def test_alpn_from_http_protocols() -> None:
-    assert tls.alpn_protocols(["h1"], h2=False) == ["http/1.1"]
-    assert tls.alpn_protocols(["h2", "h1"], h2=False) == ["http/1.1"]
-    assert tls.alpn_protocols(["h2", "h1"], h2=True) == ["h2", "http/1.1"]
-    assert tls.alpn_protocols(["h1", "h2"], h2=True) == ["http/1.1", "h2"]
+    assert tls.alpn_protocols(["h1"]) == ["http/1.1"]
+    assert tls.alpn_protocols(None) == ["http/1.1"]
+    assert tls.alpn_protocols(["h2", "h1"]) == ["h2", "http/1.1"]
+    assert tls.alpn_protocols(["h1", "h2"]) == ["http/1.1", "h2"]
+    assert tls.alpn_protocols(["h2"]) == ["h2"]
 
 
 # --- H1Protocol ----------------------------------------------------------------------------------
@@ -258,14 +259,9 @@ def test_head_timeout_and_body_timeout_give_408() -> None:
     assert outs[:-1] == [b""] * 60 and outs[-1] == table[f.REQUEST_TIMEOUT]
 
 
-def test_the_h2_hook_is_offered_and_chosen(monkeypatch) -> None:
-    from vrypt_worker import transport
-
-    made = []
-
-    def h2_protocol(worker):
-        made.append(worker)
-        return "an HTTP/2 core"
+def test_alpn_h2_gets_the_http2_core_and_anything_else_http11() -> None:
+    from vrypt_worker.cleartext import ProtocolFactory
+    from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy, H2Protocol
 
     worker = SimpleNamespace(
         rules=FramingRules(),
@@ -273,10 +269,7 @@ def test_the_h2_hook_is_offered_and_chosen(monkeypatch) -> None:
         head_timeout=10,
         body_timeout=60,
     )
-    assert isinstance(transport.chooser(worker)("h2"), H1Protocol)  # no hook: never h2
-    monkeypatch.setattr(tls, "H2_PROTOCOL", h2_protocol)
-    assert tls.alpn_protocols(["h2", "h1"]) == ["h2", "http/1.1"]
-    choose = transport.chooser(worker)
-    assert choose("h2") == "an HTTP/2 core" and made == [worker]
-    assert isinstance(choose("http/1.1"), H1Protocol)
-    assert isinstance(choose(None), H1Protocol)
+    factory = ProtocolFactory(worker, H2cPolicy(), H2Config(), H2Answers(0))
+    assert isinstance(factory.for_alpn("h2"), H2Protocol)
+    assert isinstance(factory.for_alpn("http/1.1"), H1Protocol)
+    assert isinstance(factory.for_alpn(None), H1Protocol)

@@ -6,7 +6,7 @@ settings: `ssl.create_default_context(Purpose.CLIENT_AUTH, cafile=ca_certs)`, th
 `ssl_context(config, default_ssl_context_factory)` server hook around that factory. The factory
 also sets TLS 1.2 as the least version, refuses renegotiation (`OP_NO_RENEGOTIATION`, applied
 again after the hook) and offers ALPN from `http_protocols` in its order (gunicorn's `h1` is
-`http/1.1`; `h2` only once an HTTP/2 core is plugged in, `H2_PROTOCOL`).
+`http/1.1` and `h2`, chosen by worker.protocols.for_alpn).
 
 Session resumption across workers: OpenSSL draws the session-ticket keys at random for every
 SSL_CTX. A context made in each worker after the fork would resume only on the worker that issued
@@ -34,25 +34,18 @@ HTTP11 = "http/1.1"
 # Plaintext taken from OpenSSL per SSL_read: one TLS record holds at most 16 KiB.
 _READ_SIZE = 16384
 
-# The HTTP/2 hook: a callable `(worker) -> PlaintextProtocol` for a connection that chose `h2`
-# by ALPN. None until an HTTP/2 core is plugged in; until then `h2` is not offered.
-H2_PROTOCOL: Callable[[Any], Any] | None = None
-
 
 class TLSError(Exception):
     """The peer broke TLS (garbage, plain HTTP, a failed handshake or certificate check, a
     refused renegotiation): write `TLSSession.output()` (an alert, maybe) and close."""
 
 
-def alpn_protocols(http_protocols: list[str] | None, h2: bool | None = None) -> list[str]:
-    """ALPN identifiers for gunicorn's `http_protocols`, in their order of preference.
-    `h2` is offered only when an HTTP/2 core is plugged in (`h2`, default: `H2_PROTOCOL`)."""
-    if h2 is None:
-        h2 = H2_PROTOCOL is not None
+def alpn_protocols(http_protocols: list[str] | None) -> list[str]:
+    """ALPN identifiers for gunicorn's `http_protocols`, in their order of preference."""
     names = []
     for name in http_protocols or ["h1"]:
         alpn = ALPN_NAMES.get(name)
-        if alpn is None or (alpn == "h2" and not h2) or alpn in names:
+        if alpn is None or alpn in names:
             continue
         names.append(alpn)
     return names or [HTTP11]

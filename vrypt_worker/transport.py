@@ -14,7 +14,7 @@ _LINGER_TICKS sweeps) and the same counting (`rules.answered`, max_requests recy
 metrics published at each final answer).
 
 The handshake: the protocol is chosen once it is done, by `worker.choose_protocol(alpn)`
-(`http/1.1` or no ALPN: `H1Protocol`; `h2`: the HTTP/2 hook, `tls.H2_PROTOCOL`). A handshake
+(`http/1.1` or no ALPN: `H1Protocol`; `h2`: `H2Protocol`). A handshake
 has the head timeout (VRYPT_HEAD_TIMEOUT, from the accept) to complete: a client that connects
 and sends half a ClientHello is a slowloris too. A peer that breaks TLS (garbage, plain HTTP on
 the TLS port, a bad certificate, a renegotiation) gets OpenSSL's alert, if any, and the close:
@@ -27,8 +27,7 @@ import socket
 import time
 from typing import Any
 
-from vrypt_worker import metrics, tls
-from vrypt_worker.h1_protocol import H1Protocol
+from vrypt_worker import metrics
 from vrypt_worker.tls import TLSError, TLSSession
 
 _READ, _WRITE = 1, 2
@@ -390,23 +389,7 @@ def serve_tls(worker: Any) -> None:
     """At worker start (run), when the server has TLS: accept TLSConnections, with the
     protocol chosen by ALPN."""
     worker.tls_ragged_eofs = bool(worker.cfg.suppress_ragged_eofs)
-    worker.choose_protocol = chooser(worker)
+    worker.choose_protocol = worker.protocols.for_alpn  # cleartext.ProtocolFactory
     worker.connection_class = TLSConnection
     if worker.access_log is not None:
         worker.log.warning("vrypt_worker: the access log does not cover TLS connections yet")
-
-
-def chooser(worker: Any) -> Any:
-    """`choose(alpn) -> PlaintextProtocol` for this worker's connections."""
-    rules = worker.rules
-    table = worker.responses.bytes_for
-    head_timeout = worker.head_timeout
-    body_timeout = worker.body_timeout
-    h2 = tls.H2_PROTOCOL
-
-    def choose(alpn: str | None) -> Any:
-        if alpn == "h2" and h2 is not None:
-            return h2(worker)
-        return H1Protocol(rules, table, head_timeout, body_timeout)
-
-    return choose

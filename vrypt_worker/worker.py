@@ -40,9 +40,6 @@ from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy
 from vrypt_worker.response import ResponseTable
 from vrypt_worker.transport import TLSConnection
 
-# ALPN offers h2 (tls.py) once the HTTP/2 core answers it: the worker's protocol factory.
-tls.H2_PROTOCOL = lambda worker: worker.protocols.h2()
-
 # gevent imports pprint the first time a signal handler is installed (gevent.util), which every
 # worker does in init_signals: imported with this module, in the arbiter, it costs no worker's
 # boot (a few milliseconds each, measured with cProfile; a recycled worker's slot waits for them).
