@@ -357,6 +357,8 @@ class VryptWorker(Worker):
             H2Answers(time.time()),
         )
         self.h2c = self.protocols if self.protocols.policy.available else None
+        if self.h2c is not None and self.access_log is not None:
+            self.log.warning("vrypt_worker: the access log does not cover h2c connections yet")
         if self.tls_context is not None:
             transport.serve_tls(self)  # TLSConnection instead of Connection
         self._done = gevent.event.Event()
