@@ -131,6 +131,20 @@ def _open_idle_pinned(
     return socks, non_2xx, failed
 
 
+def _wchar(sid: int) -> int:
+    """Bytes the server's processes have written so far (/proc/PID/io `wchar`: every write and
+    send, to sockets too)."""
+    total = 0
+    for pid in session_pids(sid):
+        try:
+            for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+                if line.startswith("wchar:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
 def _rss_kb(sid: int) -> int:
     total = 0
     for pid in session_pids(sid):
@@ -175,6 +189,7 @@ def measure(
         elif warmup > 0:
             _load(scenario, where, server.port, url, warmup, None, expect, Path(tmp))
         before, core_before = sample_tree(server.sid), core_times(where.server_cpus)
+        wchar_before = _wchar(server.sid)
         opens_before, started = tcp_passive_opens(), time.monotonic()
         if scenario.tool == "idle":
             socks, non_2xx, failed = _open_idle(transport, server.port, scenario.connections, where)
@@ -203,6 +218,11 @@ def measure(
             )
             wall = time.monotonic() - started
             after, core_after = sample_tree(server.sid), core_times(where.server_cpus)
+            if scenario.tool == "tlsload" and result.requests:
+                # Server side: a full TLS 1.3 handshake sends the certificate and its signature,
+                # a resumed one does not, so the bytes the server wrote per connection say
+                # whether resumption really happened, whatever the client believes.
+                extra["server B out/conn"] = (_wchar(server.sid) - wchar_before) / result.requests
         opens = tcp_passive_opens() - opens_before
     if not result.requests:
         raise LoadError(f"no request completed in {seconds} s ({result.socket_error_kinds})")
