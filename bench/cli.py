@@ -7,6 +7,7 @@ import platform
 import resource
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -15,12 +16,15 @@ from pathlib import Path
 from types import FrameType
 
 from bench import report
+from bench.h2load import H2LOAD
 from bench.load import LoadError, wrk_available
+from bench.proto import describe_load, tools_missing
 from bench.runner import Run, progress, run_all
 from bench.scenarios import (
     DEFAULT_SCENARIOS,
     QUICK_SCENARIOS,
     SCENARIOS,
+    ProtoScenario,
     Scenario,
     available_cpus,
     cpu_list,
@@ -39,6 +43,7 @@ from bench.servers import (
     vrypt_importable,
 )
 from bench.stats import check_targets, summarize
+from bench.tls import OPENSSL
 
 DEFAULT_OUT = ROOT / "bench" / "results"
 
@@ -174,6 +179,10 @@ def collect_meta(
             versions[dist] = "?"
     versions["nginx"] = _version([NGINX, "-v"]).split("/")[-1]
     versions["wrk"] = _version(["wrk", "-v"]).split(" [")[0]
+    if any(isinstance(s, ProtoScenario) for s in scenarios):  # HTTP/2 and TLS
+        versions["h2load"] = _version([H2LOAD, "--version"]).split(" ")[-1]
+        versions["openssl"] = " ".join(_version([OPENSSL, "version"]).split()[:2])
+        versions["python ssl"] = ssl.OPENSSL_VERSION
     cpus = available_cpus()
     one = placement(SCENARIOS["ka100"], cpus)
     return {
@@ -195,7 +204,10 @@ def collect_meta(
             {"name": s.name, "description": s.description, "command": describe_command(s, 1)}
             for s in specs
         ],
-        "scenarios": [s.__dict__ for s in scenarios],
+        "scenarios": [
+            {**s.__dict__, **({"load": load} if (load := describe_load(s, args.duration)) else {})}
+            for s in scenarios
+        ],
         "failures": [],
     }
 
@@ -229,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         scenarios = pick_scenarios(args)
     except UsageError as exc:
         progress(f"python -m bench: error: {exc}")
+        return 2
+    if missing := tools_missing(scenarios):
+        progress(f"python -m bench: not installed: {', '.join(missing)}")
         return 2
     meta = collect_meta(args, argv, specs, scenarios)
     runs: list[Run] = []

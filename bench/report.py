@@ -18,6 +18,8 @@ def _opt(value: float | None) -> str:
 
 
 def _us(value: float) -> str:
+    if not value:  # not measured (the idle-* scenarios)
+        return "-"
     return f"{value / 1000:,.1f} ms" if value >= 10_000 else f"{value:,.0f} µs"
 
 
@@ -59,6 +61,52 @@ def _table(rows: list[Summary]) -> list[str]:
     return lines + ["| " + " | ".join(_row(s)) + " |" for s in rows]
 
 
+def _extra_value(key: str, value: float) -> str:
+    if key == "resumed":
+        return f"{value:.1%}"
+    return f"{value:,.0f}"
+
+
+def _proto_lines(rows: list[Summary]) -> list[str]:
+    """Below a scenario's table: the HTTP/2 and TLS scenarios' own figures (resumed handshakes,
+    bytes per idle connection, with the ratio to nginx's), what each server negotiated, and every
+    server whose runs had errors, so that no figure stands without saying so."""
+    lines: list[str] = []
+    keys = list(dict.fromkeys(k for s in rows for k in s.extra))
+    if keys:
+        nginx = next((s for s in rows if s.server == "nginx"), None)
+        head = ["server", *keys]
+        if nginx is not None and "idle B/conn" in keys:
+            head.append("idle B/conn vs nginx")
+        lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for s in rows:
+            cells = [s.server]
+            cells += [_extra_value(k, s.extra[k]) if k in s.extra else "-" for k in keys]
+            if len(head) > len(keys) + 1:
+                ref = nginx.extra.get("idle B/conn") if nginx else None
+                mine = s.extra.get("idle B/conn")
+                cells.append(_ratio(mine / ref) if mine is not None and ref else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    negotiated = [f"{s.server}: {', '.join(s.notes)}" for s in rows if s.notes]
+    if negotiated:
+        lines += ["Negotiated: " + "; ".join(negotiated) + ".", ""]
+    with_errors = [s for s in rows if s.errors]
+    if with_errors:
+        lines += [
+            "**Errors** (the figures above include failed requests): "
+            + "; ".join(
+                f"{s.server}: {s.errors} ("
+                + ", ".join(f"{k} {v}" for k, v in s.error_kinds.items())
+                + ")"
+                for s in with_errors
+            )
+            + ".",
+            "",
+        ]
+    return lines
+
+
 def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -> str:
     lines = [
         "# Benchmark results",
@@ -96,7 +144,11 @@ def markdown(meta: dict, summaries: list[Summary], targets: list[TargetCheck]) -
     for scenario in meta["scenarios"]:
         rows = [s for s in summaries if s.scenario == scenario["name"]]
         if rows:
-            lines += [f"## {scenario['name']}: {scenario['title']}", "", *_table(rows), ""]
+            lines += [f"## {scenario['name']}: {scenario['title']}", ""]
+            if scenario.get("load"):  # HTTP/2 and TLS scenarios say how they were loaded
+                lines += [f"Load: {scenario['load']}.", ""]
+            lines += [*_table(rows), ""]
+            lines += _proto_lines(rows)
             kept = [s.server for s in rows if scenario["close"] and s.connections_per_req < 0.5]
             if kept:
                 lines += [

@@ -6,12 +6,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from bench import proto
 from bench.load import LoadError, run_wrk, wrk_command
 from bench.procstat import core_times, sample_tree, tcp_passive_opens
-from bench.scenarios import Placement, Scenario, available_cpus, placement
+from bench.scenarios import Placement, ProtoScenario, Scenario, available_cpus, placement
 from bench.servers import ServerSpec, running
 
 
@@ -37,6 +38,10 @@ class Run:
     socket_errors: int
     socket_error_kinds: dict[str, int]
     non_2xx: int
+    # HTTP/2 and TLS scenarios (bench/proto.py): figures of their own (e.g. the share of resumed
+    # handshakes, bytes per idle connection), and what was negotiated (ALPN, TLS version, cipher).
+    extra: dict[str, float] = field(default_factory=dict)
+    note: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +56,8 @@ def measure(
     warmup: float,
 ) -> Run:
     """Start the server, warm it up, run wrk while reading the tree's CPU time around it."""
+    if isinstance(scenario, ProtoScenario):  # HTTP/2 and TLS: own transports and load tools
+        return proto.measure(spec, scenario, where, round_no, seconds, warmup)
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as tmp, running(spec, where) as server:
         if warmup > 0:
             run_wrk(wrk_command(scenario, where, server.port, warmup, Path(tmp)), warmup)

@@ -63,3 +63,59 @@ def placement(scenario: Scenario, cpus: tuple[int, ...]) -> Placement:
 
 def cpu_list(cpus: tuple[int, ...]) -> str:
     return ",".join(str(c) for c in cpus)
+
+
+# --- HTTP/2 and TLS scenarios (issue 11): opt-in (not in DEFAULT_SCENARIOS); their transports,
+# load tools and measurement are in bench/transports.py, bench/h2load.py, bench/tlsload.py and
+# bench/proto.py, which documents each.
+@dataclass(frozen=True)
+class ProtoScenario(Scenario):
+    transport: str = "plain"  # a key of bench.transports.TRANSPORTS, or "plain"
+    tool: str = "wrk"  # wrk | h2load | tlsload | idle
+    streams: int = 1  # h2load -m
+    resume: bool = False  # tlsload --resume
+
+
+PROTO_SCENARIOS: dict[str, ProtoScenario] = {
+    s.name: s
+    for s in (
+        ProtoScenario(
+            "h2c", "h2c (prior knowledge), 100 connections x 10 streams, h2load, 1 core", 100,
+            transport="h2c", tool="h2load", streams=10,
+        ),
+        ProtoScenario(
+            "h2-tls", "HTTP/2 over TLS (ALPN h2), 100 connections x 10 streams, h2load, 1 core",
+            100, transport="tls-h2", tool="h2load", streams=10,
+        ),
+        ProtoScenario(
+            "tls-ka100", "TLS HTTP/1.1 keep-alive, 100 connections, wrk, 1 core", 100,
+            transport="tls",
+        ),
+        ProtoScenario(
+            "tls-new", "new TLS connection per request, full handshake, 4 clients, 1 core", 4,
+            close=True, transport="tls", tool="tlsload",
+        ),
+        ProtoScenario(
+            "tls-resume", "new TLS connection per request, resumed session, 4 clients, 1 core",
+            4, close=True, transport="tls", tool="tlsload", resume=True,
+        ),
+        ProtoScenario(
+            "idle-h1", "memory per idle plain HTTP/1.1 connection, 1000 connections", 1000,
+            tool="idle",
+        ),
+        ProtoScenario(
+            "idle-tls", "memory per idle TLS HTTP/1.1 connection, 1000 connections", 1000,
+            transport="tls", tool="idle",
+        ),
+        ProtoScenario(
+            "idle-h2", "memory per idle h2c connection, 1000 connections", 1000,
+            transport="h2c", tool="idle",
+        ),
+        ProtoScenario(
+            "idle-h2-tls", "memory per idle HTTP/2-over-TLS connection, 1000 connections", 1000,
+            transport="tls-h2", tool="idle",
+        ),
+    )
+}  # fmt: skip
+SCENARIOS.update(PROTO_SCENARIOS)
+# --- end of HTTP/2 and TLS scenarios

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.scenarios import Placement, cpu_list
 
@@ -245,17 +246,24 @@ class RunningServer:
             return ""
 
 
-def _wait_ready(server: RunningServer, timeout: float) -> None:
+def _wait_ready(
+    server: RunningServer, timeout: float, probe: Callable[[int], bytes | None] = probe
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise ServerError(
-                f"{server.spec.name} exited with {server.proc.returncode} before answering:\n"
-                + server.log_tail()
+                f"{server.spec.name} failed to start: exited with {server.proc.returncode} "
+                "before answering:\n" + server.log_tail()
             )
-        status = probe(server.port)
+        try:
+            status = probe(server.port)
+        except ServerError as exc:  # answered, but in a protocol waiting will not change
+            raise ServerError(
+                f"{server.spec.name} failed to start: {exc}\n" + server.log_tail()
+            ) from None
         if status is not None:
-            if not status.startswith(b"HTTP/1.") or status.split()[1:2] != [b"200"]:
+            if not status.startswith((b"HTTP/1.", b"HTTP/2")) or status.split()[1:2] != [b"200"]:
                 raise ServerError(f"{server.spec.name} answered {status!r}, not 200")
             return
         time.sleep(0.05)
@@ -281,14 +289,21 @@ def kill_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
 
 @contextlib.contextmanager
 def running(
-    spec: ServerSpec, where: Placement, ready_timeout: float = 20.0
+    spec: ServerSpec, where: Placement, ready_timeout: float = 20.0, transport: Any = None
 ) -> Iterator[RunningServer]:
     """Start ``spec`` pinned to ``where.server_cpus``, wait until it answers a GET, and always
-    kill its process group when the block ends (error, Ctrl-C or normal exit)."""
+    kill its process group when the block ends (error, Ctrl-C or normal exit).
+
+    ``transport`` (bench/transports.py: TLS, HTTP/2) changes the command line and the probe."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{spec.name}-") as tmpdir:
         tmp = Path(tmpdir)
         port = free_port()
-        argv = ["taskset", "-c", cpu_list(where.server_cpus), *spec.build(port, where.workers, tmp)]
+        command = (
+            transport.build(spec, port, where.workers, tmp)
+            if transport is not None
+            else spec.build(port, where.workers, tmp)
+        )
+        argv = ["taskset", "-c", cpu_list(where.server_cpus), *command]
         log = tmp / "server.log"
         with open(log, "wb") as log_file:
             proc = subprocess.Popen(
@@ -302,7 +317,7 @@ def running(
             )
         server = RunningServer(spec, proc, port, log)
         try:
-            _wait_ready(server, ready_timeout)
+            _wait_ready(server, ready_timeout, transport.probe if transport else probe)
             yield server
         finally:
             kill_group(proc)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from statistics import median
 
 from bench.runner import Run
@@ -37,6 +37,10 @@ class Summary:
     rps_vs: dict[str, float]
     cpu_vs: dict[str, float]
     core_vs: dict[str, float]
+    # HTTP/2 and TLS scenarios: medians of each run's extra figures; what was negotiated.
+    extra: dict[str, float] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
+    error_kinds: dict[str, int] = field(default_factory=dict)  # summed over the runs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,6 +55,17 @@ def _paired_ratio(mine: list[Run], ref: list[Run], attr: str) -> float | None:
 def _median_or_none(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return median(present) if present else None
+
+
+def _error_kinds(group: list[Run]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for run in group:
+        if run.non_2xx:
+            kinds["non-2xx"] = kinds.get("non-2xx", 0) + run.non_2xx
+        for kind, count in run.socket_error_kinds.items():
+            if count:
+                kinds[kind] = kinds.get(kind, 0) + count
+    return kinds
 
 
 def summarize(runs: list[Run], max_other_load: float) -> list[Summary]:
@@ -97,6 +112,12 @@ def summarize(runs: list[Run], max_other_load: float) -> list[Summary]:
                 rps_vs=ratios["rps"],
                 cpu_vs=ratios["cpu_us_per_req"],
                 core_vs=ratios["core_us_per_req"],
+                extra={
+                    key: median(r.extra[key] for r in group if key in r.extra)
+                    for key in dict.fromkeys(k for r in group for k in r.extra)
+                },
+                notes=tuple(dict.fromkeys(r.note for r in group if r.note)),
+                error_kinds=_error_kinds(group),
             )
         )
     return out
