@@ -473,7 +473,7 @@ def test_6_5_settings_ack_from_the_client_is_accepted():
     assert proto.receive(raw(frames.SETTINGS, frames.FLAG_ACK, 0)) == b""
 
 
-def test_6_5_2_max_frame_size_of_the_peer_bounds_our_data_frames():
+def test_6_5_2_our_data_frames_stay_within_16384_whatever_the_peer_allows():
     big = Answer(body=b"z" * 40000)
     proto, _ = make(answer=big)
     proto.receive(client_start({frames.SETTINGS_MAX_FRAME_SIZE: 20000}))
@@ -482,7 +482,7 @@ def test_6_5_2_max_frame_size_of_the_peer_bounds_our_data_frames():
         raw(frames.WINDOW_UPDATE, 0, 0, u32(100000)) + headers(1, encoder().encode(REQUEST))
     )
     sizes = [len(f.data) for f in parse(out) if isinstance(f, DataFrame)]
-    assert sizes == [20000, 20000]
+    assert sizes == [16384, 16384, 40000 - 2 * 16384]
 
 
 # -- §6.7 PING ------------------------------------------------------------------------------

@@ -130,3 +130,121 @@ def test_random_frames_never_raise_and_never_answer_a_stream_twice(frame_list, s
     assert last_ids == sorted(last_ids, reverse=True)
     if proto.closing:
         assert proto.receive(b"\0" * 9) == b""
+
+
+# -- a conforming client doing random things: the server stays conforming ------------------
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("get"), st.sampled_from([b"GET", b"HEAD", b"OPTIONS"])),
+        st.tuples(st.just("post"), st.integers(0, 200_000)),
+        st.tuples(st.just("reset"), st.integers(0, 5)),
+        st.tuples(st.just("ping"), st.binary(min_size=8, max_size=8)),
+        st.tuples(st.just("window"), st.integers(0, 100_000)),
+        st.tuples(st.just("exchange"), st.integers(0, 1)),
+        st.tuples(
+            st.just("settings"),
+            st.fixed_dictionaries(
+                {
+                    frames.SETTINGS_INITIAL_WINDOW_SIZE: st.integers(0, 200_000),
+                    frames.SETTINGS_MAX_FRAME_SIZE: st.sampled_from([16384, 20000, 1 << 20]),
+                }
+            ),
+        ),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_ops, st.sampled_from([b"Vrypt", b"x" * 70_000]))
+def test_a_conforming_client_gets_every_request_answered_once(ops, body):
+    import h2.exceptions
+
+    from tests.h2_peer import Client
+    from vrypt_worker.answer import Answer
+
+    proto, rules = make(H2Config(max_concurrent_streams=4), answer=Answer(body=body))
+    client = Client(proto, auto_ack=False)
+    client.exchange()
+    conn = client.conn
+    uploads: dict[int, int] = {}  # stream -> body bytes still to send
+    expected: dict[int, bytes] = {}
+    reset: set[int] = set()
+
+    def pump_uploads():
+        for sid, left in list(uploads.items()):
+            if sid in reset:
+                del uploads[sid]
+                continue
+            window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            chunk = min(window, left)
+            if chunk or not left:
+                conn.send_data(sid, b"u" * chunk, end_stream=chunk == left)
+                uploads[sid] = left - chunk
+                if chunk == left:
+                    del uploads[sid]
+
+    def room() -> bool:
+        return conn.open_outbound_streams < conn.remote_settings.max_concurrent_streams
+
+    for op, arg in ops:
+        if op == "get" and room():
+            sid = client.request(arg)
+            expected[sid] = b"" if arg == b"HEAD" else body
+        elif op == "post" and room():
+            sid = client.request(b"POST", [(b"content-length", b"%d" % arg)], end_stream=False)
+            uploads[sid] = arg
+            expected[sid] = body
+            pump_uploads()
+        elif op == "reset":
+            open_ids = sorted(s for s in expected if s not in reset and not _done(client, s))
+            if open_ids:
+                sid = open_ids[arg % len(open_ids)]
+                conn.reset_stream(sid)
+                reset.add(sid)
+        elif op == "ping":
+            conn.ping(arg)
+        elif op == "window" and arg:
+            conn.increment_flow_control_window(arg)
+        elif op == "settings":
+            conn.update_settings(arg)
+        else:
+            pump_uploads()
+            client.exchange()
+    # Then a patient client: acknowledge everything until nothing moves.
+    for _ in range(200):
+        pump_uploads()
+        for sid in expected:
+            if sid in reset or _done(client, sid):
+                continue
+            try:
+                got = len(client.responses.get(sid, _EMPTY).body)
+                conn.increment_flow_control_window(max(1, got), sid)
+            except h2.exceptions.StreamClosedError:
+                pass
+        conn.increment_flow_control_window(1 << 20)
+        client.exchange()
+        if all(s in reset or _done(client, s) for s in expected) and not uploads:
+            break
+    for sid, want in expected.items():
+        if sid in reset:
+            continue
+        response = client.responses[sid]
+        assert response.ended and response.body == want, sid
+    assert client.goaway is None
+    # Streams the client reset may have been answered before the reset arrived.
+    visible = sum(1 for s in expected if s in client.responses and client.responses[s].headers)
+    assert visible <= rules.answered <= len(expected)
+
+
+class _Empty:
+    body = b""
+
+
+_EMPTY = _Empty()
+
+
+def _done(client, sid: int) -> bool:
+    response = client.responses.get(sid)
+    return response is not None and (response.ended or response.reset is not None)

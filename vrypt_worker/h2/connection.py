@@ -812,7 +812,10 @@ class H2Protocol:
     def _flush(self) -> None:
         """Send held DATA as far as the windows, the peer's frame size and the budget allow."""
         out = self._out
-        max_frame = self._peer_max_frame
+        # Never above 16384, whatever the peer allows: every peer takes that size, and a larger
+        # SETTINGS_MAX_FRAME_SIZE is not always applied by a client in the read that brings our
+        # ACK (the `h2` package checks frame sizes per read). 9 bytes per 16 KiB is nothing.
+        max_frame = min(self._peer_max_frame, frames.MIN_MAX_FRAME_SIZE)
         for sid, stream in list(self._held.items()):
             if self._send_window <= 0 or self._budget <= 0:
                 break
