@@ -1066,3 +1066,15 @@ def test_wants_writable_when_a_call_used_its_output_budget():
     out = proto.receive(PingFrame(0, b"12345678").serialize())
     assert sum(len(f.data) for f in parse(out) if isinstance(f, DataFrame)) == 300_000 - 256 * 1024
     assert not proto.wants_writable and proto.idle()
+
+
+def test_prior_knowledge_constructor_takes_the_bytes_already_read():
+    enc = encoder()
+    proto, out = H2Protocol.prior_knowledge(
+        H2Config(), _rules(), H2Answers(NOW), client_start() + headers(1, get_block(enc))
+    )
+    kinds = [type(f) for f in parse(out)]
+    assert kinds == [SettingsFrame, SettingsFrame, HeadersFrame, DataFrame]
+    proto, out = H2Protocol.prior_knowledge(H2Config(), _rules(), H2Answers(NOW), b"PRI * HT")
+    assert [type(f) for f in parse(out)] == [SettingsFrame] and not proto.closing
+    assert proto.receive(b"TP/2.0\r\n\r\nSM\r\n\r\n" + settings_frame()) != b""

@@ -234,6 +234,19 @@ class H2Protocol:
         proto._upgrade_answer = (head,)
         return proto
 
+    @classmethod
+    def prior_knowledge(
+        cls, config: H2Config, rules: FramingRules, answers: H2Answers, received: bytes
+    ) -> tuple[H2Protocol, bytes]:
+        """h2c with prior knowledge, or TLS with ALPN `h2`: `received` is every byte read so
+        far (the client preface, at least in part, and perhaps requests after it). Returns the
+        protocol and the bytes to write: our SETTINGS, then whatever `received` asked for."""
+        proto = cls(config, rules, answers)
+        out = proto.start()
+        if received:
+            out += proto.receive(received)
+        return proto, out
+
     # -- PlaintextProtocol ------------------------------------------------------------------
 
     def start(self) -> bytes:
@@ -284,7 +297,8 @@ class H2Protocol:
                 self._flush()  # output held past last call's budget (if writable() never came)
         except _ConnectionError as exc:
             self._fail(exc)
-        self._check_drain()
+        if self._goaway_sent or self._peer_goaway:
+            self._check_drain()
         result = b"".join(out)
         out.clear()
         return result
