@@ -248,3 +248,89 @@ _EMPTY = _Empty()
 def _done(client, sid: int) -> bool:
     response = client.responses.get(sid)
     return response is not None and (response.ended or response.reset is not None)
+
+
+# Mostly valid traffic with the odd broken frame: reaches deep states before anything fails.
+_actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("get"), st.booleans()),  # (HEAD?)
+        st.tuples(st.just("open"), st.integers(0, 3)),  # a request whose body follows
+        st.tuples(st.just("body"), st.integers(0, 40_000)),
+        st.tuples(st.just("end"), st.booleans()),  # end the newest open request (trailers?)
+        st.tuples(st.just("split"), st.integers(1, 20)),  # a request in CONTINUATION frames
+        st.tuples(st.just("rst"), st.integers(0, 3)),
+        st.tuples(st.just("ping"), st.booleans()),
+        st.tuples(st.just("window"), st.integers(0, 3)),
+        st.tuples(st.just("priority"), st.integers(0, 9)),
+        st.tuples(st.just("settings"), st.integers(0, 70_000)),
+        st.tuples(st.just("junk"), _frame()),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_actions, st.lists(st.integers(1, 200), max_size=12))
+def test_mostly_valid_traffic_never_raises_and_never_answers_twice(actions, sizes):
+    enc = encoder()
+    proto, rules = make(H2Config(max_concurrent_streams=3))
+    pieces = [client_start()]
+    sid = 1
+    opened: list[int] = []
+    for action, arg in actions:
+        if action == "get":
+            fields = [(b":method", b"HEAD" if arg else b"GET"), *REQUEST[1:]]
+            pieces.append(headers(sid, enc.encode(fields)))
+            sid += 2
+        elif action == "open":
+            fields = [(b":method", b"POST"), *REQUEST[1:]]
+            if arg == 1:
+                fields.append((b"content-length", b"10"))
+            pieces.append(headers(sid, enc.encode(fields), end_stream=False))
+            opened.append(sid)
+            sid += 2
+        elif action == "body" and opened:
+            pieces.append(data(opened[-1], b"d" * min(arg, 16384)))
+        elif action == "end" and opened:
+            stream = opened.pop()
+            if arg:
+                pieces.append(headers(stream, enc.encode([(b"x-trailer", b"t")])))
+            else:
+                pieces.append(data(stream, b"", end_stream=True))
+        elif action == "split":
+            block = enc.encode([*REQUEST, (b"x-split", b"s" * 50)])
+            cut = min(arg, len(block))
+            pieces.append(headers(sid, block[:cut], end_headers=False))
+            pieces.append(raw(frames.CONTINUATION, frames.FLAG_END_HEADERS, sid, block[cut:]))
+            sid += 2
+        elif action == "rst" and opened:
+            stream = opened.pop(arg % len(opened))
+            pieces.append(raw(frames.RST_STREAM, 0, stream, u32(8)))
+        elif action == "ping":
+            pieces.append(raw(frames.PING, frames.FLAG_ACK if arg else 0, 0, b"p" * 8))
+        elif action == "window":
+            target = opened[arg % len(opened)] if opened and arg else 0
+            pieces.append(raw(frames.WINDOW_UPDATE, 0, target, u32(1000 * (arg + 1))))
+        elif action == "priority":
+            pieces.append(raw(frames.PRIORITY, 0, 2 * arg + 1, u32(0) + b"\x10"))
+        elif action == "settings":
+            pieces.append(settings_frame({frames.SETTINGS_INITIAL_WINDOW_SIZE: arg}))
+        elif action == "junk":
+            pieces.append(arg)
+    stream_bytes = b"".join(pieces)
+    out = b""
+    pos = 0
+    for size in [*sizes, len(stream_bytes)]:
+        piece = stream_bytes[pos : pos + size]
+        pos += len(piece)
+        if piece:
+            out += proto.receive(piece)
+    out += proto.writable() + proto.shutdown()
+    parsed = parse(out)
+    answered = [f.stream_id for f in parsed if isinstance(f, HeadersFrame)]
+    assert len(answered) == len(set(answered)) == rules.answered
+    last_ids = [f.last_stream_id for f in parsed if isinstance(f, GoAwayFrame)]
+    assert last_ids == sorted(last_ids, reverse=True)
+    if not any(action == "junk" for action, _ in actions):
+        # Valid traffic: no connection error, every GET/HEAD/split request answered.
+        assert all(f.error_code == frames.NO_ERROR for f in parsed if isinstance(f, GoAwayFrame))
