@@ -1078,3 +1078,12 @@ def test_prior_knowledge_constructor_takes_the_bytes_already_read():
     proto, out = H2Protocol.prior_knowledge(H2Config(), _rules(), H2Answers(NOW), b"PRI * HT")
     assert [type(f) for f in parse(out)] == [SettingsFrame] and not proto.closing
     assert proto.receive(b"TP/2.0\r\n\r\nSM\r\n\r\n" + settings_frame()) != b""
+
+
+def test_connection_specific_answer_fields_are_dropped():
+    proto, _ = make(answer=Answer(headers=(b"Connection: close", b"Keep-Alive: 5", b"X-Ok: 1")))
+    client = Client(proto)
+    client.exchange()
+    sid = client.request(send=True)
+    names = [name for name, _ in client.responses[sid].headers]
+    assert b"x-ok" in names and b"connection" not in names and b"keep-alive" not in names
