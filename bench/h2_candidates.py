@@ -30,7 +30,10 @@ REQUEST = [
     (b":path", b"/"),
     (b"user-agent", b"h2load nghttp2/1.52.0"),
 ]
-WINDOW = 2**30 - 1  # h2load's default stream and connection windows (-w 30, -W 30)
+WINDOW = 2**30 - 1
+LIMITS = (
+    hd.Limits()
+)  # gunicorn's defaults  # h2load's default stream and connection windows (-w 30, -W 30)
 
 
 def blocks() -> tuple[bytes, bytes]:
@@ -49,28 +52,28 @@ def hpack_candidates() -> list[tuple[str, float, float]]:
     rows = []
 
     def with_hpack_first():
-        hd._judge_request(hpack.Decoder().decode(first, raw=True))
+        hd._judge_request(hpack.Decoder().decode(first, raw=True), LIMITS)
 
     decoder = hpack.Decoder()
     decoder.decode(first, raw=True)
 
     def with_hpack_steady():
-        hd._judge_request(decoder.decode(steady, raw=True))
+        hd._judge_request(decoder.decode(steady, raw=True), LIMITS)
 
     rows.append(
         ("hpack.Decoder + validation", per_call(with_hpack_first), per_call(with_hpack_steady))
     )
 
-    root = hd.empty_table(65536)
+    root = hd.empty_table(LIMITS)
     _, after_first = hd.decode(root, first)[:2]
 
     def own_uncached_first():
         fields, _table, _size = hd.decode(root, first)
-        hd._judge_request(fields)
+        hd._judge_request(fields, LIMITS)
 
     def own_uncached_steady():
         fields, _table, _size = hd.decode(after_first, steady)
-        hd._judge_request(fields)
+        hd._judge_request(fields, LIMITS)
 
     rows.append(
         (

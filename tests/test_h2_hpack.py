@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from vrypt_worker.h2 import hpack_decoder as hd
 
 
-def fresh(limit: int = 65536) -> hd.Table:
-    return hd.empty_table(limit)
+def fresh(limit: int = 65536, **limits: int) -> hd.Table:
+    return hd.empty_table(hd.Limits(header_list=limit, **limits))
 
 
 def fields_of(table: hd.Table, block: bytes) -> tuple[list[tuple[bytes, bytes]], hd.Table]:
@@ -98,7 +98,7 @@ def test_h2load_request_sequence_is_cached_and_shared_between_connections():
     tables = []
     for _ in range(2):
         encoder = hpack.Encoder()
-        table = fresh(65536)
+        table = fresh()
         verdicts = []
         for _ in range(3):
             verdict, table = hd.request_verdict(table, encoder.encode(request))

@@ -172,7 +172,12 @@ class H2Protocol:
         self._buf = b""
         self._out: list[bytes] = []
         self._budget = OUTPUT_BUDGET
-        self._table = hd.empty_table(config.header_list_limit)
+        limits = rules.limits  # gunicorn's limit_request_*, applied to HTTP/2 as gunicorn does
+        self._table = hd.empty_table(
+            hd.Limits(
+                config.header_list_limit, limits.request_line, limits.fields, limits.field_size
+            )
+        )
         self._last_id = 0  # highest client stream id seen
         self._accept_until = frames.STREAM_MASK  # after our GOAWAY: its last stream id
         self._goaway_sent = False
@@ -591,11 +596,13 @@ class H2Protocol:
                 self._count_reset()
                 self._stream_error(sid, frames.REFUSED_STREAM)  # §5.1.2
                 return
-            if verdict & hd.TOO_LARGE:
-                # §10.5.1: our choice is a 431 answer on the stream (the connection lives on;
-                # the block was decoded, so the table is right), as HTTP/1 answers 431.
+            if verdict & (hd.TOO_LARGE | hd.URI_TOO_LONG):
+                # §10.5.1: our choice is a 431 (or 414) answer on the stream, as HTTP/1 answers;
+                # the connection lives on (the block was decoded, so the table is right).
                 self.rules.rejected += 1
-                self._answer(sid, self.answers.too_large, False, None)
+                answers = self.answers
+                variant = answers.too_large if verdict & hd.TOO_LARGE else answers.uri_too_long
+                self._answer(sid, variant, False, None)
                 self._answered()
                 if not end_stream:
                     self._reset(sid, frames.NO_ERROR)  # §8.1: the body is not needed
