@@ -1087,3 +1087,16 @@ def test_connection_specific_answer_fields_are_dropped():
     sid = client.request(send=True)
     names = [name for name, _ in client.responses[sid].headers]
     assert b"x-ok" in names and b"connection" not in names and b"keep-alive" not in names
+
+
+def test_expect_100_continue_gets_an_interim_100_then_the_answer():
+    client = Client()
+    client.exchange()
+    sid = client.request(b"POST", [(b"expect", b"100-continue")], end_stream=False)
+    events = client.exchange()
+    interim = [e for e in events if isinstance(e, h2.events.InformationalResponseReceived)]
+    assert len(interim) == 1 and interim[0].headers == [(b":status", b"100")]
+    assert sid not in client.responses
+    client.conn.send_data(sid, b"body", end_stream=True)
+    client.exchange()
+    assert client.responses[sid].ended and client.responses[sid].body == b"Vrypt"

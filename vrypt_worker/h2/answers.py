@@ -175,11 +175,13 @@ class H2Answers:
     limit_request_line). `refresh(now)` once a second renders the Date again; connections hold
     this object, never its variants."""
 
-    __slots__ = ("_second", "answer", "ok", "too_large", "tunnel", "uri_too_long")
+    __slots__ = ("_second", "answer", "continue_", "ok", "too_large", "tunnel", "uri_too_long")
 
     def __init__(self, now: float, answer: Answer | None = None) -> None:
         self.answer = answer or active()
         self._second = -1
+        # The interim `100 Continue` (RFC 9110 §10.1.1): HEADERS without END_STREAM, no fields.
+        self.continue_ = Variant(status_field(100), b"")
         self.refresh(now)
 
     def refresh(self, now: float) -> bool:

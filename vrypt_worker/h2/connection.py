@@ -618,6 +618,9 @@ class H2Protocol:
                 return
             stream = _Stream(length, self.config.initial_window_size, self._peer_initial, head)
             self._streams[sid] = stream
+            if verdict & hd.EXPECT_CONTINUE:
+                # RFC 9110 §10.1.1: a client may wait for the 100 before sending its body.
+                self._out.append(self.answers.continue_.headers_for(sid.to_bytes(4, "big"), False))
             if self.config.initial_window_size < 1024:
                 # A tiny advertised window would make the client wait on us for every byte; we
                 # discard the body anyway, so give it room at once.

@@ -44,6 +44,7 @@ MALFORMED = 4  # RFC 9113 §8.1.1: a stream error PROTOCOL_ERROR
 TOO_LARGE = 8  # 431: the list, a field or the number of fields above the limits
 HAS_LENGTH = 16
 URI_TOO_LONG = 32  # 414: :path longer than gunicorn's limit_request_line
+EXPECT_CONTINUE = 64  # `expect: 100-continue`: the client may wait for a 100 before its body
 LENGTH_SHIFT = 8
 
 # Cache bounds. Per table, blocks that insert nothing (at most 32 of at most 512 bytes: 16 KiB
@@ -294,6 +295,7 @@ def _judge_request(fields: list[tuple[bytes, bytes]], limits: Limits) -> int:
     count = 0
     too_large = False
     length = -1
+    expect = 0
     field_size = limits.field_size
     for name, value in fields:
         if name[:1] == b":":
@@ -310,6 +312,8 @@ def _judge_request(fields: list[tuple[bytes, bytes]], limits: Limits) -> int:
             return MALFORMED
         if len(name) + len(value) + 2 > field_size:
             too_large = True
+        if name == b"expect" and value.lower() == b"100-continue":
+            expect = EXPECT_CONTINUE
         if name == b"content-length":
             # A list of equal values is one value (RFC 9110 §8.6); anything else is malformed.
             parts = {part.strip(b" \t") for part in value.split(b",")}
@@ -339,4 +343,4 @@ def _judge_request(fields: list[tuple[bytes, bytes]], limits: Limits) -> int:
         return TOO_LARGE
     if length >= 0:
         verdict |= HAS_LENGTH | (length << LENGTH_SHIFT)
-    return verdict
+    return verdict | expect
