@@ -160,6 +160,51 @@ class H2Protocol:
     upgrade the answer to stream 1); if the transport does not, the first `receive` prepends it.
     """
 
+    __slots__ = (
+        "_accept_until",
+        "_block_limit",
+        "_blocks",
+        "_budget",
+        "_buf",
+        "_cont_bad_priority",
+        "_cont_block",
+        "_cont_flags",
+        "_cont_sid",
+        "_controls",
+        "_goaway_sent",
+        "_held",
+        "_last_id",
+        "_max_frame",
+        "_out",
+        "_peer_goaway",
+        "_peer_initial",
+        "_peer_max_frame",
+        "_preface_left",
+        "_quiet_since",
+        "_reads",
+        "_recv_unacked",
+        "_recv_window",
+        "_reset_by_us",
+        "_resets",
+        "_seen_blocks",
+        "_seen_reads",
+        "_send_window",
+        "_settings_seen",
+        "_skipped",
+        "_started",
+        "_starved",
+        "_stream_credit_at",
+        "_streams",
+        "_stuck_since",
+        "_table",
+        "_upgrade_answer",
+        "answers",
+        "clean",
+        "closing",
+        "config",
+        "rules",
+    )
+
     def __init__(self, config: H2Config, rules: FramingRules, answers: H2Answers) -> None:
         self.config = config
         self.rules = rules
