@@ -148,6 +148,7 @@ def test_clearing_the_caches_changes_no_verdict():
         b"\x00\x81\xff\x01a",  # Huffman string with invalid padding (§5.2)
         b"\x00\x84\xff\xff\xff\xff\x01a",  # Huffman string that contains EOS (§5.2)
         b"\x00\x82\x1f\xff\x01a",  # Huffman padding longer than 7 bits (§5.2)
+        b"\x00\x81\x18\x01a",  # Huffman padding that is not the EOS prefix (zeros, §5.2)
         b"\x20\xbe",  # size 0 evicts everything; index 62 is then out of range
     ],
 )
