@@ -1100,3 +1100,25 @@ def test_expect_100_continue_gets_an_interim_100_then_the_answer():
     client.conn.send_data(sid, b"body", end_stream=True)
     client.exchange()
     assert client.responses[sid].ended and client.responses[sid].body == b"Vrypt"
+
+
+def test_5_5_unknown_frame_in_the_middle_of_a_header_block_is_a_protocol_error():
+    proto, _, enc = started()
+    block = get_block(enc)
+    out = proto.receive(
+        headers(1, block[:2], end_headers=False)
+        + raw(0xAB, 0, 1, b"ext")
+        + raw(frames.CONTINUATION, 4, 1, block[2:])
+    )
+    assert goaway_code(out) == PROTOCOL_ERROR
+
+
+def test_6_9_2_initial_window_change_that_overflows_a_window_is_a_flow_control_error():
+    proto, _ = make(answer=Answer(body=b"o" * 100_000))
+    proto.receive(client_start({frames.SETTINGS_INITIAL_WINDOW_SIZE: 10}))
+    proto.receive(headers(1, encoder().encode(REQUEST)))  # 10 bytes go, the rest is held
+    # The stream window to the maximum: the connection window (65525 left) lets some go.
+    proto.receive(raw(frames.WINDOW_UPDATE, 0, 1, u32(2**31 - 1)))
+    assert not proto.idle()  # still held, by the connection window
+    out = proto.receive(settings_frame({frames.SETTINGS_INITIAL_WINDOW_SIZE: 70_000}))
+    assert goaway_code(out) == FLOW_CONTROL_ERROR
