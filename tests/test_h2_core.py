@@ -1122,3 +1122,18 @@ def test_6_9_2_initial_window_change_that_overflows_a_window_is_a_flow_control_e
     assert not proto.idle()  # still held, by the connection window
     out = proto.receive(settings_frame({frames.SETTINGS_INITIAL_WINDOW_SIZE: 70_000}))
     assert goaway_code(out) == FLOW_CONTROL_ERROR
+
+
+def test_5_3_1_self_dependency_is_caught_on_the_fast_path_too():
+    """Once a block is cached, HEADERS with PRIORITY take the fast path: a stream that depends
+    on itself must still be reset, and a valid one answered."""
+    proto, rules, _ = started()
+    enc = encoder()
+    for sid in (1, 3, 5):  # the same block from the second request on: cached
+        proto.receive(headers(sid, get_block(enc), depends_on=0))
+    assert rules.answered == 3
+    out = proto.receive(headers(7, get_block(enc), depends_on=7))
+    assert resets(out) == {7: PROTOCOL_ERROR}
+    out = proto.receive(headers(9, get_block(enc), depends_on=7))
+    assert [f.stream_id for f in parse(out) if isinstance(f, HeadersFrame)] == [9]
+    assert rules.answered == 4

@@ -28,6 +28,7 @@ Limits, each a bound on what a peer can make us hold or do (docs/http2.md has th
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from vrypt_worker.framing import FramingRules
@@ -54,7 +55,8 @@ from vrypt_worker.h2.frames import (
 )
 
 _UNPACK_HEADER = frames.HEADER.unpack_from
-_END_STREAM_AND_HEADERS = FLAG_END_STREAM | FLAG_END_HEADERS
+_UNPACK_U32 = struct.Struct(">L").unpack_from
+_HOT_FLAGS = FLAG_END_STREAM | FLAG_END_HEADERS | FLAG_PRIORITY
 
 # Output that one call may produce from answers (DATA); more waits for writable(). A peer can
 # make a 1 MiB body leave once per 10-byte HEADERS frame: this keeps one call's output bounded.
@@ -460,7 +462,7 @@ class H2Protocol:
                 self._blocks += 1
                 if (
                     kind == HEADERS
-                    and flags == _END_STREAM_AND_HEADERS
+                    and flags | FLAG_PRIORITY == _HOT_FLAGS  # browsers add PRIORITY
                     and not self._streams
                     and not self._cont_sid
                     and sid == self._last_id + 2  # the next id: odd and new
@@ -468,8 +470,14 @@ class H2Protocol:
                     and not self._goaway_sent
                 ):
                     # The hot path: a complete GET/HEAD-like request on a new stream.
-                    block = buf[start:pos]
-                    verdict = self._table.reads.get(block)
+                    if flags & FLAG_PRIORITY:
+                        # 5 bytes of (deprecated) priority; depending on itself is an error
+                        # that the general path reports.
+                        depends = _UNPACK_U32(buf, start)[0] & 0x7FFFFFFF
+                        block = buf[start + 5 : pos] if depends != sid else None
+                    else:
+                        block = buf[start:pos]
+                    verdict = self._table.reads.get(block)  # type: ignore[arg-type]
                     if verdict is not None and verdict <= hd.HEAD:
                         self._last_id = sid
                         variant = answers.ok
@@ -864,6 +872,20 @@ class H2Protocol:
         body = variant.body
         if head or not body:
             self._out.append(variant.headers_for(sid4, True))
+            if stream is not None:
+                stream.answered = True
+            return
+        size = len(body)
+        if (
+            variant.one_frame
+            and size <= self._send_window
+            and size <= (self._peer_initial if stream is None else stream.send_window)
+            and size <= self._budget
+        ):
+            # All of it fits: HEADERS and one DATA with END_STREAM, nothing held.
+            self._send_window -= size
+            self._budget -= size
+            self._out += (variant.get_prefix, sid4, variant.get_middle, sid4, body)
             if stream is not None:
                 stream.answered = True
             return
