@@ -10,10 +10,12 @@ checked against Content-Length and thrown away, with WINDOW_UPDATE credit return
 upload never stalls. All the answers one `receive` produces go out as one bytes object.
 
 The hot path is the request that h2load, load balancers and browsers send over and over: one
-HEADERS frame with END_STREAM|END_HEADERS on a new odd stream, whose block the connection's
-HPACK table has seen before (hpack_decoder caches verdicts per table state). It costs a frame
-header unpack, a slice, a dict lookup and five list appends. Everything else (bodies, padding,
-priority, CONTINUATION, flow control that holds DATA back, errors) takes the general path.
+HEADERS frame with END_STREAM|END_HEADERS (PRIORITY allowed) on the next odd stream, whose
+block the connection's HPACK table has seen before (hpack_decoder caches verdicts per table
+state). It costs a frame header unpack, a slice, a dict lookup and five list appends. Everything
+else (bodies, padding, CONTINUATION, flow control that holds DATA back, errors) takes the
+general path. Requests are judged by RFC 9113 §8 and by gunicorn's limit_request_* settings
+(from the worker's FramingRules.limits), as gunicorn judges HTTP/2 requests.
 
 Limits, each a bound on what a peer can make us hold or do (docs/http2.md has the numbers):
 - input held: one partial frame (at most 9 + SETTINGS_MAX_FRAME_SIZE bytes) and one header
@@ -199,7 +201,7 @@ class H2Protocol:
         "_streams",
         "_stuck_since",
         "_table",
-        "_upgrade_answer",
+        "_upgrade_head",
         "answers",
         "clean",
         "closing",
@@ -257,7 +259,7 @@ class H2Protocol:
         self._seen_blocks = -1
         self._quiet_since = 0.0
         self._stuck_since = 0.0
-        self._upgrade_answer: tuple[bool] | None = None
+        self._upgrade_head: bool | None = None  # after an upgrade: stream 1 is owed (HEAD?)
         self._starved = False  # held DATA stopped by OUTPUT_BUDGET, not by flow control
 
     # -- constructors -----------------------------------------------------------------------
@@ -283,7 +285,7 @@ class H2Protocol:
         except _ConnectionError as exc:
             raise ValueError(f"HTTP2-Settings rejected: {exc}") from None
         proto._last_id = 1
-        proto._upgrade_answer = (head,)
+        proto._upgrade_head = head
         return proto
 
     @classmethod
@@ -319,9 +321,9 @@ class H2Protocol:
         out.clear()
         out.append(frames.settings(values))
         self._budget = OUTPUT_BUDGET
-        if self._upgrade_answer is not None:
-            (head,) = self._upgrade_answer
-            self._upgrade_answer = None
+        if self._upgrade_head is not None:
+            head = self._upgrade_head
+            self._upgrade_head = None
             self._answer(1, self.answers.ok, head, None)
             self._answered()
             self._check_drain()
