@@ -30,7 +30,10 @@ REQUEST = [
     (b":path", b"/"),
     (b"user-agent", b"h2load nghttp2/1.52.0"),
 ]
-WINDOW = 2**30 - 1  # h2load's default stream and connection windows (-w 30, -W 30)
+WINDOW = 2**30 - 1
+LIMITS = (
+    hd.Limits()
+)  # gunicorn's defaults  # h2load's default stream and connection windows (-w 30, -W 30)
 
 
 def blocks() -> tuple[bytes, bytes]:
@@ -49,28 +52,28 @@ def hpack_candidates() -> list[tuple[str, float, float]]:
     rows = []
 
     def with_hpack_first():
-        hd._judge_request(hpack.Decoder().decode(first, raw=True))
+        hd._judge_request(hpack.Decoder().decode(first, raw=True), LIMITS)
 
     decoder = hpack.Decoder()
     decoder.decode(first, raw=True)
 
     def with_hpack_steady():
-        hd._judge_request(decoder.decode(steady, raw=True))
+        hd._judge_request(decoder.decode(steady, raw=True), LIMITS)
 
     rows.append(
         ("hpack.Decoder + validation", per_call(with_hpack_first), per_call(with_hpack_steady))
     )
 
-    root = hd.empty_table(65536)
+    root = hd.empty_table(LIMITS)
     _, after_first = hd.decode(root, first)[:2]
 
     def own_uncached_first():
         fields, _table, _size = hd.decode(root, first)
-        hd._judge_request(fields)
+        hd._judge_request(fields, LIMITS)
 
     def own_uncached_steady():
         fields, _table, _size = hd.decode(after_first, steady)
-        hd._judge_request(fields)
+        hd._judge_request(fields, LIMITS)
 
     rows.append(
         (
@@ -106,10 +109,13 @@ def hpack_candidates() -> list[tuple[str, float, float]]:
 
 
 def connection_rounds(
-    connections: int, streams: int, rounds: int
+    connections: int, streams: int, rounds: int, priority: bool = False
 ) -> tuple[list[bytes], list[list[bytes]]]:
     """Per connection: the opening bytes (preface, SETTINGS, WINDOW_UPDATE, first request batch),
-    then `rounds` reads of `streams` HEADERS frames each, as h2load -m<streams> sends them."""
+    then `rounds` reads of `streams` HEADERS frames each, as h2load -m<streams> sends them
+    (with `priority`, each HEADERS carries the PRIORITY flag and 5 bytes, as browsers send)."""
+    flags = 0x25 if priority else 0x05
+    prefix = b"\x80\x00\x00\x00\xff" if priority else b""
     openings = []
     reads = []
     for _ in range(connections):
@@ -124,14 +130,16 @@ def connection_rounds(
         sid = 1
         batch = []
         for _ in range(streams):
-            batch.append(frames.frame(frames.HEADERS, 5, sid, encoder.encode(REQUEST)))
+            batch.append(frames.frame(frames.HEADERS, flags, sid, prefix + encoder.encode(REQUEST)))
             sid += 2
         openings.append(opening + b"".join(batch))
         mine = []
         for _ in range(rounds):
             batch = []
             for _ in range(streams):
-                batch.append(frames.frame(frames.HEADERS, 5, sid, encoder.encode(REQUEST)))
+                batch.append(
+                    frames.frame(frames.HEADERS, flags, sid, prefix + encoder.encode(REQUEST))
+                )
                 sid += 2
             mine.append(b"".join(batch))
         reads.append(mine)
@@ -139,10 +147,14 @@ def connection_rounds(
 
 
 def core_cost(
-    connections: int = 100, streams: int = 10, rounds: int = 40, repeat: int = 5
+    connections: int = 100,
+    streams: int = 10,
+    rounds: int = 40,
+    repeat: int = 5,
+    priority: bool = False,
 ) -> float:
     """µs of CPU per request for H2Protocol, steady state (openings not timed)."""
-    openings, reads = connection_rounds(connections, streams, rounds)
+    openings, reads = connection_rounds(connections, streams, rounds, priority)
     best = float("inf")
     for _ in range(repeat):
         rules = FramingRules()
@@ -210,6 +222,8 @@ def main() -> None:
             f"100 connections x {streams:2} streams per read:"
             f" H2Protocol {ours:6.2f}   h2 package {theirs:7.2f}"
         )
+    browser = core_cost(streams=1, rounds=400, priority=True)
+    print(f"100 connections x  1 stream per read, HEADERS with PRIORITY: H2Protocol {browser:6.2f}")
 
 
 if __name__ == "__main__":

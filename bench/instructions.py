@@ -186,9 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     specs = [BUILTIN[name] for name in args.servers.split(",") if name]
     single = {"nginx": _nginx_single_process, "nginx-log": _nginx_single_process_log}
-    specs = [
-        dataclasses.replace(s, build=single[s.name]) if s.name in single else s for s in specs
-    ]
+    specs = [dataclasses.replace(s, build=single[s.name]) if s.name in single else s for s in specs]
     specs = [s for s in specs if s.name not in single or nginx_available()]
     specs += [peer_spec(arg) for arg in args.peer]
     results: dict[str, float] = {}

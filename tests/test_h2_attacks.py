@@ -193,3 +193,51 @@ def test_partial_frame_buffer_is_bounded_by_the_frame_size():
     proto, _ = started()
     out = proto.receive(b"\x01\x00\x00\x00\x00\x00\x00\x00\x01")  # announces 65536 bytes
     assert goaway_code(out) == frames.FRAME_SIZE_ERROR
+
+
+def _limited(request_line: int = 4094, fields: int = 100, field_size: int = 8190):
+    from vrypt_worker.framing import FramingRules, Limits
+
+    rules = FramingRules(Limits(request_line, fields, field_size))
+    proto, _ = make(rules=rules)
+    proto.receive(client_start())
+    return proto, rules
+
+
+def _status(out: bytes) -> list[bytes]:
+    decoder = hpack.Decoder()
+    return [
+        dict(decoder.decode(f.data, raw=True))[b":status"]
+        for f in parse(out)
+        if isinstance(f, HeadersFrame)
+    ]
+
+
+def test_gunicorn_limits_apply_to_http2_requests_as_to_http1():
+    """gunicorn checks HTTP/2 requests against limit_request_line (:path), limit_request_fields
+    and limit_request_field_size (name + value + 2); so do we, with HTTP/1's statuses."""
+    proto, rules = _limited(request_line=20, fields=3, field_size=30)
+    enc = encoder()
+    base = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"e")]
+    out = proto.receive(
+        headers(1, enc.encode([*base, (b":path", b"/" + b"p" * 20)]))  # 21 bytes: 414
+        + headers(3, enc.encode([*base, (b":path", b"/" + b"p" * 19)]))  # 20 bytes: fine
+        + headers(5, enc.encode([*base, (b":path", b"/"), *[(b"x%d" % i, b"v") for i in range(4)]]))
+        + headers(7, enc.encode([*base, (b":path", b"/"), (b"x", b"v" * 27)]))  # 1+27+2 = 30
+        + headers(9, enc.encode([*base, (b":path", b"/"), (b"x", b"v" * 28)]))  # 31: 431
+    )
+    assert _status(out) == [b"414", b"200", b"431", b"200", b"431"]
+    assert (rules.answered, rules.rejected) == (5, 3) and not proto.closing
+
+
+def test_a_block_of_very_many_fields_is_a_bomb():
+    proto, _ = _limited(fields=10)
+    block = encoder().encode(REQUEST) + b"\x90" * 40  # 40 x `accept-encoding: gzip, deflate`
+    out = proto.receive(headers(1, block))
+    assert goaway_code(out) == ENHANCE_YOUR_CALM
+
+
+def test_method_that_is_not_a_token_is_malformed():
+    proto, _ = started()
+    out = proto.receive(headers(1, encoder().encode([(b":method", b"G T"), *REQUEST[1:]])))
+    assert resets(out) == {1: frames.PROTOCOL_ERROR}

@@ -473,7 +473,7 @@ def test_6_5_settings_ack_from_the_client_is_accepted():
     assert proto.receive(raw(frames.SETTINGS, frames.FLAG_ACK, 0)) == b""
 
 
-def test_6_5_2_max_frame_size_of_the_peer_bounds_our_data_frames():
+def test_6_5_2_our_data_frames_stay_within_16384_whatever_the_peer_allows():
     big = Answer(body=b"z" * 40000)
     proto, _ = make(answer=big)
     proto.receive(client_start({frames.SETTINGS_MAX_FRAME_SIZE: 20000}))
@@ -482,7 +482,7 @@ def test_6_5_2_max_frame_size_of_the_peer_bounds_our_data_frames():
         raw(frames.WINDOW_UPDATE, 0, 0, u32(100000)) + headers(1, encoder().encode(REQUEST))
     )
     sizes = [len(f.data) for f in parse(out) if isinstance(f, DataFrame)]
-    assert sizes == [20000, 20000]
+    assert sizes == [16384, 16384, 40000 - 2 * 16384]
 
 
 # -- §6.7 PING ------------------------------------------------------------------------------
@@ -1066,3 +1066,74 @@ def test_wants_writable_when_a_call_used_its_output_budget():
     out = proto.receive(PingFrame(0, b"12345678").serialize())
     assert sum(len(f.data) for f in parse(out) if isinstance(f, DataFrame)) == 300_000 - 256 * 1024
     assert not proto.wants_writable and proto.idle()
+
+
+def test_prior_knowledge_constructor_takes_the_bytes_already_read():
+    enc = encoder()
+    proto, out = H2Protocol.prior_knowledge(
+        H2Config(), _rules(), H2Answers(NOW), client_start() + headers(1, get_block(enc))
+    )
+    kinds = [type(f) for f in parse(out)]
+    assert kinds == [SettingsFrame, SettingsFrame, HeadersFrame, DataFrame]
+    proto, out = H2Protocol.prior_knowledge(H2Config(), _rules(), H2Answers(NOW), b"PRI * HT")
+    assert [type(f) for f in parse(out)] == [SettingsFrame] and not proto.closing
+    assert proto.receive(b"TP/2.0\r\n\r\nSM\r\n\r\n" + settings_frame()) != b""
+
+
+def test_connection_specific_answer_fields_are_dropped():
+    proto, _ = make(answer=Answer(headers=(b"Connection: close", b"Keep-Alive: 5", b"X-Ok: 1")))
+    client = Client(proto)
+    client.exchange()
+    sid = client.request(send=True)
+    names = [name for name, _ in client.responses[sid].headers]
+    assert b"x-ok" in names and b"connection" not in names and b"keep-alive" not in names
+
+
+def test_expect_100_continue_gets_an_interim_100_then_the_answer():
+    client = Client()
+    client.exchange()
+    sid = client.request(b"POST", [(b"expect", b"100-continue")], end_stream=False)
+    events = client.exchange()
+    interim = [e for e in events if isinstance(e, h2.events.InformationalResponseReceived)]
+    assert len(interim) == 1 and interim[0].headers == [(b":status", b"100")]
+    assert sid not in client.responses
+    client.conn.send_data(sid, b"body", end_stream=True)
+    client.exchange()
+    assert client.responses[sid].ended and client.responses[sid].body == b"Vrypt"
+
+
+def test_5_5_unknown_frame_in_the_middle_of_a_header_block_is_a_protocol_error():
+    proto, _, enc = started()
+    block = get_block(enc)
+    out = proto.receive(
+        headers(1, block[:2], end_headers=False)
+        + raw(0xAB, 0, 1, b"ext")
+        + raw(frames.CONTINUATION, 4, 1, block[2:])
+    )
+    assert goaway_code(out) == PROTOCOL_ERROR
+
+
+def test_6_9_2_initial_window_change_that_overflows_a_window_is_a_flow_control_error():
+    proto, _ = make(answer=Answer(body=b"o" * 100_000))
+    proto.receive(client_start({frames.SETTINGS_INITIAL_WINDOW_SIZE: 10}))
+    proto.receive(headers(1, encoder().encode(REQUEST)))  # 10 bytes go, the rest is held
+    # The stream window to the maximum: the connection window (65525 left) lets some go.
+    proto.receive(raw(frames.WINDOW_UPDATE, 0, 1, u32(2**31 - 1)))
+    assert not proto.idle()  # still held, by the connection window
+    out = proto.receive(settings_frame({frames.SETTINGS_INITIAL_WINDOW_SIZE: 70_000}))
+    assert goaway_code(out) == FLOW_CONTROL_ERROR
+
+
+def test_5_3_1_self_dependency_is_caught_on_the_fast_path_too():
+    """Once a block is cached, HEADERS with PRIORITY take the fast path: a stream that depends
+    on itself must still be reset, and a valid one answered."""
+    proto, rules, _ = started()
+    enc = encoder()
+    for sid in (1, 3, 5):  # the same block from the second request on: cached
+        proto.receive(headers(sid, get_block(enc), depends_on=0))
+    assert rules.answered == 3
+    out = proto.receive(headers(7, get_block(enc), depends_on=7))
+    assert resets(out) == {7: PROTOCOL_ERROR}
+    out = proto.receive(headers(9, get_block(enc), depends_on=7))
+    assert [f.stream_id for f in parse(out) if isinstance(f, HeadersFrame)] == [9]
+    assert rules.answered == 4

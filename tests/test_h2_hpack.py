@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from vrypt_worker.h2 import hpack_decoder as hd
 
 
-def fresh(limit: int = 65536) -> hd.Table:
-    return hd.empty_table(limit)
+def fresh(limit: int = 65536, **limits: int) -> hd.Table:
+    return hd.empty_table(hd.Limits(header_list=limit, **limits))
 
 
 def fields_of(table: hd.Table, block: bytes) -> tuple[list[tuple[bytes, bytes]], hd.Table]:
@@ -98,7 +98,7 @@ def test_h2load_request_sequence_is_cached_and_shared_between_connections():
     tables = []
     for _ in range(2):
         encoder = hpack.Encoder()
-        table = fresh(65536)
+        table = fresh()
         verdicts = []
         for _ in range(3):
             verdict, table = hd.request_verdict(table, encoder.encode(request))
@@ -148,6 +148,7 @@ def test_clearing_the_caches_changes_no_verdict():
         b"\x00\x81\xff\x01a",  # Huffman string with invalid padding (§5.2)
         b"\x00\x84\xff\xff\xff\xff\x01a",  # Huffman string that contains EOS (§5.2)
         b"\x00\x82\x1f\xff\x01a",  # Huffman padding longer than 7 bits (§5.2)
+        b"\x00\x81\x18\x01a",  # Huffman padding that is not the EOS prefix (zeros, §5.2)
         b"\x20\xbe",  # size 0 evicts everything; index 62 is then out of range
     ],
 )

@@ -130,3 +130,207 @@ def test_random_frames_never_raise_and_never_answer_a_stream_twice(frame_list, s
     assert last_ids == sorted(last_ids, reverse=True)
     if proto.closing:
         assert proto.receive(b"\0" * 9) == b""
+
+
+# -- a conforming client doing random things: the server stays conforming ------------------
+
+_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("get"), st.sampled_from([b"GET", b"HEAD", b"OPTIONS"])),
+        st.tuples(st.just("post"), st.integers(0, 200_000)),
+        st.tuples(st.just("reset"), st.integers(0, 5)),
+        st.tuples(st.just("ping"), st.binary(min_size=8, max_size=8)),
+        st.tuples(st.just("window"), st.integers(0, 100_000)),
+        st.tuples(st.just("exchange"), st.integers(0, 1)),
+        st.tuples(
+            st.just("settings"),
+            st.fixed_dictionaries(
+                {
+                    frames.SETTINGS_INITIAL_WINDOW_SIZE: st.integers(0, 200_000),
+                    frames.SETTINGS_MAX_FRAME_SIZE: st.sampled_from([16384, 20000, 1 << 20]),
+                }
+            ),
+        ),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_ops, st.sampled_from([b"Vrypt", b"x" * 70_000]))
+def test_a_conforming_client_gets_every_request_answered_once(ops, body):
+    import h2.exceptions
+
+    from tests.h2_peer import Client
+    from vrypt_worker.answer import Answer
+
+    proto, rules = make(H2Config(max_concurrent_streams=4), answer=Answer(body=body))
+    client = Client(proto, auto_ack=False)
+    client.exchange()
+    conn = client.conn
+    uploads: dict[int, int] = {}  # stream -> body bytes still to send
+    expected: dict[int, bytes] = {}
+    reset: set[int] = set()
+
+    def pump_uploads():
+        for sid, left in list(uploads.items()):
+            if sid in reset:
+                del uploads[sid]
+                continue
+            window = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+            chunk = min(window, left)
+            if chunk or not left:
+                conn.send_data(sid, b"u" * chunk, end_stream=chunk == left)
+                uploads[sid] = left - chunk
+                if chunk == left:
+                    del uploads[sid]
+
+    def room() -> bool:
+        return conn.open_outbound_streams < conn.remote_settings.max_concurrent_streams
+
+    for op, arg in ops:
+        if op == "get" and room():
+            sid = client.request(arg)
+            expected[sid] = b"" if arg == b"HEAD" else body
+        elif op == "post" and room():
+            sid = client.request(b"POST", [(b"content-length", b"%d" % arg)], end_stream=False)
+            uploads[sid] = arg
+            expected[sid] = body
+            pump_uploads()
+        elif op == "reset":
+            open_ids = sorted(s for s in expected if s not in reset and not _done(client, s))
+            if open_ids:
+                sid = open_ids[arg % len(open_ids)]
+                conn.reset_stream(sid)
+                reset.add(sid)
+        elif op == "ping":
+            conn.ping(arg)
+        elif op == "window" and arg:
+            conn.increment_flow_control_window(arg)
+        elif op == "settings":
+            conn.update_settings(arg)
+        else:
+            pump_uploads()
+            client.exchange()
+    # Then a patient client: acknowledge everything until nothing moves.
+    for _ in range(200):
+        pump_uploads()
+        for sid in expected:
+            if sid in reset or _done(client, sid):
+                continue
+            try:
+                got = len(client.responses.get(sid, _EMPTY).body)
+                conn.increment_flow_control_window(max(1, got), sid)
+            except h2.exceptions.StreamClosedError:
+                pass
+        conn.increment_flow_control_window(1 << 20)
+        client.exchange()
+        if all(s in reset or _done(client, s) for s in expected) and not uploads:
+            break
+    for sid, want in expected.items():
+        if sid in reset:
+            continue
+        response = client.responses[sid]
+        assert response.ended and response.body == want, sid
+    assert client.goaway is None
+    # Streams the client reset may have been answered before the reset arrived.
+    visible = sum(1 for s in expected if s in client.responses and client.responses[s].headers)
+    assert visible <= rules.answered <= len(expected)
+
+
+class _Empty:
+    body = b""
+
+
+_EMPTY = _Empty()
+
+
+def _done(client, sid: int) -> bool:
+    response = client.responses.get(sid)
+    return response is not None and (response.ended or response.reset is not None)
+
+
+# Mostly valid traffic with the odd broken frame: reaches deep states before anything fails.
+_actions = st.lists(
+    st.one_of(
+        st.tuples(st.just("get"), st.booleans()),  # (HEAD?)
+        st.tuples(st.just("open"), st.integers(0, 3)),  # a request whose body follows
+        st.tuples(st.just("body"), st.integers(0, 40_000)),
+        st.tuples(st.just("end"), st.booleans()),  # end the newest open request (trailers?)
+        st.tuples(st.just("split"), st.integers(1, 20)),  # a request in CONTINUATION frames
+        st.tuples(st.just("rst"), st.integers(0, 3)),
+        st.tuples(st.just("ping"), st.booleans()),
+        st.tuples(st.just("window"), st.integers(0, 3)),
+        st.tuples(st.just("priority"), st.integers(0, 9)),
+        st.tuples(st.just("settings"), st.integers(0, 70_000)),
+        st.tuples(st.just("junk"), _frame()),
+    ),
+    max_size=40,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_actions, st.lists(st.integers(1, 200), max_size=12))
+def test_mostly_valid_traffic_never_raises_and_never_answers_twice(actions, sizes):
+    enc = encoder()
+    proto, rules = make(H2Config(max_concurrent_streams=3))
+    pieces = [client_start()]
+    sid = 1
+    opened: list[int] = []
+    for action, arg in actions:
+        if action == "get":
+            fields = [(b":method", b"HEAD" if arg else b"GET"), *REQUEST[1:]]
+            pieces.append(headers(sid, enc.encode(fields)))
+            sid += 2
+        elif action == "open":
+            fields = [(b":method", b"POST"), *REQUEST[1:]]
+            if arg == 1:
+                fields.append((b"content-length", b"10"))
+            pieces.append(headers(sid, enc.encode(fields), end_stream=False))
+            opened.append(sid)
+            sid += 2
+        elif action == "body" and opened:
+            pieces.append(data(opened[-1], b"d" * min(arg, 16384)))
+        elif action == "end" and opened:
+            stream = opened.pop()
+            if arg:
+                pieces.append(headers(stream, enc.encode([(b"x-trailer", b"t")])))
+            else:
+                pieces.append(data(stream, b"", end_stream=True))
+        elif action == "split":
+            block = enc.encode([*REQUEST, (b"x-split", b"s" * 50)])
+            cut = min(arg, len(block))
+            pieces.append(headers(sid, block[:cut], end_headers=False))
+            pieces.append(raw(frames.CONTINUATION, frames.FLAG_END_HEADERS, sid, block[cut:]))
+            sid += 2
+        elif action == "rst" and opened:
+            stream = opened.pop(arg % len(opened))
+            pieces.append(raw(frames.RST_STREAM, 0, stream, u32(8)))
+        elif action == "ping":
+            pieces.append(raw(frames.PING, frames.FLAG_ACK if arg else 0, 0, b"p" * 8))
+        elif action == "window":
+            target = opened[arg % len(opened)] if opened and arg else 0
+            pieces.append(raw(frames.WINDOW_UPDATE, 0, target, u32(1000 * (arg + 1))))
+        elif action == "priority":
+            pieces.append(raw(frames.PRIORITY, 0, 2 * arg + 1, u32(0) + b"\x10"))
+        elif action == "settings":
+            pieces.append(settings_frame({frames.SETTINGS_INITIAL_WINDOW_SIZE: arg}))
+        elif action == "junk":
+            pieces.append(arg)
+    stream_bytes = b"".join(pieces)
+    out = b""
+    pos = 0
+    for size in [*sizes, len(stream_bytes)]:
+        piece = stream_bytes[pos : pos + size]
+        pos += len(piece)
+        if piece:
+            out += proto.receive(piece)
+    out += proto.writable() + proto.shutdown()
+    parsed = parse(out)
+    answered = [f.stream_id for f in parsed if isinstance(f, HeadersFrame)]
+    assert len(answered) == len(set(answered)) == rules.answered
+    last_ids = [f.last_stream_id for f in parsed if isinstance(f, GoAwayFrame)]
+    assert last_ids == sorted(last_ids, reverse=True)
+    if not any(action == "junk" for action, _ in actions):
+        # Valid traffic: no connection error, every GET/HEAD/split request answered.
+        assert all(f.error_code == frames.NO_ERROR for f in parsed if isinstance(f, GoAwayFrame))

@@ -8,7 +8,8 @@ The public API, all the transport needs:
 - `H2Protocol(config, rules, answers)`: a `PlaintextProtocol` for one connection (TLS with ALPN
   `h2`, or h2c prior knowledge: give it every byte read, preface included). Write `start()`
   first (server SETTINGS), then `receive(data)`, `writable()`, `tick(now)`, `shutdown()`,
-  `eof()`; close when `closing`.
+  `eof()`; close when `closing`. `H2Protocol.prior_knowledge(config, rules, answers, received)`
+  does the first two steps: (protocol, bytes to write).
 - `H2Protocol.upgraded(config, rules, answers, settings, head)`: after `Upgrade: h2c`, when
   the transport has written `UPGRADE_101`; `start()` then holds our SETTINGS and the answer
   to stream 1.

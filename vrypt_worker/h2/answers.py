@@ -158,20 +158,30 @@ class Variant:
         return b"".join(out)
 
 
-_TOO_LARGE_BODY = b"Request Header Fields Too Large\n"
+def _error(status: int, reason: bytes) -> Answer:
+    """The server's own error answers, worded as response.py words them for HTTP/1."""
+    return Answer(status=status, reason=reason, body=reason + b"\n", content_type=b"text/plain")
+
+
+_TOO_LARGE = _error(431, b"Request Header Fields Too Large")
+_URI_TOO_LONG = _error(414, b"URI Too Long")
 
 
 class H2Answers:
     """The live answers of one worker: `ok` (the operator's answer), `tunnel` (the same to a
-    CONNECT: a 2xx there carries no Content-Length, RFC 9110 §9.3.6) and `too_large` (431 for a
-    header list above SETTINGS_MAX_HEADER_LIST_SIZE). `refresh(now)` once a second renders the
-    Date again; connections hold this object, never its variants."""
+    CONNECT: a 2xx there carries no Content-Length, RFC 9110 §9.3.6), `too_large` (431: a
+    header list above SETTINGS_MAX_HEADER_LIST_SIZE, or fields beyond gunicorn's
+    limit_request_fields / limit_request_field_size) and `uri_too_long` (414: a :path beyond
+    limit_request_line). `refresh(now)` once a second renders the Date again; connections hold
+    this object, never its variants."""
 
-    __slots__ = ("_second", "answer", "ok", "too_large", "tunnel")
+    __slots__ = ("_second", "answer", "continue_", "ok", "too_large", "tunnel", "uri_too_long")
 
     def __init__(self, now: float, answer: Answer | None = None) -> None:
         self.answer = answer or active()
         self._second = -1
+        # The interim `100 Continue` (RFC 9110 §10.1.1): HEADERS without END_STREAM, no fields.
+        self.continue_ = Variant(status_field(100), b"")
         self.refresh(now)
 
     def refresh(self, now: float) -> bool:
@@ -188,11 +198,6 @@ class H2Answers:
             else self.ok.block
         )
         self.tunnel = Variant(tunnel_block, answer.body)
-        too_large = Answer(
-            status=431,
-            reason=b"Request Header Fields Too Large",
-            body=_TOO_LARGE_BODY,
-            content_type=b"text/plain",
-        )
-        self.too_large = Variant(header_block(too_large, date), too_large.body)
+        self.too_large = Variant(header_block(_TOO_LARGE, date), _TOO_LARGE.body)
+        self.uri_too_long = Variant(header_block(_URI_TOO_LONG, date), _URI_TOO_LONG.body)
         return True

@@ -10,10 +10,12 @@ checked against Content-Length and thrown away, with WINDOW_UPDATE credit return
 upload never stalls. All the answers one `receive` produces go out as one bytes object.
 
 The hot path is the request that h2load, load balancers and browsers send over and over: one
-HEADERS frame with END_STREAM|END_HEADERS on a new odd stream, whose block the connection's
-HPACK table has seen before (hpack_decoder caches verdicts per table state). It costs a frame
-header unpack, a slice, a dict lookup and five list appends. Everything else (bodies, padding,
-priority, CONTINUATION, flow control that holds DATA back, errors) takes the general path.
+HEADERS frame with END_STREAM|END_HEADERS (PRIORITY allowed) on the next odd stream, whose
+block the connection's HPACK table has seen before (hpack_decoder caches verdicts per table
+state). It costs a frame header unpack, a slice, a dict lookup and five list appends. Everything
+else (bodies, padding, CONTINUATION, flow control that holds DATA back, errors) takes the
+general path. Requests are judged by RFC 9113 §8 and by gunicorn's limit_request_* settings
+(from the worker's FramingRules.limits), as gunicorn judges HTTP/2 requests.
 
 Limits, each a bound on what a peer can make us hold or do (docs/http2.md has the numbers):
 - input held: one partial frame (at most 9 + SETTINGS_MAX_FRAME_SIZE bytes) and one header
@@ -28,6 +30,7 @@ Limits, each a bound on what a peer can make us hold or do (docs/http2.md has th
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from vrypt_worker.framing import FramingRules
@@ -54,7 +57,8 @@ from vrypt_worker.h2.frames import (
 )
 
 _UNPACK_HEADER = frames.HEADER.unpack_from
-_END_STREAM_AND_HEADERS = FLAG_END_STREAM | FLAG_END_HEADERS
+_UNPACK_U32 = struct.Struct(">L").unpack_from
+_HOT_FLAGS = FLAG_END_STREAM | FLAG_END_HEADERS | FLAG_PRIORITY
 
 # Output that one call may produce from answers (DATA); more waits for writable(). A peer can
 # make a 1 MiB body leave once per 10-byte HEADERS frame: this keeps one call's output bounded.
@@ -160,6 +164,51 @@ class H2Protocol:
     upgrade the answer to stream 1); if the transport does not, the first `receive` prepends it.
     """
 
+    __slots__ = (
+        "_accept_until",
+        "_block_limit",
+        "_blocks",
+        "_budget",
+        "_buf",
+        "_cont_bad_priority",
+        "_cont_block",
+        "_cont_flags",
+        "_cont_sid",
+        "_controls",
+        "_goaway_sent",
+        "_held",
+        "_last_id",
+        "_max_frame",
+        "_out",
+        "_peer_goaway",
+        "_peer_initial",
+        "_peer_max_frame",
+        "_preface_left",
+        "_quiet_since",
+        "_reads",
+        "_recv_unacked",
+        "_recv_window",
+        "_reset_by_us",
+        "_resets",
+        "_seen_blocks",
+        "_seen_reads",
+        "_send_window",
+        "_settings_seen",
+        "_skipped",
+        "_started",
+        "_starved",
+        "_stream_credit_at",
+        "_streams",
+        "_stuck_since",
+        "_table",
+        "_upgrade_head",
+        "answers",
+        "clean",
+        "closing",
+        "config",
+        "rules",
+    )
+
     def __init__(self, config: H2Config, rules: FramingRules, answers: H2Answers) -> None:
         self.config = config
         self.rules = rules
@@ -172,7 +221,12 @@ class H2Protocol:
         self._buf = b""
         self._out: list[bytes] = []
         self._budget = OUTPUT_BUDGET
-        self._table = hd.empty_table(config.header_list_limit)
+        limits = rules.limits  # gunicorn's limit_request_*, applied to HTTP/2 as gunicorn does
+        self._table = hd.empty_table(
+            hd.Limits(
+                config.header_list_limit, limits.request_line, limits.fields, limits.field_size
+            )
+        )
         self._last_id = 0  # highest client stream id seen
         self._accept_until = frames.STREAM_MASK  # after our GOAWAY: its last stream id
         self._goaway_sent = False
@@ -205,7 +259,7 @@ class H2Protocol:
         self._seen_blocks = -1
         self._quiet_since = 0.0
         self._stuck_since = 0.0
-        self._upgrade_answer: tuple[bool] | None = None
+        self._upgrade_head: bool | None = None  # after an upgrade: stream 1 is owed (HEAD?)
         self._starved = False  # held DATA stopped by OUTPUT_BUDGET, not by flow control
 
     # -- constructors -----------------------------------------------------------------------
@@ -231,8 +285,21 @@ class H2Protocol:
         except _ConnectionError as exc:
             raise ValueError(f"HTTP2-Settings rejected: {exc}") from None
         proto._last_id = 1
-        proto._upgrade_answer = (head,)
+        proto._upgrade_head = head
         return proto
+
+    @classmethod
+    def prior_knowledge(
+        cls, config: H2Config, rules: FramingRules, answers: H2Answers, received: bytes
+    ) -> tuple[H2Protocol, bytes]:
+        """h2c with prior knowledge, or TLS with ALPN `h2`: `received` is every byte read so
+        far (the client preface, at least in part, and perhaps requests after it). Returns the
+        protocol and the bytes to write: our SETTINGS, then whatever `received` asked for."""
+        proto = cls(config, rules, answers)
+        out = proto.start()
+        if received:
+            out += proto.receive(received)
+        return proto, out
 
     # -- PlaintextProtocol ------------------------------------------------------------------
 
@@ -254,9 +321,9 @@ class H2Protocol:
         out.clear()
         out.append(frames.settings(values))
         self._budget = OUTPUT_BUDGET
-        if self._upgrade_answer is not None:
-            (head,) = self._upgrade_answer
-            self._upgrade_answer = None
+        if self._upgrade_head is not None:
+            head = self._upgrade_head
+            self._upgrade_head = None
             self._answer(1, self.answers.ok, head, None)
             self._answered()
             self._check_drain()
@@ -284,7 +351,8 @@ class H2Protocol:
                 self._flush()  # output held past last call's budget (if writable() never came)
         except _ConnectionError as exc:
             self._fail(exc)
-        self._check_drain()
+        if self._goaway_sent or self._peer_goaway:
+            self._check_drain()
         result = b"".join(out)
         out.clear()
         return result
@@ -396,7 +464,7 @@ class H2Protocol:
                 self._blocks += 1
                 if (
                     kind == HEADERS
-                    and flags == _END_STREAM_AND_HEADERS
+                    and flags | FLAG_PRIORITY == _HOT_FLAGS  # browsers add PRIORITY
                     and not self._streams
                     and not self._cont_sid
                     and sid == self._last_id + 2  # the next id: odd and new
@@ -404,8 +472,14 @@ class H2Protocol:
                     and not self._goaway_sent
                 ):
                     # The hot path: a complete GET/HEAD-like request on a new stream.
-                    block = buf[start:pos]
-                    verdict = self._table.reads.get(block)
+                    if flags & FLAG_PRIORITY:
+                        # 5 bytes of (deprecated) priority; depending on itself is an error
+                        # that the general path reports.
+                        depends = _UNPACK_U32(buf, start)[0] & 0x7FFFFFFF
+                        block = buf[start + 5 : pos] if depends != sid else None
+                    else:
+                        block = buf[start:pos]
+                    verdict = self._table.reads.get(block)  # type: ignore[arg-type]
                     if verdict is not None and verdict <= hd.HEAD:
                         self._last_id = sid
                         variant = answers.ok
@@ -577,11 +651,13 @@ class H2Protocol:
                 self._count_reset()
                 self._stream_error(sid, frames.REFUSED_STREAM)  # §5.1.2
                 return
-            if verdict & hd.TOO_LARGE:
-                # §10.5.1: our choice is a 431 answer on the stream (the connection lives on;
-                # the block was decoded, so the table is right), as HTTP/1 answers 431.
+            if verdict & (hd.TOO_LARGE | hd.URI_TOO_LONG):
+                # §10.5.1: our choice is a 431 (or 414) answer on the stream, as HTTP/1 answers;
+                # the connection lives on (the block was decoded, so the table is right).
                 self.rules.rejected += 1
-                self._answer(sid, self.answers.too_large, False, None)
+                answers = self.answers
+                variant = answers.too_large if verdict & hd.TOO_LARGE else answers.uri_too_long
+                self._answer(sid, variant, False, None)
                 self._answered()
                 if not end_stream:
                     self._reset(sid, frames.NO_ERROR)  # §8.1: the body is not needed
@@ -597,6 +673,9 @@ class H2Protocol:
                 return
             stream = _Stream(length, self.config.initial_window_size, self._peer_initial, head)
             self._streams[sid] = stream
+            if verdict & hd.EXPECT_CONTINUE:
+                # RFC 9110 §10.1.1: a client may wait for the 100 before sending its body.
+                self._out.append(self.answers.continue_.headers_for(sid.to_bytes(4, "big"), False))
             if self.config.initial_window_size < 1024:
                 # A tiny advertised window would make the client wait on us for every byte; we
                 # discard the body anyway, so give it room at once.
@@ -798,6 +877,20 @@ class H2Protocol:
             if stream is not None:
                 stream.answered = True
             return
+        size = len(body)
+        if (
+            variant.one_frame
+            and size <= self._send_window
+            and size <= (self._peer_initial if stream is None else stream.send_window)
+            and size <= self._budget
+        ):
+            # All of it fits: HEADERS and one DATA with END_STREAM, nothing held.
+            self._send_window -= size
+            self._budget -= size
+            self._out += (variant.get_prefix, sid4, variant.get_middle, sid4, body)
+            if stream is not None:
+                stream.answered = True
+            return
         self._out.append(variant.headers_for(sid4, False))
         if stream is None:
             stream = _Stream(-1, 0, self._peer_initial, head)
@@ -812,7 +905,10 @@ class H2Protocol:
     def _flush(self) -> None:
         """Send held DATA as far as the windows, the peer's frame size and the budget allow."""
         out = self._out
-        max_frame = self._peer_max_frame
+        # Never above 16384, whatever the peer allows: every peer takes that size, and a larger
+        # SETTINGS_MAX_FRAME_SIZE is not always applied by a client in the read that brings our
+        # ACK (the `h2` package checks frame sizes per read). 9 bytes per 16 KiB is nothing.
+        max_frame = min(self._peer_max_frame, frames.MIN_MAX_FRAME_SIZE)
         for sid, stream in list(self._held.items()):
             if self._send_window <= 0 or self._budget <= 0:
                 break

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from dataclasses import dataclass
 
 from hpack.exceptions import HPACKDecodingError
 from hpack.huffman_table import decode_huffman
@@ -39,9 +40,11 @@ _MAX_INT = 1 << 24
 # Verdict bits. The declared Content-Length, when there is one, is stored from bit 8.
 HEAD = 1
 CONNECT = 2
-MALFORMED = 4
-TOO_LARGE = 8
+MALFORMED = 4  # RFC 9113 §8.1.1: a stream error PROTOCOL_ERROR
+TOO_LARGE = 8  # 431: the list, a field or the number of fields above the limits
 HAS_LENGTH = 16
+URI_TOO_LONG = 32  # 414: :path longer than gunicorn's limit_request_line
+EXPECT_CONTINUE = 64  # `expect: 100-continue`: the client may wait for a 100 before its body
 LENGTH_SHIFT = 8
 
 # Cache bounds. Per table, blocks that insert nothing (at most 32 of at most 512 bytes: 16 KiB
@@ -56,6 +59,7 @@ _CACHE_BLOCK_MAX = 1024
 # byte of a pseudo-header; values without NUL, CR, LF, and not starting or ending with SP/HTAB.
 _NAME = re.compile(rb":?[\x21-\x39\x3b-\x40\x5b-\x7e]+")
 _VALUE = re.compile(rb"(?:[^\x00\x0a\x0d\x20\x09](?:[^\x00\x0a\x0d]*[^\x00\x0a\x0d\x20\x09])?)?")
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a method is a token (RFC 9110 §9.1)
 _CONNECTION_SPECIFIC = frozenset(
     (b"connection", b"proxy-connection", b"keep-alive", b"transfer-encoding", b"upgrade")
 )
@@ -68,8 +72,22 @@ class CompressionError(Exception):
 
 
 class HeaderBomb(Exception):
-    """The decoded list is more than twice SETTINGS_MAX_HEADER_LIST_SIZE: not a big request but
-    an attack (RFC 9113 §10.5.1); the connection ends with ENHANCE_YOUR_CALM."""
+    """The decoded list is more than twice SETTINGS_MAX_HEADER_LIST_SIZE, or has more than
+    twice the allowed number of fields: not a big request but an attack (RFC 9113 §10.5.1);
+    the connection ends with ENHANCE_YOUR_CALM."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a verdict is judged against: SETTINGS_MAX_HEADER_LIST_SIZE, and the limits gunicorn
+    applies to HTTP/2 requests as to HTTP/1 ones (gunicorn/http2/request.py): `:path` at most
+    `request_line` bytes (414), at most `fields` regular fields, each with
+    `len(name) + len(value) + 2` at most `field_size` (431)."""
+
+    header_list: int = 65536
+    request_line: int = 4094
+    fields: int = 100
+    field_size: int = 8190
 
 
 _keys = itertools.count()
@@ -78,28 +96,28 @@ _keys = itertools.count()
 class Table:
     """One state of a decoder's dynamic table: entries newest first (index 62 is entries[0])."""
 
-    __slots__ = ("entries", "key", "limit", "max_size", "reads", "size")
+    __slots__ = ("entries", "key", "limits", "max_size", "reads", "size")
 
     def __init__(
-        self, entries: tuple[tuple[bytes, bytes], ...], size: int, max_size: int, limit: int
+        self, entries: tuple[tuple[bytes, bytes], ...], size: int, max_size: int, limits: Limits
     ) -> None:
         self.entries = entries
         self.size = size
         self.max_size = max_size
-        self.limit = limit  # SETTINGS_MAX_HEADER_LIST_SIZE, part of what a verdict means
+        self.limits = limits  # part of what a verdict means: shared by a root's descendants
         self.key = next(_keys)
         self.reads: dict[bytes, int] = {}
 
 
-_roots: dict[int, Table] = {}
+_roots: dict[Limits, Table] = {}
 _transitions: dict[tuple[int, bytes], tuple[int, Table]] = {}
 
 
-def empty_table(max_header_list_size: int) -> Table:
+def empty_table(limits: Limits) -> Table:
     """The state every connection starts from (shared, so that caches are shared)."""
-    root = _roots.get(max_header_list_size)
+    root = _roots.get(limits)
     if root is None:
-        root = _roots[max_header_list_size] = Table((), 0, MAX_TABLE_SIZE, max_header_list_size)
+        root = _roots[limits] = Table((), 0, MAX_TABLE_SIZE, limits)
     return root
 
 
@@ -119,7 +137,9 @@ def request_verdict(table: Table, block: bytes) -> tuple[int, Table]:
     if hit is not None:
         return hit
     fields, after, size = decode(table, block)
-    verdict = _judge_request(fields) if size <= table.limit else TOO_LARGE
+    verdict = (
+        _judge_request(fields, table.limits) if size <= table.limits.header_list else TOO_LARGE
+    )
     if after is table:
         if len(block) <= _READS_BLOCK_MAX:
             if len(table.reads) >= _READS_MAX:
@@ -135,7 +155,7 @@ def request_verdict(table: Table, block: bytes) -> tuple[int, Table]:
 def trailers_verdict(table: Table, block: bytes) -> tuple[int, Table]:
     """The verdict for a trailer section (rare: not cached): MALFORMED, TOO_LARGE or 0."""
     fields, after, size = decode(table, block)
-    if size > table.limit:
+    if size > table.limits.header_list:
         return TOO_LARGE, after
     for name, value in fields:
         if name[:1] == b":" or not _regular_field_ok(name, value):
@@ -186,8 +206,10 @@ def _string(block: bytes, pos: int) -> tuple[bytes, int]:
 def decode(table: Table, block: bytes) -> tuple[list[tuple[bytes, bytes]], Table, int]:
     """Decode a complete header block: (fields, table after it, decoded list size).
 
-    Decoding continues past SETTINGS_MAX_HEADER_LIST_SIZE (the table must stay right, RFC 9113
-    §10.5.1) but not past twice it: that is a bomb (HeaderBomb), not a request to refuse.
+    Decoding continues past the limits (the table must stay right, RFC 9113 §10.5.1) but not
+    past twice SETTINGS_MAX_HEADER_LIST_SIZE or twice the number of fields: that is a bomb
+    (HeaderBomb), not a request to refuse. The field count bounds the work a block can cause
+    (each field is a Python iteration), whatever its size.
     """
     entries: list[tuple[bytes, bytes]] | None = None  # a copy, made at the first change
     current = table.entries
@@ -195,7 +217,8 @@ def decode(table: Table, block: bytes) -> tuple[list[tuple[bytes, bytes]], Table
     max_size = table.max_size
     fields: list[tuple[bytes, bytes]] = []
     listed = 0
-    bound = 2 * table.limit
+    bound = 2 * table.limits.header_list
+    most_fields = 2 * table.limits.fields + 8  # + the pseudo-headers
     pos = 0
     end = len(block)
     while pos < end:
@@ -241,11 +264,11 @@ def decode(table: Table, block: bytes) -> tuple[list[tuple[bytes, bytes]], Table
             continue
         fields.append(field)
         listed += len(field[0]) + len(field[1]) + _ENTRY_OVERHEAD
-        if listed > bound:
+        if listed > bound or len(fields) > most_fields:
             raise HeaderBomb
     if entries is None and max_size == table.max_size:
         return fields, table, listed
-    return fields, Table(tuple(entries or ()), size, max_size, table.limit), listed
+    return fields, Table(tuple(entries or ()), size, max_size, table.limits), listed
 
 
 def _lookup(entries: tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]], index: int):
@@ -265,11 +288,15 @@ def _regular_field_ok(name: bytes, value: bytes) -> bool:
     return not (name == b"te" and value != b"trailers")
 
 
-def _judge_request(fields: list[tuple[bytes, bytes]]) -> int:
-    """RFC 9113 §8.2-8.3 for a request header section: the verdict bits."""
+def _judge_request(fields: list[tuple[bytes, bytes]], limits: Limits) -> int:
+    """RFC 9113 §8.2-8.3 for a request header section, then gunicorn's limits: the verdict."""
     pseudo: dict[bytes, bytes] = {}
     regular = False
+    count = 0
+    too_large = False
     length = -1
+    expect = 0
+    field_size = limits.field_size
     for name, value in fields:
         if name[:1] == b":":
             # Only the request pseudo-headers, each once, all before the regular fields.
@@ -280,8 +307,13 @@ def _judge_request(fields: list[tuple[bytes, bytes]]) -> int:
             pseudo[name] = value
             continue
         regular = True
+        count += 1
         if not _regular_field_ok(name, value):
             return MALFORMED
+        if len(name) + len(value) + 2 > field_size:
+            too_large = True
+        if name == b"expect" and value.lower() == b"100-continue":
+            expect = EXPECT_CONTINUE
         if name == b"content-length":
             # A list of equal values is one value (RFC 9110 §8.6); anything else is malformed.
             parts = {part.strip(b" \t") for part in value.split(b",")}
@@ -292,7 +324,7 @@ def _judge_request(fields: list[tuple[bytes, bytes]]) -> int:
                 return MALFORMED
             length = int(part)
     method = pseudo.get(b":method")
-    if not method:
+    if not method or not _TOKEN.fullmatch(method):
         return MALFORMED
     verdict = 0
     if method == b"CONNECT":
@@ -305,6 +337,10 @@ def _judge_request(fields: list[tuple[bytes, bytes]]) -> int:
             return MALFORMED  # §8.3.1: both required, :path never empty
         if method == b"HEAD":
             verdict = HEAD
+        if len(pseudo[b":path"]) > limits.request_line:
+            return URI_TOO_LONG
+    if too_large or count > limits.fields:
+        return TOO_LARGE
     if length >= 0:
         verdict |= HAS_LENGTH | (length << LENGTH_SHIFT)
-    return verdict
+    return verdict | expect
