@@ -96,7 +96,7 @@ class TLSConnection:
                     if out:
                         self.send(out)
                     return
-                protocol = self.protocol = self.worker.choose_protocol(session.alpn)
+                protocol = self.protocol = self.worker.choose_protocol(session.alpn, self.sock)
             if plain:
                 self.used = True
                 answer = protocol.receive(plain)
@@ -391,19 +391,30 @@ def serve_tls(worker: Any) -> None:
     worker.tls_ragged_eofs = bool(worker.cfg.suppress_ragged_eofs)
     worker.choose_protocol = chooser(worker)
     worker.connection_class = TLSConnection
-    if worker.access_log is not None:
-        worker.log.warning("vrypt_worker: the access log does not cover TLS connections yet")
 
 
 def chooser(worker: Any) -> Any:
-    """`choose(alpn) -> PlaintextProtocol` for this worker's connections."""
+    """`choose(alpn, sock=None) -> PlaintextProtocol` for this worker's connections (`sock`:
+    the connection's socket, for the access log's client address)."""
     rules = worker.rules
     table = worker.responses.bytes_for
     head_timeout = worker.head_timeout
     body_timeout = worker.body_timeout
     h2 = tls.H2_PROTOCOL
+    access = getattr(worker, "access_log", None)
+    if access is not None:
+        from vrypt_worker.access_log import LoggingH1Protocol  # imported in the arbiter
 
-    def choose(alpn: str | None) -> Any:
+        heads = worker.access_heads
+
+        def choose_logging(alpn: str | None, sock: Any = None) -> Any:
+            if alpn == "h2" and h2 is not None:
+                return h2(worker)
+            return LoggingH1Protocol(rules, table, head_timeout, body_timeout, access, heads, sock)
+
+        return choose_logging
+
+    def choose(alpn: str | None, sock: Any = None) -> Any:
         if alpn == "h2" and h2 is not None:
             return h2(worker)
         return H1Protocol(rules, table, head_timeout, body_timeout)
