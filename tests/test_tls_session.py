@@ -263,8 +263,8 @@ def test_the_h2_hook_is_offered_and_chosen(monkeypatch) -> None:
 
     made = []
 
-    def h2_protocol(worker):
-        made.append(worker)
+    def h2_protocol(worker, sock):
+        made.append((worker, sock))
         return "an HTTP/2 core"
 
     worker = SimpleNamespace(
@@ -277,6 +277,6 @@ def test_the_h2_hook_is_offered_and_chosen(monkeypatch) -> None:
     monkeypatch.setattr(tls, "H2_PROTOCOL", h2_protocol)
     assert tls.alpn_protocols(["h2", "h1"]) == ["h2", "http/1.1"]
     choose = transport.chooser(worker)
-    assert choose("h2") == "an HTTP/2 core" and made == [worker]
+    assert choose("h2", "sock") == "an HTTP/2 core" and made == [(worker, "sock")]
     assert isinstance(choose("http/1.1"), H1Protocol)
     assert isinstance(choose(None), H1Protocol)

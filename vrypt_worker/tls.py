@@ -34,9 +34,13 @@ HTTP11 = "http/1.1"
 # Plaintext taken from OpenSSL per SSL_read: one TLS record holds at most 16 KiB.
 _READ_SIZE = 16384
 
-# The HTTP/2 hook: a callable `(worker) -> PlaintextProtocol` for a connection that chose `h2`
-# by ALPN. None until an HTTP/2 core is plugged in; until then `h2` is not offered.
-H2_PROTOCOL: Callable[[Any], Any] | None = None
+# The HTTP/2 hook: a callable `(worker, sock) -> PlaintextProtocol` for a connection that chose
+# `h2` by ALPN (`sock`: its socket, for the client's address; never read or written by the
+# protocol). None until an HTTP/2 core is plugged in, and until then `h2` is neither offered in
+# ALPN nor accepted in `http_protocols` (VryptWorker.check_config). Set it when the core's module
+# is imported, which must happen before the arbiter's check_config (the context, and its ALPN
+# list, is made there): e.g. from vrypt_worker/__init__.py.
+H2_PROTOCOL: Callable[[Any, Any], Any] | None = None
 
 
 class TLSError(Exception):

@@ -409,14 +409,14 @@ def chooser(worker: Any) -> Any:
 
         def choose_logging(alpn: str | None, sock: Any = None) -> Any:
             if alpn == "h2" and h2 is not None:
-                return h2(worker)
+                return h2(worker, sock)
             return LoggingH1Protocol(rules, table, head_timeout, body_timeout, access, heads, sock)
 
         return choose_logging
 
     def choose(alpn: str | None, sock: Any = None) -> Any:
         if alpn == "h2" and h2 is not None:
-            return h2(worker)
+            return h2(worker, sock)
         return H1Protocol(rules, table, head_timeout, body_timeout)
 
     return choose
