@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -614,3 +615,24 @@ def test_the_logging_protocol_follows_h1protocol() -> None:
 
     copy = _code_without_log_lines(LoggingH1Protocol.receive).replace("_H1_BATCH", "_BATCH")
     assert copy == _code_without_log_lines(H1Protocol.receive)
+
+
+@pytest.mark.timeout(60)
+def test_requests_split_into_tiny_records_and_bodies(server: Server, certs) -> None:
+    rng = random.Random(11)
+    stream = (
+        GET
+        + b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n0123456789"
+        + b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        + b"HEAD / HTTP/1.1\r\n\r\n"
+    ) * 3
+    with tls_connect(server, client_context(certs)) as sock:
+        position = 0
+        while position < len(stream):  # one TLS record per piece, 1 to 7 bytes
+            size = rng.randint(1, 7)
+            sock.sendall(stream[position : position + size])
+            position += size
+        responses = StrictReader(sock).read_many(12, heads=frozenset({3, 7, 11}))
+        assert len(responses) == 12
+        for index, response in enumerate(responses):
+            assert is_vrypt(response, head=index % 4 == 3)

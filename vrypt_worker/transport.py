@@ -227,9 +227,9 @@ class TLSConnection:
         if protocol is not None and protocol.closing:
             self.finish()
         else:
+            # (every plaintext byte was handed over when we stopped reading: nothing waits in
+            # OpenSSL that would not wake the socket)
             self.reader.start(self.on_readable)
-            if self.session.incoming.pending:
-                self.on_readable()  # (never: plaintext is read whole; kept for safety)
 
     # ending ---------------------------------------------------------------------------------------
 
