@@ -217,7 +217,10 @@ class VryptWorker(Worker):
             try:  # made here, in the arbiter, so that every worker shares its ticket keys
                 tls.context_for(cfg)
             except Exception as exc:
-                refused.append(f"certfile/keyfile/ca_certs/ciphers/ssl_context (TLS): {exc}")
+                refused.append(
+                    "TLS settings that cannot be loaded (certfile, keyfile, ca_certs, ciphers, "
+                    f"ssl_context): {exc}"
+                )
         if "h2" in (cfg.http_protocols or []) and tls.H2_PROTOCOL is None:
             refused.append("http_protocols=h2: this worker speaks HTTP/1.x only")
         if (cfg.proxy_protocol or "off") != "off":
