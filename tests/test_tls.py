@@ -294,7 +294,6 @@ def test_a_session_resumes_on_another_worker(certs, version) -> None:
                     resumed_on.add(pid)
                     if pid != first:
                         break
-        assert first in resumed_on or len(resumed_on) >= 1
         assert resumed_on - {first}, f"resumed only on {resumed_on}, first {first}"
 
 
