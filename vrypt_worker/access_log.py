@@ -70,6 +70,8 @@ from vrypt_worker.framing import (
     RequestFramer,
     _chunk_size,
 )
+from vrypt_worker.h1_protocol import _BATCH as _H1_BATCH
+from vrypt_worker.h1_protocol import H1Protocol
 from vrypt_worker.worker import _BATCH, _FIRST_RECV_SIZE, _RECV_SIZE, Connection
 
 # Characters of lines waiting for the writer thread beyond which new lines are dropped: a disk
@@ -753,6 +755,116 @@ class LoggingConnection(Connection):
         super().refuse(kind)
 
 
+class LoggingH1Protocol(H1Protocol):
+    """An H1Protocol (HTTP/1.1 inside TLS, transport.py) that logs every answer it gives.
+
+    `receive` is H1Protocol.receive plus the lines marked `# log`, as LoggingConnection is to
+    Connection (tests/test_tls.py checks that the two are the same code without those lines).
+    `peer` is the connection's socket: the client's address and port, once."""
+
+    __slots__ = ("access", "log_addr", "log_port")
+
+    def __init__(
+        self,
+        rules: FramingRules,
+        table: list[bytes],
+        head_timeout: float,
+        body_timeout: float,
+        access: AccessLog,
+        heads: list[bytes | None],
+        peer: Any = None,
+    ) -> None:
+        super().__init__(rules, table, head_timeout, body_timeout)
+        self.framer = LoggingFramer(rules, heads)
+        self.access = access
+        try:
+            name = peer.getpeername() if peer is not None else None
+        except OSError:
+            name = None
+        if isinstance(name, tuple):
+            self.log_addr = escape(str(name[0]).encode("latin-1", "replace"))
+            self.log_port = str(name[1])
+        else:
+            self.log_addr = "-"
+            self.log_port = "-"
+
+    def receive(self, data: bytes) -> bytes:
+        access = self.access  # log
+        start = time.perf_counter() if access.timed else 0.0  # log
+        framer = self.framer
+        rules = self.rules
+        if framer.fresh:
+            if data == rules.recent_head:
+                kind = rules.recent_kind
+            else:
+                kind = rules.cache.get(data, CLOSING)
+                if kind < CLOSING:
+                    rules.recent_head = data
+                    rules.recent_kind = kind
+            if kind < CLOSING and rules.answered < rules.open_until:
+                rules.answered += 1
+                if data == access.recent_head:  # log
+                    template = access.recent_template  # log
+                else:  # log
+                    template = access.template(data, kind)  # log
+                    access.recent_head = data  # log
+                    access.recent_template = template  # log
+                if template is access.line_template and self.log_addr == access.line_addr:  # log
+                    access.lines.append(access.last_line)  # log
+                else:  # log
+                    access.lines.append(access.fresh_line(self, template, start))  # log
+                return self.table[kind]
+        if self.closing or framer.closed:
+            return b""
+        self.fed = True
+        out = framer.feed(data)
+        payload = b""
+        if out:
+            self._log_answers(out, start)  # log
+            table = self.table
+            if len(out) > _H1_BATCH:
+                self.owed.extend(out[_H1_BATCH:])
+                out = out[:_H1_BATCH]
+            first = out[0]
+            if len(out) == 1:
+                payload = table[first]
+            elif out.count(first) == len(out):
+                payload = table[first] * len(out)
+            else:
+                payload = b"".join(map(table.__getitem__, out))
+        framer.chunk_lines = 0
+        if framer.in_head:
+            if out or not self.head_since:
+                self.head_since = self.clock()
+        else:
+            self.head_since = 0.0
+        if framer.closed and not self.owed:
+            self.closing = True
+            self.clean = framer.clean
+        return payload
+
+    def _log_answers(self, out: list[int], start: float) -> None:
+        access = self.access
+        duration = time.perf_counter() - start if access.timed else 0.0
+        lines = access.lines
+        previous = None
+        line = ""
+        for kind, head in zip(out, self.framer.heads, strict=False):
+            if kind == CONTINUE or head is None:
+                continue  # an interim 100, not an answer
+            if previous is None or previous[0] is not head or previous[1] != kind:
+                line = access.line(self, head, kind, duration)
+                previous = (head, kind)
+            lines.append(line)
+
+    def refuse(self, kind: int) -> bytes:
+        framer = self.framer
+        # the server's own 408, with what the request had sent of its head
+        head = bytes(framer._buf[:_MAX_LINE]) if framer.in_head else framer._head
+        self.access.lines.append(self.access.line(self, head, kind, 0.0))
+        return super().refuse(kind)
+
+
 def start(worker: Any) -> AccessLog | None:
     """At worker start: the access log if gunicorn's logger has it on, else None (and nothing
     on the request path changes)."""
@@ -782,4 +894,11 @@ def start(worker: Any) -> AccessLog | None:
     return access
 
 
-__all__ = ["AccessLog", "LoggingConnection", "LoggingFramer", "escape", "start"]
+__all__ = [
+    "AccessLog",
+    "LoggingConnection",
+    "LoggingFramer",
+    "LoggingH1Protocol",
+    "escape",
+    "start",
+]

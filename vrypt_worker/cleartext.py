@@ -78,10 +78,11 @@ class Negotiation:
     """The protocol of a trusted plain connection until its first bytes decide (module
     docstring); afterwards a thin forwarder to the protocol chosen."""
 
-    __slots__ = ("_buf", "_since", "chosen", "factory", "prior", "upgrade")
+    __slots__ = ("_buf", "_since", "chosen", "factory", "prior", "sock", "upgrade")
 
-    def __init__(self, factory: Any, prior: bool, upgrade: bool) -> None:
+    def __init__(self, factory: Any, prior: bool, upgrade: bool, sock: Any = None) -> None:
         self.factory = factory  # the worker's ProtocolFactory
+        self.sock = sock  # for the access log's client address, if HTTP/1 is chosen
         self.prior = prior
         self.upgrade = upgrade
         self.chosen: Any = None
@@ -145,7 +146,7 @@ class Negotiation:
             if state == MATCH:
                 return self._choose(factory.h2(), buf)
             if factory.policy.mismatch_is_error:  # prior knowledge only: HTTP/1 is a mistake
-                h1 = factory.h1()
+                h1 = factory.h1(self.sock)
                 self.chosen = h1
                 self._buf = b""
                 return h1.refuse(BAD_REQUEST)
@@ -168,7 +169,7 @@ class Negotiation:
                         out = UPGRADE_101 + h2.start()
                         rest = rest[offer.body_length :]
                         return out + h2.receive(rest) if rest else out
-        return self._choose(factory.h1(), buf)
+        return self._choose(factory.h1(self.sock), buf)
 
     def _upgrade_offer(self, head: bytes) -> Any:
         """The h2c upgrade this head asks for, if the HTTP/1 framer finds it a valid request."""
@@ -198,8 +199,25 @@ class ProtocolFactory:
         self.policy = policy
         self.h2_config = h2_config
         self.h2_answers = h2_answers
+        # With gunicorn's access log on, HTTP/1 answers are logged (access_log.py); HTTP/2
+        # streams are not yet.
+        self.access = getattr(worker, "access_log", None)
+        self.access_heads = getattr(worker, "access_heads", None)
 
-    def h1(self) -> H1Protocol:
+    def h1(self, sock: Any = None) -> H1Protocol:
+        """`sock`: the connection's socket, read for the client's address by the access log."""
+        if self.access is not None:
+            from vrypt_worker.access_log import LoggingH1Protocol  # imported in the arbiter
+
+            return LoggingH1Protocol(
+                self.rules,
+                self.table,
+                self.head_timeout,
+                self.body_timeout,
+                self.access,
+                self.access_heads,  # type: ignore[arg-type]
+                sock,
+            )
         return H1Protocol(self.rules, self.table, self.head_timeout, self.body_timeout)
 
     def h2(self) -> H2Protocol:
@@ -208,10 +226,10 @@ class ProtocolFactory:
     def h2_upgraded(self, settings: bytes, head: bool) -> H2Protocol:
         return H2Protocol.upgraded(self.h2_config, self.rules, self.h2_answers, settings, head)
 
-    def for_alpn(self, alpn: str | None) -> Any:
-        return self.h2() if alpn == "h2" else self.h1()
+    def for_alpn(self, alpn: str | None, sock: Any = None) -> Any:
+        return self.h2() if alpn == "h2" else self.h1(sock)
 
-    def negotiation(self, peer: Any) -> Negotiation | None:
+    def negotiation(self, peer: Any, sock: Any = None) -> Negotiation | None:
         """The protocol for a plain connection from `peer`, or None when it gets no h2c (the
         worker's own Connection serves it)."""
         policy = self.policy
@@ -219,6 +237,6 @@ class ProtocolFactory:
         upgrade = policy.upgrade_allowed(peer)
         if not (prior or upgrade):
             return None
-        return Negotiation(self, prior, upgrade)
+        return Negotiation(self, prior, upgrade, sock)
 
 

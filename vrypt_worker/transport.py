@@ -96,7 +96,7 @@ class TLSConnection:
                     if out:
                         self.send(out)
                     return
-                protocol = self.protocol = self.worker.choose_protocol(session.alpn)
+                protocol = self.protocol = self.worker.choose_protocol(session.alpn, self.sock)
             if plain:
                 self.used = True
                 answer = protocol.receive(plain)
@@ -227,9 +227,9 @@ class TLSConnection:
         if protocol is not None and protocol.closing:
             self.finish()
         else:
+            # (every plaintext byte was handed over when we stopped reading: nothing waits in
+            # OpenSSL that would not wake the socket)
             self.reader.start(self.on_readable)
-            if self.session.incoming.pending:
-                self.on_readable()  # (never: plaintext is read whole; kept for safety)
 
     # ending ---------------------------------------------------------------------------------------
 
@@ -276,9 +276,16 @@ class TLSConnection:
         self.close()
 
     def close_quietly(self) -> None:
-        """Closing an idle connection (keep-alive timeout, draining): close_notify first."""
+        """Closing an idle connection (keep-alive timeout, draining): the protocol's goodbye
+        (HTTP/2: GOAWAY, so the client knows no stream was lost; HTTP/1: nothing), then
+        close_notify."""
         if self.reader is not None and self.protocol is not None:
-            self.try_send(self.session.close())
+            try:
+                goodbye = self.protocol.shutdown()
+                wrapped = self.session.send(goodbye) if goodbye else b""
+                self.try_send(wrapped + self.session.close())
+            except TLSError:
+                pass
         self.close()
 
     def close(self) -> None:
@@ -391,5 +398,3 @@ def serve_tls(worker: Any) -> None:
     worker.tls_ragged_eofs = bool(worker.cfg.suppress_ragged_eofs)
     worker.choose_protocol = worker.protocols.for_alpn  # cleartext.ProtocolFactory
     worker.connection_class = TLSConnection
-    if worker.access_log is not None:
-        worker.log.warning("vrypt_worker: the access log does not cover TLS connections yet")

@@ -219,7 +219,10 @@ class VryptWorker(Worker):
             try:  # made here, in the arbiter, so that every worker shares its ticket keys
                 tls.context_for(cfg)
             except Exception as exc:
-                refused.append(f"certfile/keyfile/ca_certs/ciphers/ssl_context (TLS): {exc}")
+                refused.append(
+                    "TLS settings that cannot be loaded (certfile, keyfile, ca_certs, ciphers, "
+                    f"ssl_context): {exc}"
+                )
         if (cfg.proxy_protocol or "off") != "off":
             refused.append("proxy_protocol: PROXY protocol headers are not parsed")
         if cfg.protocol != "http":
@@ -357,8 +360,8 @@ class VryptWorker(Worker):
             H2Answers(time.time()),
         )
         self.h2c = self.protocols if self.protocols.policy.available else None
-        if self.h2c is not None and self.access_log is not None:
-            self.log.warning("vrypt_worker: the access log does not cover h2c connections yet")
+        if self.access_log is not None and "h2" in (self.cfg.http_protocols or []):
+            self.log.warning("vrypt_worker: the access log does not cover HTTP/2 streams yet")
         if self.tls_context is not None:
             transport.serve_tls(self)  # TLSConnection instead of Connection
         self._done = gevent.event.Event()
@@ -464,7 +467,7 @@ class VryptWorker(Worker):
                 continue
             conn = None
             if self.h2c is not None:  # h2c for trusted peers (cleartext.py), else Connection
-                negotiation = self.h2c.negotiation(_addr)
+                negotiation = self.h2c.negotiation(_addr, sock)
                 if negotiation is not None:
                     conn = TLSConnection(self, sock, cleartext.PLAIN, negotiation)
             if conn is None:
