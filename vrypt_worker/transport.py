@@ -33,6 +33,10 @@ from vrypt_worker.tls import TLSError, TLSSession
 
 _READ, _WRITE = 1, 2
 _RECV_SIZE = 65536
+# After the handshake, a connection's reads are this size (a small-object allocation, where
+# 64 KiB is malloc'd and shrunk on every read: worker._FIRST_RECV_SIZE); a read that fills it
+# (pipelining, a body) moves the connection to _RECV_SIZE for good.
+_FIRST_RECV_SIZE = 512 - 33
 _LINGER_TICKS = 2  # as worker._LINGER_TICKS
 
 
@@ -46,6 +50,7 @@ class TLSConnection:
         "pending",
         "protocol",
         "reader",
+        "recv_size",
         "seen",
         "session",
         "sock",
@@ -69,6 +74,7 @@ class TLSConnection:
         worker.accepted += 1
         self.started = time.monotonic()  # the handshake timeout runs from the accept
         self.lingering = 0
+        self.recv_size = _RECV_SIZE  # the handshake's flights, then _FIRST_RECV_SIZE
         self.reader = worker.loop.io(sock.fileno(), _READ)
         self.reader.start(self.on_readable)
 
@@ -76,7 +82,7 @@ class TLSConnection:
 
     def on_readable(self) -> None:
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            data = self.sock.recv(self.recv_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -86,6 +92,8 @@ class TLSConnection:
             self.on_eof()
             return
         self.seen = True
+        if len(data) == self.recv_size == _FIRST_RECV_SIZE:
+            self.recv_size = _RECV_SIZE  # more may be waiting
         session = self.session
         try:
             plain = session.receive(data)
@@ -97,6 +105,7 @@ class TLSConnection:
                         self.send(out)
                     return
                 protocol = self.protocol = self.worker.choose_protocol(session.alpn, self.sock)
+                self.recv_size = _FIRST_RECV_SIZE
             if plain:
                 self.used = True
                 answer = protocol.receive(plain)
