@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -635,3 +637,35 @@ def test_requests_split_into_tiny_records_and_bodies(server: Server, certs) -> N
         assert len(responses) == 12
         for index, response in enumerate(responses):
             assert is_vrypt(response, head=index % 4 == 3)
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(90)
+def test_a_client_that_pipelines_and_does_not_read_costs_bounded_memory(certs) -> None:
+    with tls_server(certs) as server:
+        worker = server.worker_pids()[0]
+        before = rss_kb(worker)
+        sock = tls_connect(server, client_context(certs))
+        sock.settimeout(30)
+        sock.sendall(GET)
+        answer_size = len(sock.recv(65536))
+        count = 600_000  # 17 MB of requests, 86 MB of answers: more than the buffers hold
+        sender = threading.Thread(target=sock.sendall, args=(GET * count,), daemon=True)
+        sender.start()
+        time.sleep(3)  # the server stops reading once its writes block; the client does too
+        grown = rss_kb(worker) - before
+        assert sender.is_alive(), "the client could send everything: no back-pressure?"
+        received = 0
+        while received < count * answer_size:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "closed early"
+            received += len(chunk)
+        sender.join(10)
+        assert received == count * answer_size
+        sock.close()
+        print(f"worker RSS grew {grown} kB while the client did not read")
+        assert grown < 8 * 1024
