@@ -669,3 +669,37 @@ def test_a_client_that_pipelines_and_does_not_read_costs_bounded_memory(certs) -
         sock.close()
         print(f"worker RSS grew {grown} kB while the client did not read")
         assert grown < 8 * 1024
+
+
+@pytest.mark.timeout(90)
+def test_big_partial_heads_inside_tls_share_the_worker_budget(certs) -> None:
+    env = base_env(VRYPT_HEAD_TIMEOUT="30", VRYPT_HEAD_BUFFER=str(1024 * 1024))
+    field = b"X-Big: " + b"b" * 8000 + b"\r\n"
+    head = b"GET / HTTP/1.1\r\nHost: t\r\n" + field * 25  # 200 KB, within gunicorn's limits
+    with tls_server(certs, env=env) as server:
+        context = client_context(certs)
+
+        def big_heads(count: int) -> tuple[list[ssl.SSLSocket], int]:
+            socks, refused = [], 0
+            for _ in range(count):
+                sock = tls_connect(server, context)
+                sock.sendall(head)
+                sock.settimeout(0.3)
+                try:
+                    refused += sock.recv(100).startswith(b"HTTP/1.1 431 ")
+                except (TimeoutError, OSError):
+                    pass
+                socks.append(sock)
+            return socks, refused
+
+        socks, refused = big_heads(10)
+        assert 4 <= 10 - refused <= 5, refused  # 1 MiB holds five heads of 200 KB
+        for sock in socks:
+            sock.close()
+        time.sleep(0.3)
+        socks, refused = big_heads(3)  # the closed ones gave their bytes back
+        assert refused == 0
+        for sock in socks:
+            sock.sendall(b"\r\n")  # the heads end: answered, and their bytes leave the budget
+            assert is_vrypt(StrictReader(sock).read())
+            sock.close()

@@ -295,6 +295,9 @@ class TLSConnection:
             return
         self.reader.close()
         self.reader = None
+        release = getattr(self.protocol, "release", None)  # (H1Protocol: the head budget)
+        if release is not None:
+            release()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -419,13 +422,15 @@ def chooser(worker: Any) -> Any:
         def choose_logging(alpn: str | None, sock: Any = None) -> Any:
             if alpn == "h2" and h2 is not None:
                 return h2(worker, sock)
-            return LoggingH1Protocol(rules, table, head_timeout, body_timeout, access, heads, sock)
+            return LoggingH1Protocol(
+                rules, table, head_timeout, body_timeout, access, heads, sock, worker
+            )
 
         return choose_logging
 
     def choose(alpn: str | None, sock: Any = None) -> Any:
         if alpn == "h2" and h2 is not None:
             return h2(worker, sock)
-        return H1Protocol(rules, table, head_timeout, body_timeout)
+        return H1Protocol(rules, table, head_timeout, body_timeout, budget=worker)
 
     return choose
