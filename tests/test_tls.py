@@ -277,8 +277,10 @@ def serving_pid(server: Server, sock: socket.socket) -> int | None:
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("version", [TLS12, TLS13])
-def test_a_session_resumes_on_another_worker(certs, version) -> None:
-    with tls_server(certs, workers=2) as server:
+@pytest.mark.parametrize("reuse_port", ["1", "0"], ids=["slots", "shared-listener"])
+def test_a_session_resumes_on_another_worker(certs, version, reuse_port: str) -> None:
+    env = base_env(VRYPT_REUSE_PORT=reuse_port)
+    with tls_server(certs, workers=2, env=env) as server:
         context = client_context(certs, version)
         with tls_connect(server, context) as sock:
             sock.sendall(GET)
