@@ -705,3 +705,16 @@ def test_big_partial_heads_inside_tls_share_the_worker_budget(certs) -> None:
             sock.sendall(b"\r\n")  # the heads end: answered, and their bytes leave the budget
             assert is_vrypt(StrictReader(sock).read())
             sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_does_not_wait_for_a_client_that_sent_nothing(certs) -> None:
+    with tls_server(certs, "--keep-alive", "30") as server:
+        silent = server.connect()
+        time.sleep(0.2)
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(10) == 0
+        waited = time.monotonic() - started
+        silent.close()
+        assert waited < 4, waited  # not the handshake timeout (10 s) nor keepalive (30 s)

@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 from vrypt_worker import metrics, tls
+from vrypt_worker import worker as plain  # (imports this module: attributes read at run time)
 from vrypt_worker.h1_protocol import H1Protocol
 from vrypt_worker.tls import TLSError, TLSSession
 
@@ -331,7 +332,11 @@ class TLSConnection:
             return False
         protocol = self.protocol
         if protocol is None:
-            return spare_fresh  # mid-handshake: its timeout (or the graceful timeout) bounds it
+            if spare_fresh:
+                return True
+            if self.seen is None and plain.never_received(self.sock):
+                self.close()  # nothing sent since the accept, as Connection closes it
+            return False  # mid-handshake: its timeout (or the graceful timeout) bounds it
         if not protocol.idle():
             return False
         self.on_readable()
