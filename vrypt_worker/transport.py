@@ -13,8 +13,11 @@ the same linger after the final answer (half-close, read and drop until the peer
 _LINGER_TICKS sweeps) and the same counting (`rules.answered`, max_requests recycling, the
 metrics published at each final answer).
 
-The handshake: the protocol is chosen once it is done, by `worker.choose_protocol(alpn)`
-(`http/1.1` or no ALPN: `H1Protocol`; `h2`: the HTTP/2 hook, `tls.H2_PROTOCOL`). A handshake
+The handshake: the protocol is chosen once it is done, by `worker.choose_protocol(alpn, sock)`
+(`http/1.1` or no ALPN: `H1Protocol`; `h2`: the HTTP/2 hook, `tls.H2_PROTOCOL`; `sock` only
+for the client's address in the access log). Beyond the PlaintextProtocol seam the transport
+uses one optional method: `release()`, called once when the connection closes, if the protocol
+has it (H1Protocol gives its partial head's bytes back to the worker's head budget). A handshake
 has the head timeout (VRYPT_HEAD_TIMEOUT, from the accept) to complete: a client that connects
 and sends half a ClientHello is a slowloris too. A peer that breaks TLS (garbage, plain HTTP on
 the TLS port, a bad certificate, a renegotiation) gets OpenSSL's alert, if any, and the close:
