@@ -363,7 +363,7 @@ def test_a_half_sent_client_hello_is_closed_after_the_handshake_timeout(certs) -
             responses, _v, _a = ask(server, client_context(certs))
             latencies.append(time.monotonic() - t0)
             assert is_vrypt(responses[0])
-        assert max(latencies) < 0.5, latencies
+        assert max(latencies) < 1.0, latencies  # (the slow ones are closed only at 2 s)
         for sock in slow:
             waited = closed_within(sock, 6)
             assert waited is not None, "still open"
