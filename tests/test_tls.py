@@ -718,3 +718,25 @@ def test_sigterm_does_not_wait_for_a_client_that_sent_nothing(certs) -> None:
         waited = time.monotonic() - started
         silent.close()
         assert waited < 4, waited  # not the handshake timeout (10 s) nor keepalive (30 s)
+
+
+@pytest.mark.timeout(60)
+def test_keep_alive_zero_and_http10_over_tls(certs) -> None:
+    with (
+        tls_server(certs, "--keep-alive", "0") as server,
+        tls_connect(server, client_context(certs)) as sock,
+    ):
+        sock.sendall(GET + GET)
+        reader = StrictReader(sock)
+        response = reader.read()
+        assert is_vrypt(response) and response.header(b"Connection") == b"close"
+        assert reader.at_eof()
+    with tls_server(certs) as server, tls_connect(server, client_context(certs)) as sock:
+        reader = StrictReader(sock)
+        sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        response = reader.read()
+        assert response is not None and response.header(b"Connection") == b"keep-alive"
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        response = reader.read()
+        assert response is not None and response.header(b"Connection") == b"close"
+        assert reader.at_eof()
