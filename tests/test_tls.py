@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -275,8 +277,10 @@ def serving_pid(server: Server, sock: socket.socket) -> int | None:
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("version", [TLS12, TLS13])
-def test_a_session_resumes_on_another_worker(certs, version) -> None:
-    with tls_server(certs, workers=2) as server:
+@pytest.mark.parametrize("reuse_port", ["1", "0"], ids=["slots", "shared-listener"])
+def test_a_session_resumes_on_another_worker(certs, version, reuse_port: str) -> None:
+    env = base_env(VRYPT_REUSE_PORT=reuse_port)
+    with tls_server(certs, workers=2, env=env) as server:
         context = client_context(certs, version)
         with tls_connect(server, context) as sock:
             sock.sendall(GET)
@@ -359,7 +363,7 @@ def test_a_half_sent_client_hello_is_closed_after_the_handshake_timeout(certs) -
             responses, _v, _a = ask(server, client_context(certs))
             latencies.append(time.monotonic() - t0)
             assert is_vrypt(responses[0])
-        assert max(latencies) < 0.5, latencies
+        assert max(latencies) < 1.0, latencies  # (the slow ones are closed only at 2 s)
         for sock in slow:
             waited = closed_within(sock, 6)
             assert waited is not None, "still open"
@@ -635,3 +639,104 @@ def test_requests_split_into_tiny_records_and_bodies(server: Server, certs) -> N
         assert len(responses) == 12
         for index, response in enumerate(responses):
             assert is_vrypt(response, head=index % 4 == 3)
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return int(re.search(r"VmRSS:\s+(\d+)", status.read()).group(1))  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(90)
+def test_a_client_that_pipelines_and_does_not_read_costs_bounded_memory(certs) -> None:
+    with tls_server(certs) as server:
+        worker = server.worker_pids()[0]
+        before = rss_kb(worker)
+        sock = tls_connect(server, client_context(certs))
+        sock.settimeout(30)
+        sock.sendall(GET)
+        answer_size = len(sock.recv(65536))
+        count = 600_000  # 17 MB of requests, 86 MB of answers: more than the buffers hold
+        sender = threading.Thread(target=sock.sendall, args=(GET * count,), daemon=True)
+        sender.start()
+        time.sleep(3)  # the server stops reading once its writes block; the client does too
+        grown = rss_kb(worker) - before
+        assert sender.is_alive(), "the client could send everything: no back-pressure?"
+        received = 0
+        while received < count * answer_size:
+            chunk = sock.recv(1 << 20)
+            assert chunk, "closed early"
+            received += len(chunk)
+        sender.join(10)
+        assert received == count * answer_size
+        sock.close()
+        print(f"worker RSS grew {grown} kB while the client did not read")
+        assert grown < 8 * 1024
+
+
+@pytest.mark.timeout(90)
+def test_big_partial_heads_inside_tls_share_the_worker_budget(certs) -> None:
+    env = base_env(VRYPT_HEAD_TIMEOUT="30", VRYPT_HEAD_BUFFER=str(1024 * 1024))
+    field = b"X-Big: " + b"b" * 8000 + b"\r\n"
+    head = b"GET / HTTP/1.1\r\nHost: t\r\n" + field * 25  # 200 KB, within gunicorn's limits
+    with tls_server(certs, env=env) as server:
+        context = client_context(certs)
+
+        def big_heads(count: int) -> tuple[list[ssl.SSLSocket], int]:
+            socks, refused = [], 0
+            for _ in range(count):
+                sock = tls_connect(server, context)
+                sock.sendall(head)
+                sock.settimeout(0.3)
+                try:
+                    refused += sock.recv(100).startswith(b"HTTP/1.1 431 ")
+                except (TimeoutError, OSError):
+                    pass
+                socks.append(sock)
+            return socks, refused
+
+        socks, refused = big_heads(10)
+        assert 4 <= 10 - refused <= 5, refused  # 1 MiB holds five heads of 200 KB
+        for sock in socks:
+            sock.close()
+        time.sleep(0.3)
+        socks, refused = big_heads(3)  # the closed ones gave their bytes back
+        assert refused == 0
+        for sock in socks:
+            sock.sendall(b"\r\n")  # the heads end: answered, and their bytes leave the budget
+            assert is_vrypt(StrictReader(sock).read())
+            sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_does_not_wait_for_a_client_that_sent_nothing(certs) -> None:
+    with tls_server(certs, "--keep-alive", "30") as server:
+        silent = server.connect()
+        time.sleep(0.2)
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        assert server.proc.wait(10) == 0
+        waited = time.monotonic() - started
+        silent.close()
+        assert waited < 4, waited  # not the handshake timeout (10 s) nor keepalive (30 s)
+
+
+@pytest.mark.timeout(60)
+def test_keep_alive_zero_and_http10_over_tls(certs) -> None:
+    with (
+        tls_server(certs, "--keep-alive", "0") as server,
+        tls_connect(server, client_context(certs)) as sock,
+    ):
+        sock.sendall(GET + GET)
+        reader = StrictReader(sock)
+        response = reader.read()
+        assert is_vrypt(response) and response.header(b"Connection") == b"close"
+        assert reader.at_eof()
+    with tls_server(certs) as server, tls_connect(server, client_context(certs)) as sock:
+        reader = StrictReader(sock)
+        sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        response = reader.read()
+        assert response is not None and response.header(b"Connection") == b"keep-alive"
+        sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        response = reader.read()
+        assert response is not None and response.header(b"Connection") == b"close"
+        assert reader.at_eof()

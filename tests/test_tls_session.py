@@ -6,9 +6,11 @@ from __future__ import annotations
 import ssl
 from types import SimpleNamespace
 
+import hypothesis
 import pytest
 import trustme
 from gunicorn.config import Config
+from hypothesis import strategies as st
 
 from vrypt_worker import framing as f
 from vrypt_worker import tls
@@ -273,3 +275,43 @@ def test_alpn_h2_gets_the_http2_core_and_anything_else_http11() -> None:
     assert isinstance(factory.for_alpn("h2"), H2Protocol)
     assert isinstance(factory.for_alpn("http/1.1"), H1Protocol)
     assert isinstance(factory.for_alpn(None), H1Protocol)
+
+
+REQUESTS = [
+    GET,
+    b"HEAD / HTTP/1.1\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nab\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\nok",
+    b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+    b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
+    b"GET / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+    b"\x16\x03\x01 not http",
+]
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    picks=st.lists(st.integers(0, len(REQUESTS) - 1), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(1, 40), max_size=60),
+)
+def test_any_split_gives_the_answers_of_one_read(picks: list[int], cuts: list[int]) -> None:
+    """H1Protocol fed a stream in any pieces answers exactly as when fed it whole (and as the
+    framer does: the plain path's answers)."""
+    stream = b"".join(REQUESTS[i] for i in picks)
+    whole, _rules, _table = protocol()
+    expected = whole.receive(stream)
+    while more := whole.writable():
+        expected += more
+    split, _rules, _table = protocol()
+    got = b""
+    position = 0
+    for cut in [*cuts, len(stream)]:
+        if position >= len(stream):
+            break
+        got += split.receive(stream[position : position + cut])
+        while more := split.writable():
+            got += more
+        position += cut
+    assert got == expected
+    assert split.closing == whole.closing

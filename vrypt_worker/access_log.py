@@ -773,8 +773,9 @@ class LoggingH1Protocol(H1Protocol):
         access: AccessLog,
         heads: list[bytes | None],
         peer: Any = None,
+        budget: Any = None,
     ) -> None:
-        super().__init__(rules, table, head_timeout, body_timeout)
+        super().__init__(rules, table, head_timeout, body_timeout, budget=budget)
         self.framer = LoggingFramer(rules, heads)
         self.access = access
         try:
@@ -838,6 +839,8 @@ class LoggingH1Protocol(H1Protocol):
                 self.head_since = self.clock()
         else:
             self.head_since = 0.0
+        if self.budget is not None and (self.held or not framer.fresh):
+            payload += self.account()
         if framer.closed and not self.owed:
             self.closing = True
             self.clean = framer.clean

@@ -192,6 +192,7 @@ class ProtocolFactory:
     """One worker's protocol constructors, for TLS (by ALPN) and for h2c (by first bytes)."""
 
     def __init__(self, worker: Any, policy: H2cPolicy, h2_config: Any, h2_answers: Any) -> None:
+        self.worker = worker  # the partial-head budget (`held`, `head_budget`) HTTP/1 shares
         self.rules = worker.rules
         self.table = worker.responses.bytes_for
         self.head_timeout = worker.head_timeout
@@ -217,8 +218,11 @@ class ProtocolFactory:
                 self.access,
                 self.access_heads,  # type: ignore[arg-type]
                 sock,
+                self.worker,
             )
-        return H1Protocol(self.rules, self.table, self.head_timeout, self.body_timeout)
+        return H1Protocol(
+            self.rules, self.table, self.head_timeout, self.body_timeout, budget=self.worker
+        )
 
     def h2(self) -> H2Protocol:
         return H2Protocol(self.h2_config, self.rules, self.h2_answers)

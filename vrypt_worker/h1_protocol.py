@@ -15,17 +15,32 @@ writes go (`writable`), so a client that pipelines and never reads costs counts,
 Timeouts that belong to a request are here (`tick`): the head timeout from a partial head's first
 read to its end, and the body timeout between two reads of a body, each answered 408 and close.
 The keep-alive and send timeouts are the transport's.
+
+The partial-head budget: given the worker as `budget` (its `held` and `head_budget`), the bytes
+this connection's unfinished head holds are counted in `budget.held` as on the plain path, and a
+head past _SMALL_HEAD that would take the total past `head_budget` gets 431. The transport calls
+`release()` when the connection closes.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
-from vrypt_worker.framing import CLOSING, REQUEST_TIMEOUT, FramingRules, RequestFramer
+from vrypt_worker.framing import (
+    CLOSING,
+    FIELDS_TOO_LARGE,
+    REQUEST_TIMEOUT,
+    FramingRules,
+    RequestFramer,
+)
 
 # Answers rendered at most this many at a time (as worker._BATCH).
 _BATCH = 64
+# A partial head up to this size is always held; a bigger one only while the worker's partial
+# heads together stay within its budget (VRYPT_HEAD_BUFFER), else 431 (as worker._SMALL_HEAD).
+_SMALL_HEAD = 32 * 1024
 
 
 class H1Protocol:
@@ -34,6 +49,7 @@ class H1Protocol:
     __slots__ = (
         "body_ticks",
         "body_timeout",
+        "budget",
         "clean",
         "clock",
         "closing",
@@ -41,6 +57,7 @@ class H1Protocol:
         "framer",
         "head_since",
         "head_timeout",
+        "held",
         "owed",
         "rules",
         "table",
@@ -53,6 +70,7 @@ class H1Protocol:
         head_timeout: float,
         body_timeout: float,
         clock: Callable[[], float] = time.monotonic,
+        budget: Any = None,
     ) -> None:
         self.rules = rules
         self.table = table  # the worker's live response table (updated in place each second)
@@ -66,6 +84,8 @@ class H1Protocol:
         self.head_since = 0.0  # when the current partial head began (clock), or 0
         self.fed = False  # input since the last tick (for the body timeout)
         self.body_ticks = 0
+        self.budget = budget  # the worker: `held` and `head_budget` (None: no budget)
+        self.held = 0  # partial bytes counted in budget.held
 
     def receive(self, data: bytes) -> bytes:
         framer = self.framer
@@ -105,10 +125,34 @@ class H1Protocol:
                 self.head_since = self.clock()
         else:
             self.head_since = 0.0
+        if self.budget is not None and (self.held or not framer.fresh):
+            payload += self.account()
         if framer.closed and not self.owed:
             self.closing = True
             self.clean = framer.clean
         return payload
+
+    def account(self) -> bytes:
+        """Off the hot path: count the partial bytes held against the worker's budget; a big
+        head past it gets 431 (returned)."""
+        budget = self.budget
+        framer = self.framer
+        held = framer.buffered
+        if (
+            framer.in_head
+            and held > _SMALL_HEAD
+            and budget.held + held - self.held > budget.head_budget
+        ):
+            return self.refuse(FIELDS_TOO_LARGE)
+        budget.held += held - self.held
+        self.held = held
+        return b""
+
+    def release(self) -> None:
+        """The connection closed: its partial bytes leave the worker's budget."""
+        if self.held:
+            self.budget.held -= self.held
+            self.held = 0
 
     def writable(self) -> bytes:
         owed = self.owed
@@ -158,6 +202,7 @@ class H1Protocol:
         rules = self.rules
         rules.rejected += 1
         rules.answered += 1
+        self.release()
         self.framer.finish()
         self.head_since = 0.0
         self.clean = False

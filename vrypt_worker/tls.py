@@ -33,6 +33,10 @@ ALPN_NAMES = {"h1": "http/1.1", "h2": "h2"}
 HTTP11 = "http/1.1"
 # Plaintext taken from OpenSSL per SSL_read: one TLS record holds at most 16 KiB.
 _READ_SIZE = 16384
+# The first SSL_read of a receive asks for this much: a bytes object this small comes from
+# CPython's small-object allocator, where 16 KiB would be malloc'd and shrunk with realloc on
+# every request (as worker._FIRST_RECV_SIZE). A read that fills it continues with _READ_SIZE.
+_FIRST_READ_SIZE = 512 - 33
 
 
 class TLSError(Exception):
@@ -147,7 +151,7 @@ class TLSSession:
         if not self.handshaken and not self._handshake():
             return b""
         try:
-            plain = self.read(_READ_SIZE)
+            plain = self.read(_FIRST_READ_SIZE)
         except ssl.SSLWantReadError:
             return b""
         except ssl.SSLZeroReturnError:
@@ -158,9 +162,9 @@ class TLSSession:
         if not plain:  # (CPython gives b"" for the peer's close_notify)
             self.peer_closed = True
             return b""
-        if not self.incoming.pending:
-            # The common case: one record, one read. (SSL_read returns one record at most, and
-            # _READ_SIZE holds a whole one, so OpenSSL keeps no decrypted byte back: only
+        if len(plain) < _FIRST_READ_SIZE and not self.incoming.pending:
+            # The common case: one small record, one read. (SSL_read returns one record at
+            # most, so a read it did not fill left no decrypted byte in OpenSSL: only
             # `incoming` can hold more.)
             return plain
         return self._read_rest(plain)

@@ -13,8 +13,11 @@ the same linger after the final answer (half-close, read and drop until the peer
 _LINGER_TICKS sweeps) and the same counting (`rules.answered`, max_requests recycling, the
 metrics published at each final answer).
 
-The handshake: the protocol is chosen once it is done, by `worker.choose_protocol(alpn)`
-(`http/1.1` or no ALPN: `H1Protocol`; `h2`: `H2Protocol`). A handshake
+The handshake: the protocol is chosen once it is done, by `worker.choose_protocol(alpn, sock)`
+(cleartext.ProtocolFactory: `http/1.1` or no ALPN: `H1Protocol`; `h2`: `H2Protocol`; `sock`
+only for the client's address in the access log). Beyond the PlaintextProtocol seam the transport
+uses one optional method: `release()`, called once when the connection closes, if the protocol
+has it (H1Protocol gives its partial head's bytes back to the worker's head budget). A handshake
 has the head timeout (VRYPT_HEAD_TIMEOUT, from the accept) to complete: a client that connects
 and sends half a ClientHello is a slowloris too. A peer that breaks TLS (garbage, plain HTTP on
 the TLS port, a bad certificate, a renegotiation) gets OpenSSL's alert, if any, and the close:
@@ -28,10 +31,15 @@ import time
 from typing import Any
 
 from vrypt_worker import metrics
+from vrypt_worker import worker as plain  # (imports this module: attributes read at run time)
 from vrypt_worker.tls import TLSError, TLSSession
 
 _READ, _WRITE = 1, 2
 _RECV_SIZE = 65536
+# After the handshake, a connection's reads are this size (a small-object allocation, where
+# 64 KiB is malloc'd and shrunk on every read: worker._FIRST_RECV_SIZE); a read that fills it
+# (pipelining, a body) moves the connection to _RECV_SIZE for good.
+_FIRST_RECV_SIZE = 512 - 33
 _LINGER_TICKS = 2  # as worker._LINGER_TICKS
 
 
@@ -45,6 +53,7 @@ class TLSConnection:
         "pending",
         "protocol",
         "reader",
+        "recv_size",
         "seen",
         "session",
         "sock",
@@ -69,6 +78,7 @@ class TLSConnection:
         worker.accepted += 1
         self.started = time.monotonic()  # the handshake timeout runs from the accept
         self.lingering = 0
+        self.recv_size = _RECV_SIZE  # the handshake's flights, then _FIRST_RECV_SIZE
         self.reader = worker.loop.io(sock.fileno(), _READ)
         self.reader.start(self.on_readable)
 
@@ -76,7 +86,7 @@ class TLSConnection:
 
     def on_readable(self) -> None:
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            data = self.sock.recv(self.recv_size)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
@@ -86,6 +96,8 @@ class TLSConnection:
             self.on_eof()
             return
         self.seen = True
+        if len(data) == self.recv_size == _FIRST_RECV_SIZE:
+            self.recv_size = _RECV_SIZE  # more may be waiting
         session = self.session
         try:
             plain = session.receive(data)
@@ -97,6 +109,7 @@ class TLSConnection:
                         self.send(out)
                     return
                 protocol = self.protocol = self.worker.choose_protocol(session.alpn, self.sock)
+                self.recv_size = _FIRST_RECV_SIZE
             if plain:
                 self.used = True
                 answer = protocol.receive(plain)
@@ -293,6 +306,9 @@ class TLSConnection:
             return
         self.reader.close()
         self.reader = None
+        release = getattr(self.protocol, "release", None)  # (H1Protocol: the head budget)
+        if release is not None:
+            release()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -326,7 +342,11 @@ class TLSConnection:
             return False
         protocol = self.protocol
         if protocol is None:
-            return spare_fresh  # mid-handshake: its timeout (or the graceful timeout) bounds it
+            if spare_fresh:
+                return True
+            if self.seen is None and plain.never_received(self.sock):
+                self.close()  # nothing sent since the accept, as Connection closes it
+            return False  # mid-handshake: its timeout (or the graceful timeout) bounds it
         if not protocol.idle():
             return False
         self.on_readable()
