@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bench import h2wire
-from bench.h2load import h2load_command, run_h2load
+from bench.h2load import h2load_command
+from bench.h2load import timed as h2load_timed
 from bench.load import LoadError, LoadResult, run_wrk, wrk_command
 from bench.procstat import core_times, sample_tree, session_pids, tcp_passive_opens
 from bench.scenarios import Placement, ProtoScenario, Scenario, cpu_list
@@ -171,6 +172,7 @@ def measure(
     transport = TRANSPORTS.get(scenario.transport)
     extra: dict[str, float] = {}
     note = ""
+    state: dict[str, float] = {}  # what a warm-up tells the measured run (h2load: the rate)
     with (
         tempfile.TemporaryDirectory(prefix="bench-load-") as tmp,
         running(spec, where, transport=transport) as server,
@@ -187,7 +189,7 @@ def measure(
             time.sleep(IDLE_SETTLE)
             rss_before = _rss_kb(server.sid)
         elif warmup > 0:
-            _load(scenario, where, server.port, url, warmup, None, expect, Path(tmp))
+            _load(scenario, where, server.port, url, warmup, None, expect, Path(tmp), state)
         before, core_before = sample_tree(server.sid), core_times(where.server_cpus)
         wchar_before = _wchar(server.sid)
         opens_before, started = tcp_passive_opens(), time.monotonic()
@@ -214,7 +216,7 @@ def measure(
                 sock.close()
         else:
             result, extra, note = _load(
-                scenario, where, server.port, url, seconds, log, expect, Path(tmp)
+                scenario, where, server.port, url, seconds, log, expect, Path(tmp), state
             )
             wall = time.monotonic() - started
             after, core_after = sample_tree(server.sid), core_times(where.server_cpus)
@@ -266,11 +268,15 @@ def _load(
     log: Path | None,
     expect: str | None,
     tmp: Path,
+    state: dict[str, float],
 ) -> tuple[LoadResult, dict[str, float], str]:
     """One load run of the scenario's tool: its result, extra figures and what was negotiated."""
     if scenario.tool == "h2load":
-        argv = h2load_command(url, scenario.connections, scenario.streams, where, seconds, log)
-        result, negotiated = run_h2load(argv, seconds, log, expect)
+        result, negotiated = h2load_timed(
+            url, scenario.connections, scenario.streams, where, seconds, log, expect,
+            state.get("rate"),
+        )  # fmt: skip
+        state["rate"] = result.rps
         note = " ".join(negotiated.get(k, "") for k in ("protocol", "tls", "cipher")).strip()
         return result, {}, note
     if scenario.tool == "tlsload":
@@ -305,9 +311,13 @@ def describe_load(scenario: Scenario, seconds: float) -> str:
     served = f"; server: {transport.describe()}" if transport else "; server: plain HTTP/1.1"
     if scenario.tool == "h2load":
         argv = h2load_command(
-            url, scenario.connections, scenario.streams, Placement((0,), (1,), 1), seconds, None
+            url, scenario.connections, scenario.streams, Placement((0,), (1,), 1), 0, None
         )
-        return "`" + " ".join(argv[3:]).replace("/usr/bin/", "") + "`" + served
+        text = " ".join(argv[3:]).replace("/usr/bin/", "").replace("-n 0", "-n N")
+        return (
+            f"`{text}`, N = the server's req/s in the warm-up x {seconds:g} s (h2load's timed "
+            "mode hangs now and then: bench/h2load.py)" + served
+        )
     if scenario.tool == "tlsload":
         resume = " --resume" if scenario.resume else ""
         return (

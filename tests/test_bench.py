@@ -178,3 +178,136 @@ def test_instruction_count_per_request_under_callgrind() -> None:
     for name, value in rows.items():
         # A keep-alive request costs thousands of user-space instructions, not tens or millions.
         assert 1_000 < int(value.replace(",", "")) < 200_000, (name, proc.stdout)
+
+
+# --- HTTP/2 and TLS scenarios (issue 11), against nginx only: each quickly, end to end.
+
+PROTO_SCENARIOS = (
+    "h2c", "h2-tls", "tls-ka100", "tls-new", "tls-resume",
+    "idle-h1", "idle-tls", "idle-h2", "idle-h2-tls",
+)  # fmt: skip
+needs_h2_tools = pytest.mark.skipif(
+    not os.access(NGINX, os.X_OK)
+    or shutil.which("h2load") is None
+    or shutil.which("openssl") is None,
+    reason="needs nginx, h2load (apt-get install nghttp2-client) and openssl",
+)
+
+NGINX_PEER_HEAD = (
+    "daemon off; pid peer{port}.pid; error_log stderr;\n"
+    "events {{}}\n"
+    "http {{ access_log off; client_body_temp_path body; proxy_temp_path proxy;\n"
+    "  fastcgi_temp_path fcgi; uwsgi_temp_path uwsgi; scgi_temp_path scgi;\n"
+)
+
+
+def nginx_peer(tmp_path: Path, name: str, server_block: str) -> str:
+    """A --peer command that runs nginx with ``server_block`` (PORT, CERT, KEY and LOG are
+    replaced: the port, the certificate the harness made, a log file per port)."""
+    conf = tmp_path / f"{name}.conf"
+    conf.write_text(NGINX_PEER_HEAD.format(port="PORT") + server_block + " }\n")
+    return (
+        f"sed -e s/PORT/{{port}}/g -e s#CERT#{{certfile}}# -e s#KEY#{{keyfile}}# "
+        f"-e s#LOG#{tmp_path}/{name}-{{port}}.log# {conf} > {tmp_path}/{name}{{port}}.conf && "
+        f"exec {NGINX} -p {tmp_path} -e stderr -c {tmp_path}/{name}{{port}}.conf"
+    )
+
+
+@needs_wrk
+@needs_h2_tools
+def test_http2_and_tls_scenarios_against_nginx(tmp_path: Path) -> None:
+    proc = bench(
+        "--servers", "nginx", "--scenarios", ",".join(PROTO_SCENARIOS),
+        "--rounds", "1", "--duration", "1", "--warmup", "0", "--retries", "0",
+        "--out", str(tmp_path),
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["failures"] == []
+    assert "h2load" in data["versions"]
+    summary = {s["scenario"]: s for s in data["summary"]}
+    assert set(summary) == set(PROTO_SCENARIOS)
+    for name, s in summary.items():
+        assert s["server"] == "nginx"
+        assert s["rps"] > 0 and s["errors"] == 0, (name, s)
+        assert s["cpu_us"] >= 0
+    # What was negotiated is checked and reported: h2c in cleartext, h2 by ALPN over TLS.
+    assert summary["h2c"]["notes"] == ["h2c"]
+    assert summary["h2-tls"]["notes"][0].startswith("h2 TLSv1.3 ")
+    for name in ("h2c", "h2-tls"):
+        assert 0 < summary[name]["p50_us"] <= summary[name]["p99_us"]
+    # A new connection per request; resumed only when asked, and the server's own bytes agree:
+    # a resumed handshake sends no certificate.
+    new, resumed = summary["tls-new"], summary["tls-resume"]
+    assert new["extra"]["resumed"] == 0
+    assert resumed["extra"]["resumed"] > 0.9
+    assert new["extra"]["server B out/conn"] - resumed["extra"]["server B out/conn"] > 300
+    assert new["connections_per_req"] > 0.9 and resumed["connections_per_req"] > 0.9
+    # Memory per idle connection: one GET answered on each of 1,000 connections held open.
+    for name in ("idle-h1", "idle-tls", "idle-h2", "idle-h2-tls"):
+        assert summary[name]["extra"]["idle connections"] == 1000
+        assert summary[name]["extra"]["idle B/conn"] > 0, name
+    assert summary["idle-tls"]["extra"]["idle B/conn"] > summary["idle-h1"]["extra"]["idle B/conn"]
+    # The report shows the load's command line and the scenario's own figures.
+    assert "Load: `h2load -t 1 -c 100 -m 10 " in out
+    assert "| server | resumed | full handshakes | server B out/conn |" in out
+    assert "idle B/conn vs nginx" in out
+
+
+@needs_wrk
+@needs_h2_tools
+def test_resumption_is_what_the_server_logs(tmp_path: Path) -> None:
+    """The client's count of resumed handshakes is nginx's own ($ssl_session_reused)."""
+    peer = nginx_peer(
+        tmp_path,
+        "logged",
+        "  log_format reuse '$ssl_protocol $ssl_session_reused $status';\n"
+        "  server { listen 127.0.0.1:PORT ssl; ssl_certificate CERT; ssl_certificate_key KEY;\n"
+        "    ssl_protocols TLSv1.2 TLSv1.3; access_log LOG reuse;\n"
+        '    location / { return 200 "Vrypt"; } }',
+    )
+    proc = bench(
+        "--servers", "nginx", "--peer", f"logged={peer}", "--scenarios", "tls-resume",
+        "--rounds", "1", "--duration", "1", "--warmup", "0", "--retries", "0",
+        "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    (run,) = [r for r in data["runs"] if r["server"] == "logged"]
+    (log,) = tmp_path.glob("logged-*.log")
+    lines = log.read_text().splitlines()
+    reused = sum(1 for line in lines if line.split()[1] == "r")
+    assert all(line.startswith("TLSv1.3 ") and line.endswith(" 200") for line in lines)
+    # The log also has the readiness probe (a full handshake) and the requests of the last
+    # moment, which the client started but did not count.
+    assert abs(reused - round(run["extra"]["resumed"] * run["requests"])) <= 4, (reused, run)
+    assert reused > 0.9 * run["requests"]
+
+
+@needs_wrk
+@needs_h2_tools
+def test_a_server_that_cannot_do_tls_is_reported_not_measured(tmp_path: Path) -> None:
+    """A server that exits (as vrypt does without TLS support) or answers in plain HTTP on the
+    TLS port is a failed run with its log, and the other servers are still measured."""
+    plain = nginx_peer(
+        tmp_path, "plain", '  server { listen 127.0.0.1:PORT; location / { return 200 "x"; } }'
+    )
+    proc = bench(
+        "--servers", "nginx",
+        "--peer", "broken=echo no TLS in this server on port {port} >&2; exit 3",
+        "--peer", f"plain={plain}",
+        "--scenarios", "tls-ka100", "--rounds", "1", "--duration", "1", "--warmup", "0",
+        "--retries", "0", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, err
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    failures = {f["server"]: f["error"] for f in data["failures"]}
+    assert set(failures) == {"broken", "plain"}
+    assert "broken failed to start: exited with 3" in failures["broken"]
+    assert "no TLS in this server" in failures["broken"]  # its log's tail
+    assert "plain failed to start: TLS handshake failed" in failures["plain"]
+    assert [s["server"] for s in data["summary"]] == ["nginx"]
+    assert "## Failed runs" in out
