@@ -2,7 +2,9 @@
 
 Selected once, at worker start, when gunicorn's logger says the access log is on
 (`Logger.access_log_enabled`): the worker then accepts `LoggingConnection`s instead of
-`Connection`s, so with the log off the request path is exactly what it was, not one check more.
+`Connection`s, and its protocol factory (cleartext.py) builds `LoggingH1Protocol` (HTTP/1 in TLS
+or on an h2c port) and `LoggingH2Protocol` (every HTTP/2 stream: h2c, upgrade, TLS) instead of
+their originals, so with the log off the request path is exactly what it was, not one check more.
 
 The cost with the log on is kept near nginx's (docs/performance.md):
 - A line is `template % dynamic`. The template is the format rendered once per (request head,
