@@ -9,20 +9,31 @@ refused, malformed) has none.
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import hpack
 import pytest
+from gunicorn.config import Config
+from hyperframe.frame import HeadersFrame
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from tests.h2_peer import client_start, make, parse
 from tests.h2client import H2Client, StreamResult, is_vrypt_h2
 from tests.support import Server, StrictReader, running
 from tests.test_access_log import COMBINED, _code_without_log_lines
+from tests.test_h2_properties import _frame, conversation
 from tests.test_tls import certs, client_context, tls_connect, tls_server  # noqa: F401
-from vrypt_worker.access_log import LoggingH2Protocol
-from vrypt_worker.h2.connection import H2Protocol
+from vrypt_worker.access_log import AccessLog, LoggingH2Protocol
+from vrypt_worker.framing import FramingRules
+from vrypt_worker.h2.connection import H2Config, H2Protocol
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -279,3 +290,78 @@ def test_the_logging_frames_follow_h2protocol() -> None:
     assert _code_without_log_lines(LoggingH2Protocol._frames) == _code_without_log_lines(
         H2Protocol._frames
     )
+
+
+# -- in process: the logging protocol answers exactly as the core, one line per answer ------------
+
+_ACCESS: list[AccessLog] = []
+
+
+def _access_log() -> AccessLog:
+    """One AccessLog for these tests (format `r s b`), its lines collected, never written."""
+    if not _ACCESS:
+        logger = logging.getLogger("tests.h2_access_log")
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        cfg = Config()
+        cfg.set("access_log_format", '"%(r)s" %(s)s %(b)s')
+        worker = SimpleNamespace(log=SimpleNamespace(access_log=logger), cfg=cfg, responses=None)
+        _ACCESS.append(AccessLog(worker))
+    access = _ACCESS[0]
+    access.lines = []
+    return access
+
+
+def _statuses(out: bytes) -> list[str]:
+    decoder = hpack.Decoder()
+    found = []
+    for frame in parse(out):
+        if isinstance(frame, HeadersFrame):
+            status = dict(decoder.decode(frame.data, raw=True))[b":status"].decode()
+            if status != "100":
+                found.append(status)
+    return sorted(found)
+
+
+def _both(stream: bytes, sizes: list[int], config: H2Config) -> tuple[bytes, list[str], Any]:
+    """The same input, in the same pieces, to H2Protocol and to LoggingH2Protocol: the same
+    output, byte for byte; returns it, the lines logged and the logging protocol."""
+    access = _access_log()
+    plain, _ = make(config)
+    logged = LoggingH2Protocol(config, FramingRules(), plain.answers, access, None)
+    outs = [b"", b""]
+    pos = 0
+    for size in [*sizes, len(stream)]:
+        piece = stream[pos : pos + size]
+        pos += len(piece)
+        if piece:
+            for i, proto in enumerate((plain, logged)):
+                outs[i] += proto.receive(piece)
+    for i, proto in enumerate((plain, logged)):
+        outs[i] += proto.writable() + proto.tick(1e9) + proto.shutdown()
+    assert outs[0] == outs[1]
+    return outs[1], access.lines, logged
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_frame(), max_size=30), st.lists(st.integers(1, 60), max_size=10))
+def test_random_frames_same_answers_and_one_line_per_answer(frame_list, sizes) -> None:
+    out, lines, proto = _both(
+        client_start() + b"".join(frame_list), sizes, H2Config(max_concurrent_streams=3)
+    )
+    assert sorted(line.split('" ')[1].split(" ")[0] for line in lines) == _statuses(out)
+    assert len(proto._log_requests) <= 3 + len(proto._held)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(0, 5), min_size=1, max_size=12), st.lists(st.integers(1, 500)))
+def test_conversations_same_answers_and_the_right_lines(kinds, sizes) -> None:
+    _, lines, _ = _both(conversation(kinds), sizes, H2Config())
+    methods = {0: "GET", 1: "HEAD", 2: "POST"}
+    expected = sorted(
+        f'"{methods[kind]} / HTTP/2.0" 200 {0 if kind == 1 else 5}'
+        for kind in kinds
+        if kind in methods
+    )
+    assert sorted(lines) == expected
