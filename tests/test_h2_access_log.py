@@ -4,11 +4,13 @@ servers, h2c (prior knowledge, upgrade) and h2 over TLS, real clients, the log f
 Every answered stream is one line, as gunicorn's own HTTP/2 worker writes it: the request line
 `METHOD PATH HTTP/2.0`, the status, the body length (0 for HEAD), referer and user-agent from
 the request's fields, the client's address from the socket. A stream without an answer (reset,
-refused, malformed) has none.
+refused, malformed) has none. In process: the logging protocol answers byte for byte as the core
+does, whatever the frames (hypothesis), with one line per answer.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import subprocess
@@ -213,7 +215,7 @@ def test_h2c_custom_format(tmp_path: Path) -> None:
     with running(*H2C, "--access-logfile", str(log), "--access-logformat", fmt) as server:
         client = H2Client.connect(server.port)
         try:
-            auth = "Basic " + __import__("base64").b64encode(b"bob:pw").decode()
+            auth = "Basic " + base64.b64encode(b"bob:pw").decode()
             ids = [
                 client.request(
                     "GET", "/a%20b/c?k=v", extra=[("x-test", 'q"uote'), ("authorization", auth)]
