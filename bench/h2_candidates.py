@@ -2,6 +2,7 @@
 request, as h2load sends requests.
 
     python -m bench.h2_candidates            (h2 and hpack are dependencies; nothing else)
+    python -m bench.h2_candidates --log      (only the access log's cost: log off vs on)
 
 h2load's request is `:method GET, :scheme http, :authority host:port, :path /, user-agent
 h2load nghttp2/...`: the first block of a connection inserts :authority and user-agent into the
@@ -146,20 +147,56 @@ def connection_rounds(
     return openings, reads
 
 
+def _access_log():
+    """gunicorn's access log as the worker has it on (default format, `combined`), its lines
+    collected and never written: the hub's side of the cost, without a writer thread's."""
+    import logging
+    from types import SimpleNamespace
+
+    from gunicorn.config import Config
+
+    from vrypt_worker.access_log import AccessLog
+
+    logger = logging.getLogger("bench.h2_candidates.access")
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    log = SimpleNamespace(access_log=logger, error=print, warning=print)
+    worker = SimpleNamespace(log=log, cfg=Config(), responses=None)
+    return AccessLog(worker)
+
+
+class _Peer:
+    @staticmethod
+    def getpeername() -> tuple[str, int]:
+        return ("127.0.0.1", 40000)
+
+
 def core_cost(
     connections: int = 100,
     streams: int = 10,
     rounds: int = 40,
     repeat: int = 5,
     priority: bool = False,
+    logged: bool = False,
 ) -> float:
-    """µs of CPU per request for H2Protocol, steady state (openings not timed)."""
+    """µs of CPU per request for H2Protocol, steady state (openings not timed); with `logged`,
+    for LoggingH2Protocol with the access log on."""
     openings, reads = connection_rounds(connections, streams, rounds, priority)
+    access = _access_log() if logged else None
     best = float("inf")
     for _ in range(repeat):
         rules = FramingRules()
         answers = H2Answers(time.time())
-        protos = [H2Protocol(H2Config(), rules, answers) for _ in range(connections)]
+        if access is not None:
+            from vrypt_worker.access_log import LoggingH2Protocol
+
+            protos: list[H2Protocol] = [
+                LoggingH2Protocol(H2Config(), rules, answers, access, _Peer())
+                for _ in range(connections)
+            ]
+        else:
+            protos = [H2Protocol(H2Config(), rules, answers) for _ in range(connections)]
         for proto, opening in zip(protos, openings, strict=True):
             proto.receive(opening)
         start = time.process_time()
@@ -168,7 +205,12 @@ def core_cost(
                 proto.receive(mine[r])
         elapsed = time.process_time() - start
         assert rules.answered == connections * streams * (rounds + 1), rules.answered
+        if access is not None:
+            assert len(access.lines) == rules.answered, len(access.lines)
+            access.lines = []
         best = min(best, elapsed / (connections * streams * rounds) * 1e6)
+    if access is not None:
+        access.close()
     return best
 
 
@@ -224,7 +266,25 @@ def main() -> None:
         )
     browser = core_cost(streams=1, rounds=400, priority=True)
     print(f"100 connections x  1 stream per read, HEADERS with PRIORITY: H2Protocol {browser:6.2f}")
+    print()
+    log_main()
+
+
+def log_main() -> None:
+    print("Access log on (LoggingH2Protocol, default format), µs of CPU per request, steady state")
+    for streams in (10, 1):
+        off = core_cost(streams=streams, rounds=400 // streams)
+        on = core_cost(streams=streams, rounds=400 // streams, logged=True)
+        print(
+            f"100 connections x {streams:2} streams per read:"
+            f" H2Protocol {off:6.2f}   LoggingH2Protocol {on:6.2f}   (+{on - off:.2f})"
+        )
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if "--log" in sys.argv[1:]:
+        log_main()
+    else:
+        main()

@@ -2,7 +2,9 @@
 
 Selected once, at worker start, when gunicorn's logger says the access log is on
 (`Logger.access_log_enabled`): the worker then accepts `LoggingConnection`s instead of
-`Connection`s, so with the log off the request path is exactly what it was, not one check more.
+`Connection`s, and its protocol factory (cleartext.py) builds `LoggingH1Protocol` (HTTP/1 in TLS
+or on an h2c port) and `LoggingH2Protocol` (every HTTP/2 stream: h2c, upgrade, TLS) instead of
+their originals, so with the log off the request path is exactly what it was, not one check more.
 
 The cost with the log on is kept near nginx's (docs/performance.md):
 - A line is `template % dynamic`. The template is the format rendered once per (request head,
@@ -72,6 +74,20 @@ from vrypt_worker.framing import (
 )
 from vrypt_worker.h1_protocol import _BATCH as _H1_BATCH
 from vrypt_worker.h1_protocol import H1Protocol
+from vrypt_worker.h2 import hpack_decoder as hd
+from vrypt_worker.h2.answers import H2Answers, Variant
+from vrypt_worker.h2.connection import (
+    _HOT_FLAGS,
+    _UNPACK_HEADER,
+    _UNPACK_U32,
+    FLAG_PRIORITY,
+    HEADERS,
+    H2Config,
+    H2Protocol,
+    _ConnectionError,
+    _Stream,
+    frames,
+)
 from vrypt_worker.worker import _BATCH, _FIRST_RECV_SIZE, _RECV_SIZE, Connection
 
 # Characters of lines waiting for the writer thread beyond which new lines are dropped: a disk
@@ -196,6 +212,40 @@ def _answer_atoms(answer: bytes) -> dict[str, str]:
     return atoms
 
 
+# HTTP/2 answers, as LoggingH2Protocol names them: the first two are the hot path's verdicts.
+_H2_OK = 0
+_H2_HEAD = hd.HEAD
+_H2_TUNNEL = 2
+_H2_TOO_LARGE = 3
+_H2_URI_TOO_LONG = 4
+assert _H2_HEAD == 1 and _H2_OK == 0  # the hot path's verdicts are these kinds
+# Fields of an `Upgrade: h2c` request that gunicorn does not pass on to stream 1.
+_UPGRADE_FIELDS = frozenset((b"connection", b"upgrade", b"http2-settings"))
+# An HTTP/2 request's log record: ((table state key, header block) or None, request atoms).
+_H2Request = tuple[tuple[int, bytes] | None, dict[str, str]]
+
+
+def _h2_answer_atoms(answers: Any, kind: int) -> dict[str, str]:
+    """`s`, `b`, `B` and the `{header}o` atoms of one HTTP/2 answer (h2/answers.py), read
+    back from its own HPACK block."""
+    variant = {
+        _H2_OK: answers.ok,
+        _H2_HEAD: answers.ok,
+        _H2_TUNNEL: answers.tunnel,
+        _H2_TOO_LARGE: answers.too_large,
+        _H2_URI_TOO_LONG: answers.uri_too_long,
+    }[kind]
+    fields = hd.decode(hd.empty_table(hd.Limits()), variant.block)[0]
+    sent = "0" if kind == _H2_HEAD else str(len(variant.body))
+    atoms = {"s": "-", "b": sent, "B": sent}
+    for name, value in fields:
+        if name == b":status":
+            atoms["s"] = escape(value)
+        elif name[:1] != b":":
+            atoms[f"{{{escape(name)}}}o"] = escape(value)
+    return atoms
+
+
 class AccessLog:
     """One worker's access log: templates, the per-second atoms, and the writer thread."""
 
@@ -226,6 +276,11 @@ class AccessLog:
         self.fill = eval(source) if self.order else None
         self.pid = f"<{os.getpid()}>"
         self.templates: dict[tuple[bytes, int], str] = {}
+        # HTTP/2 (LoggingH2Protocol): templates by (HPACK table state, header block, _H2_* kind)
+        # and request atoms by (state, block); [0] for h2c, [1] for TLS (the scheme differs).
+        self.h2_templates: tuple[dict[Any, str], dict[Any, str]] = ({}, {})
+        self.h2_requests: tuple[dict[Any, dict[str, str]], dict[Any, dict[str, str]]] = ({}, {})
+        self.h2_answers: dict[int, dict[str, str]] = {}
         self.recent_head = b""
         self.recent_template = ""
         # Atoms that are the same for every request from one address within a second: then
@@ -267,32 +322,55 @@ class AccessLog:
         found = self.templates.get(key)
         if found is not None:
             return found
-        static = self._static(head, kind)
-        text = self.format % _Atoms(static, self.dynamic) if self.format else ""
-        if self.fill is not None:
-            # Markers become %s; a % the format itself rendered is doubled to stay literal.
-            text = "%s".join(part.replace("%", "%%") for part in text.split("\x00"))
-        found = text
+        found = self.render(self._static(head, kind))
         if len(head) <= framing._CACHE_HEAD_MAX:
             if len(self.templates) >= _TEMPLATES:
                 self.templates.clear()
             self.templates[key] = found
         return found
 
+    def render(self, static: dict[str, str]) -> str:
+        """The format with these static atoms in and `%s` for each dynamic one."""
+        text = self.format % _Atoms(static, self.dynamic) if self.format else ""
+        if self.fill is not None:
+            # Markers become %s; a % the format itself rendered is doubled to stay literal.
+            text = "%s".join(part.replace("%", "%%") for part in text.split("\x00"))
+        return text
+
     def _static(self, head: bytes, kind: int) -> dict[str, str]:
         """The atoms the format asks for that depend only on the head and the answer kind
         (only those: a head seen for the first time costs its parse, once)."""
-        asked = self.asked
-        static = {"l": "-", "p": self.pid}
         line, fields = _parse_head(head) if self.need_head else (b"", [])
+        method = target = version = b""
         if self.need_line:
             parts = line.split(b" ")
-            method = target = version = b""
             if len(parts) == 3:
                 method, target, version = parts
             elif parts:
                 method = parts[0]
                 target = parts[1] if len(parts) > 1 else b""
+        static = self.request_atoms(line, method, target, version, fields)
+        answer = self.answers.get(kind)
+        if answer is None:  # the answer's parts but its Date (a dynamic atom) never change
+            answer = self.answers[kind] = _answer_atoms(self.worker.responses.bytes_for[kind])
+        static.update(answer)
+        static["{script_name}e"] = ""
+        static["{wsgi.url_scheme}e"] = "http"
+        return static
+
+    def request_atoms(
+        self,
+        line: bytes,
+        method: bytes,
+        target: bytes,
+        version: bytes,
+        fields: list[tuple[bytes, bytes]],
+    ) -> dict[str, str]:
+        """The atoms the format asks for that come from the request: its line, its parts
+        (`method target version`), its fields (names lowercase, in order)."""
+        asked = self.asked
+        static = {"l": "-", "p": self.pid}
+        if self.need_line:
             static["r"] = escape(line) if line else "-"
             if asked & _PARTS_ATOMS:
                 path, _, query = target.partition(b"?")
@@ -327,13 +405,75 @@ class AccessLog:
                 key = f"{{{key}}}e"
                 if key in asked:
                     static[key] = escape(value)
-        answer = self.answers.get(kind)
-        if answer is None:  # the answer's parts but its Date (a dynamic atom) never change
-            answer = self.answers[kind] = _answer_atoms(self.worker.responses.bytes_for[kind])
-        static.update(answer)
-        static["{script_name}e"] = ""
-        static["{wsgi.url_scheme}e"] = "http"
         return static
+
+    def h2_request(self, table: hd.Table, block: bytes, tls: bool) -> _H2Request:
+        """An HTTP/2 request's log record: its cache key and its request atoms. The block is
+        decoded again, in full, from the table state it was decoded from (a pure function: the
+        connection's table is not touched), unless these atoms are cached."""
+        key = (table.key, block) if len(block) <= hd._CACHE_BLOCK_MAX else None
+        cache = self.h2_requests[tls]
+        atoms = cache.get(key) if key is not None else None
+        if atoms is None:
+            fields = hd.decode(table, block)[0] if self.need_head else []
+            pseudo: dict[bytes, bytes] = {}
+            regular: list[tuple[bytes, bytes]] = []
+            for name, value in fields:
+                if name[:1] == b":":
+                    pseudo.setdefault(name, value)
+                else:
+                    regular.append((name, value))
+            # gunicorn's HTTP2Request: `:authority` is the Host field, the path `/` if none.
+            authority = pseudo.get(b":authority")
+            if authority:
+                regular = [field for field in regular if field[0] != b"host"]
+                regular.append((b"host", authority))
+            atoms = self._h2_atoms(
+                pseudo.get(b":method", b"GET"), pseudo.get(b":path", b"/"), regular, tls
+            )
+            if key is not None:
+                if len(cache) >= _TEMPLATES:
+                    cache.clear()
+                cache[key] = atoms
+        return key, atoms
+
+    def h2_upgrade_request(self, head: bytes) -> _H2Request:
+        """The log record of an `Upgrade: h2c` request, stream 1 of its connection: gunicorn
+        logs it as an HTTP/2 request with the HTTP/1 fields but the upgrade's own."""
+        line, fields = _parse_head(head)
+        parts = line.split(b" ")
+        regular = [field for field in fields if field[0] not in _UPGRADE_FIELDS]
+        return None, self._h2_atoms(parts[0], parts[1] if len(parts) > 1 else b"/", regular, False)
+
+    def _h2_atoms(
+        self, method: bytes, path: bytes, regular: list[tuple[bytes, bytes]], tls: bool
+    ) -> dict[str, str]:
+        atoms = self.request_atoms(
+            method + b" " + path + b" HTTP/2.0", method, path, b"HTTP/2.0", regular
+        )
+        atoms["{script_name}e"] = ""
+        atoms["{wsgi.url_scheme}e"] = "https" if tls else "http"
+        atoms["{http_version}e"] = "2"  # gunicorn's HTTP/2 worker sets HTTP_VERSION
+        return atoms
+
+    def h2_template(self, request: _H2Request, kind: int, answers: Any, tls: bool) -> str:
+        """The line for an HTTP/2 request and the answer it got (`_H2_*`), `%s` for the
+        dynamic atoms; cached by (table state, block, kind) when the request has a key."""
+        key, atoms = request
+        templates = self.h2_templates[tls]
+        if key is not None:
+            found = templates.get((key[0], key[1], kind))
+            if found is not None:
+                return found
+        answer = self.h2_answers.get(kind)
+        if answer is None:  # as for HTTP/1: only the Date changes, and it is dynamic
+            answer = self.h2_answers[kind] = _h2_answer_atoms(answers, kind)
+        found = self.render({**atoms, **answer})
+        if key is not None:
+            if len(templates) >= _TEMPLATES:
+                templates.clear()
+            templates[(key[0], key[1], kind)] = found
+        return found
 
     def line(self, conn: Any, head: bytes, kind: int, duration: float) -> str:
         template = self.template(head, kind)
@@ -868,6 +1008,199 @@ class LoggingH1Protocol(H1Protocol):
         return super().refuse(kind)
 
 
+class LoggingH2Protocol(H2Protocol):
+    """An H2Protocol (HTTP/2 by ALPN or h2c, h2/connection.py) that logs every stream it answers.
+
+    Chosen once per connection by cleartext.ProtocolFactory when the log is on, so the HTTP/2 core
+    stays unaware of logging and its hot path as it is. Two ways in, as in the core:
+    - `_frames` is H2Protocol._frames plus the lines marked `# log` (tests/test_access_log.py
+      checks that the two are the same code without them): a request on the hot path is logged
+      with the template cached for (HPACK table state, header block, verdict), shared by every
+      connection whose client sends the same blocks (the core shares table states the same way).
+    - the general path (bodies, CONTINUATION, 431/414, CONNECT, trailers, the upgraded stream 1)
+      goes through methods the core already has: `_decode_request` keeps the request's log
+      record (its block decoded in full from the table state before it, the atoms cached) for
+      the stream being opened, `_answer` logs it with the answer chosen. A stream that ends
+      without an answer (reset, refused, malformed) logs nothing, as gunicorn logs only
+      responses.
+    `peer` is the connection's socket (the client's address and port); `tls` gives the scheme."""
+
+    __slots__ = (
+        "_log_requests",
+        "_log_sid",
+        "_log_start",
+        "_log_templates",
+        "_log_tls",
+        "access",
+        "log_addr",
+        "log_port",
+    )
+
+    def __init__(
+        self,
+        config: H2Config,
+        rules: FramingRules,
+        answers: H2Answers,
+        access: AccessLog | None = None,
+        peer: Any = None,
+        tls: bool = False,
+    ) -> None:
+        super().__init__(config, rules, answers)
+        self._log_requests: dict[int, _H2Request] = {}  # streams opened, not yet answered
+        self._log_sid = 0  # the stream whose header block is being decoded
+        self._log_start = time.perf_counter()
+        if access is not None:
+            self.log_to(access, peer, tls)
+
+    def log_to(self, access: AccessLog, peer: Any, tls: bool, upgrade: bytes = b"") -> None:
+        """Where this connection's lines go (`H2Protocol.upgraded` builds the protocol without
+        it); `upgrade`: the head of the `Upgrade: h2c` request that is stream 1."""
+        self.access = access
+        self._log_tls = tls
+        self._log_templates = access.h2_templates[tls]
+        try:
+            name = peer.getpeername() if peer is not None else None
+        except OSError:
+            name = None
+        if isinstance(name, tuple):
+            self.log_addr = escape(str(name[0]).encode("latin-1", "replace"))
+            self.log_port = str(name[1])
+        else:
+            self.log_addr = "-"
+            self.log_port = "-"
+        if upgrade:
+            self._log_requests[1] = access.h2_upgrade_request(upgrade)
+
+    def _log_template(self, block: bytes, kind: int) -> str:
+        """The hot path's template for a block the table state decodes without inserting."""
+        access = self.access
+        request = access.h2_request(self._table, block, self._log_tls)
+        return access.h2_template(request, kind, self.answers, self._log_tls)
+
+    def _frames(self, buf: bytes) -> None:
+        """Every complete frame in buf; the partial rest is kept for the next call."""
+        access = self.access  # log
+        began = self._log_start = time.perf_counter() if access.timed else 0.0  # log
+        templates = self._log_templates  # log
+        out = self._out
+        answers = self.answers
+        pos = 0
+        end = len(buf)
+        max_frame = self._max_frame
+        try:
+            while end - pos >= 9:
+                hi, lo, kind, flags, sid = _UNPACK_HEADER(buf, pos)
+                length = hi << 16 | lo
+                if length > max_frame:
+                    raise _ConnectionError(frames.FRAME_SIZE_ERROR, "frame larger than allowed")
+                start = pos + 9
+                if end - start < length:
+                    break
+                pos = start + length
+                sid &= 0x7FFFFFFF
+                self._blocks += 1
+                if (
+                    kind == HEADERS
+                    and flags | FLAG_PRIORITY == _HOT_FLAGS  # browsers add PRIORITY
+                    and not self._streams
+                    and not self._cont_sid
+                    and sid == self._last_id + 2  # the next id: odd and new
+                    and self._settings_seen
+                    and not self._goaway_sent
+                ):
+                    # The hot path: a complete GET/HEAD-like request on a new stream.
+                    if flags & FLAG_PRIORITY:
+                        # 5 bytes of (deprecated) priority; depending on itself is an error
+                        # that the general path reports.
+                        depends = _UNPACK_U32(buf, start)[0] & 0x7FFFFFFF
+                        block = buf[start + 5 : pos] if depends != sid else None
+                    else:
+                        block = buf[start:pos]
+                    verdict = self._table.reads.get(block)  # type: ignore[arg-type]
+                    if verdict is not None and verdict <= hd.HEAD:
+                        self._last_id = sid
+                        # The verdict is the kind (_H2_OK, _H2_HEAD); same block, same line.
+                        template = templates.get((self._table.key, block, verdict))  # log
+                        if template is None:  # log
+                            template = self._log_template(block, verdict)  # log
+                        same = template is access.line_template  # log
+                        if same and self.log_addr == access.line_addr:  # log
+                            access.lines.append(access.last_line)  # log
+                        else:  # log
+                            access.lines.append(access.fresh_line(self, template, began))  # log
+                        variant = answers.ok
+                        if verdict:
+                            sid4 = sid.to_bytes(4, "big")
+                            out.append(variant.headers_for(sid4, True))
+                        else:
+                            body_size = len(variant.body)
+                            if (
+                                variant.one_frame
+                                and body_size <= self._send_window
+                                and body_size <= self._peer_initial
+                                and body_size <= self._budget
+                            ):
+                                self._send_window -= body_size
+                                self._budget -= body_size
+                                sid4 = sid.to_bytes(4, "big")
+                                out += (variant.get_prefix, sid4, variant.get_middle, sid4)
+                                out.append(variant.body)
+                            else:
+                                self._answer(sid, variant, False, None)
+                        rules = self.rules
+                        rules.answered += 1
+                        if rules.answered >= rules.open_until and not self._goaway_sent:
+                            self._goaway(frames.NO_ERROR)
+                        continue
+                self._frame(kind, flags, sid, buf, start, pos)
+                if self.closing:
+                    pos = end
+                    break
+        finally:
+            self._buf = buf[pos:] if pos < end else b""
+
+    def _header_block(self, sid: int, flags: int, block: bytes, bad_priority: bool) -> None:
+        if sid <= self._last_id:  # trailers, or a closed stream: no request is opened
+            super()._header_block(sid, flags, block, bad_priority)
+            return
+        self._log_sid = sid
+        try:
+            super()._header_block(sid, flags, block, bad_priority)
+        finally:
+            self._log_sid = 0
+        requests = self._log_requests
+        streams = self._streams
+        if sid not in streams:
+            requests.pop(sid, None)  # answered, reset, or ignored after GOAWAY
+        if len(requests) > len(streams):  # streams reset since they opened: forget them
+            for gone in [key for key in requests if key not in streams]:
+                del requests[gone]
+
+    def _decode_request(self, block: bytes) -> int:
+        table = self._table
+        verdict = super()._decode_request(block)
+        if self._log_sid:
+            self._log_requests[self._log_sid] = self.access.h2_request(table, block, self._log_tls)
+        return verdict
+
+    def _answer(self, sid: int, variant: Variant, head: bool, stream: _Stream | None) -> None:
+        request = self._log_requests.pop(sid, None)
+        if request is not None:  # None: the hot path, which logged the stream itself
+            answers = self.answers
+            if variant is answers.ok:
+                kind = _H2_HEAD if head else _H2_OK
+            elif variant is answers.too_large:
+                kind = _H2_TOO_LARGE
+            elif variant is answers.uri_too_long:
+                kind = _H2_URI_TOO_LONG
+            else:
+                kind = _H2_TUNNEL
+            access = self.access
+            template = access.h2_template(request, kind, answers, self._log_tls)
+            access.lines.append(access.fresh_line(self, template, self._log_start))
+        super()._answer(sid, variant, head, stream)
+
+
 def start(worker: Any) -> AccessLog | None:
     """At worker start: the access log if gunicorn's logger has it on, else None (and nothing
     on the request path changes)."""
@@ -902,6 +1235,7 @@ __all__ = [
     "LoggingConnection",
     "LoggingFramer",
     "LoggingH1Protocol",
+    "LoggingH2Protocol",
     "escape",
     "start",
 ]

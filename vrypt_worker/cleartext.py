@@ -82,7 +82,7 @@ class Negotiation:
 
     def __init__(self, factory: Any, prior: bool, upgrade: bool, sock: Any = None) -> None:
         self.factory = factory  # the worker's ProtocolFactory
-        self.sock = sock  # for the access log's client address, if HTTP/1 is chosen
+        self.sock = sock  # for the access log's client address
         self.prior = prior
         self.upgrade = upgrade
         self.chosen: Any = None
@@ -144,7 +144,7 @@ class Negotiation:
             if state == PARTIAL and not final:
                 return b""
             if state == MATCH:
-                return self._choose(factory.h2(), buf)
+                return self._choose(factory.h2(self.sock), buf)
             if factory.policy.mismatch_is_error:  # prior knowledge only: HTTP/1 is a mistake
                 h1 = factory.h1(self.sock)
                 self.chosen = h1
@@ -163,7 +163,7 @@ class Negotiation:
                     if len(rest) < offer.body_length and not final:
                         return b""  # the upgrade request's body is still coming
                     if len(rest) >= offer.body_length:
-                        h2 = factory.h2_upgraded(offer.settings, offer.head)
+                        h2 = factory.h2_upgraded(offer.settings, offer.head, self.sock, head)
                         self.chosen = h2
                         self._buf = b""
                         out = UPGRADE_101 + h2.start()
@@ -200,8 +200,8 @@ class ProtocolFactory:
         self.policy = policy
         self.h2_config = h2_config
         self.h2_answers = h2_answers
-        # With gunicorn's access log on, HTTP/1 answers are logged (access_log.py); HTTP/2
-        # streams are not yet.
+        # With gunicorn's access log on, every answer is logged: the Logging* protocols of
+        # access_log.py are built instead, chosen here once per connection.
         self.access = getattr(worker, "access_log", None)
         self.access_heads = getattr(worker, "access_heads", None)
 
@@ -224,14 +224,32 @@ class ProtocolFactory:
             self.rules, self.table, self.head_timeout, self.body_timeout, budget=self.worker
         )
 
-    def h2(self) -> H2Protocol:
+    def h2(self, sock: Any = None, tls: bool = False) -> H2Protocol:
+        """`sock` as for h1; `tls`: HTTP/2 by ALPN (the access log's scheme), else h2c."""
+        if self.access is not None:
+            from vrypt_worker.access_log import LoggingH2Protocol  # imported in the arbiter
+
+            return LoggingH2Protocol(
+                self.h2_config, self.rules, self.h2_answers, self.access, sock, tls
+            )
         return H2Protocol(self.h2_config, self.rules, self.h2_answers)
 
-    def h2_upgraded(self, settings: bytes, head: bool) -> H2Protocol:
+    def h2_upgraded(
+        self, settings: bytes, head: bool, sock: Any = None, request: bytes = b""
+    ) -> H2Protocol:
+        """`request`: the head of the `Upgrade: h2c` request (stream 1), for the access log."""
+        if self.access is not None:
+            from vrypt_worker.access_log import LoggingH2Protocol
+
+            proto = LoggingH2Protocol.upgraded(
+                self.h2_config, self.rules, self.h2_answers, settings, head
+            )
+            proto.log_to(self.access, sock, False, request)  # type: ignore[attr-defined]
+            return proto
         return H2Protocol.upgraded(self.h2_config, self.rules, self.h2_answers, settings, head)
 
     def for_alpn(self, alpn: str | None, sock: Any = None) -> Any:
-        return self.h2() if alpn == "h2" else self.h1(sock)
+        return self.h2(sock, tls=True) if alpn == "h2" else self.h1(sock)
 
     def negotiation(self, peer: Any, sock: Any = None) -> Negotiation | None:
         """The protocol for a plain connection from `peer`, or None when it gets no h2c (the

@@ -360,8 +360,6 @@ class VryptWorker(Worker):
             H2Answers(time.time()),
         )
         self.h2c = self.protocols if self.protocols.policy.available else None
-        if self.access_log is not None and "h2" in (self.cfg.http_protocols or []):
-            self.log.warning("vrypt_worker: the access log does not cover HTTP/2 streams yet")
         if self.tls_context is not None:
             transport.serve_tls(self)  # TLSConnection instead of Connection
         self._done = gevent.event.Event()
