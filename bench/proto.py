@@ -28,9 +28,11 @@ guard. What is particular to a scenario goes into the run's `extra` figures:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     from bench.runner import Run
 
 IDLE_SETTLE = 1.0  # seconds between the last answer and the memory reading
+IDLE_KEEPALIVE = 30  # gunicorn --keep-alive in the idle-* scenarios (nginx's and vrypt's value)
 
 
 def _tlsload(scenario: ProtoScenario, where: Placement, port: int, seconds: float) -> dict:
@@ -132,6 +135,18 @@ def _open_idle_pinned(
     return socks, non_2xx, failed
 
 
+def _still_open(sock: socket.socket) -> bool:
+    """Whether the server has not closed this connection (nothing to read is open; EOF or a
+    reset is closed; bytes, e.g. an HTTP/2 PING, count as open)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return True
+    except OSError:
+        return False
+
+
 def _wchar(sid: int) -> int:
     """Bytes the server's processes have written so far (/proc/PID/io `wchar`: every write and
     send, to sockets too)."""
@@ -170,6 +185,8 @@ def measure(
     from bench.runner import Run  # runner imports this module's caller; import when used
 
     transport = TRANSPORTS.get(scenario.transport)
+    if scenario.tool == "idle" and transport is not None:
+        transport = dataclasses.replace(transport, keepalive=IDLE_KEEPALIVE)
     extra: dict[str, float] = {}
     note = ""
     state: dict[str, float] = {}  # what a warm-up tells the measured run (h2load: the rate)
@@ -198,15 +215,18 @@ def measure(
             opened = time.monotonic() - started
             time.sleep(IDLE_SETTLE)
             rss_after = _rss_kb(server.sid)
+            # The figure holds only if every connection was still open at the reading.
+            closed = sum(not _still_open(sock) for sock in socks)
+            kinds = {"connection failed": failed, "closed by the server before the reading": closed}
             result = LoadResult(
                 requests=len(socks) + non_2xx,
                 seconds=opened,
                 rps=len(socks) / opened if opened else 0.0,
                 p50_us=0.0,
                 p99_us=0.0,
-                socket_errors=failed,
+                socket_errors=failed + closed,
                 non_2xx=non_2xx,
-                socket_error_kinds={"connection failed": failed} if failed else {},
+                socket_error_kinds={k: v for k, v in kinds.items() if v},
             )
             extra["idle B/conn"] = (rss_after - rss_before) * 1024 / max(1, len(socks))
             extra["idle connections"] = len(socks)
@@ -306,6 +326,8 @@ def describe_load(scenario: Scenario, seconds: float) -> str:
     if not isinstance(scenario, ProtoScenario):
         return ""
     transport = TRANSPORTS.get(scenario.transport)
+    if scenario.tool == "idle" and transport is not None:
+        transport = dataclasses.replace(transport, keepalive=IDLE_KEEPALIVE)
     scheme = transport.scheme if transport else "http"
     url = f"{scheme}://127.0.0.1:PORT/"
     served = f"; server: {transport.describe()}" if transport else "; server: plain HTTP/1.1"
@@ -327,6 +349,7 @@ def describe_load(scenario: Scenario, seconds: float) -> str:
     if scenario.tool == "idle":
         return (
             f"{scenario.connections} connections opened one after another by the harness, one "
-            "GET each (HTTP/2: stream 1), held open; server VmRSS read 1 s later" + served
+            "GET each (HTTP/2: stream 1), held open; server VmRSS read 1 s later, then every "
+            "connection checked to be still open" + served
         )
     return f"`wrk -t1 -c{scenario.connections} -d{seconds:g}s --timeout 5s {url}`" + served

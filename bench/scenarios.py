@@ -101,7 +101,7 @@ PROTO_SCENARIOS: dict[str, ProtoScenario] = {
         ),
         ProtoScenario(
             "idle-h1", "memory per idle plain HTTP/1.1 connection, 1000 connections", 1000,
-            tool="idle",
+            transport="plain", tool="idle",
         ),
         ProtoScenario(
             "idle-tls", "memory per idle TLS HTTP/1.1 connection, 1000 connections", 1000,

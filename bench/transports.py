@@ -46,12 +46,16 @@ class Transport:
     name: str
     tls: bool
     h2: bool  # the load speaks HTTP/2 (ALPN h2 over TLS, or prior knowledge in cleartext)
+    # gunicorn `--keep-alive` when set: the idle-* scenarios hold connections for seconds, and
+    # gunicorn's default (2 s) would close them before the reading; nginx's configuration and
+    # vrypt's conf/gunicorn.conf.py both keep idle connections 30 s.
+    keepalive: int = 0
 
     @property
     def scheme(self) -> str:
         return "https" if self.tls else "http"
 
-    def nginx_listen(self) -> str:
+    def nginx_listen(self) -> str:  # nginx keeps idle connections 30 s (NGINX_CONF)
         return " ".join(("ssl" if self.tls else "", "http2" if self.h2 else "")).strip()
 
     def gunicorn_flags(self, cert: Path, key: Path) -> list[str]:
@@ -60,12 +64,18 @@ class Transport:
             flags += ["--http-protocols", "h2,h1"]
         if self.h2 and not self.tls:
             flags += ["--http2-cleartext", "prior-knowledge"]
+        if self.keepalive:
+            flags += ["--keep-alive", str(self.keepalive)]
         return flags
 
     def build(self, spec: ServerSpec, port: int, workers: int, tmp: Path) -> list[str]:
         """The server's command line for this transport (certificate made in ``tmp``)."""
-        cert, key = make_certificate(tmp)
         argv = spec.build(port, workers, tmp)
+        if not self.tls and not self.h2:  # plain HTTP/1.1: only gunicorn's keep-alive changes
+            if argv[:3] == [sys.executable, "-m", "gunicorn"]:
+                return [*argv, *self.gunicorn_flags(Path(), Path())]
+            return argv
+        cert, key = make_certificate(tmp)
         if argv[:1] == [NGINX]:
             conf = Path(argv[argv.index("-c") + 1])
             text = conf.read_text()
@@ -85,6 +95,9 @@ class Transport:
         return argv
 
     def describe(self) -> str:
+        if not self.tls and not self.h2:
+            flags = " ".join(self.gunicorn_flags(Path(), Path()))
+            return "as in the HTTP/1.1 scenarios" + (f"; gunicorn: `{flags}`" if flags else "")
         return (
             f"nginx: `listen 127.0.0.1:PORT {self.nginx_listen()};`"
             + (
@@ -151,5 +164,6 @@ TRANSPORTS = {
         Transport("tls", tls=True, h2=False),
         Transport("tls-h2", tls=True, h2=True),
         Transport("h2c", tls=False, h2=True),
+        Transport("plain", tls=False, h2=False),
     )
 }
