@@ -166,6 +166,7 @@ class FramingRules:
         "recent_head",
         "recent_kind",
         "rejected",
+        "tick",
     )
 
     def __init__(self, limits: Limits | None = None) -> None:
@@ -177,6 +178,9 @@ class FramingRules:
         self.answered = 0
         self.rejected = 0
         self.open_until = sys.maxsize
+        # Not framing: the worker's sweep count, kept here because the connection's hot path
+        # holds this object already (it notes the tick of each read: worker.py, Connections).
+        self.tick = 0
 
     def parse_and_cache(self, head: bytes) -> int:
         """The packed verdict for a complete head (ending in CRLF CRLF) that is not in `cache`
