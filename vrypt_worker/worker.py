@@ -835,7 +835,8 @@ class VryptWorker(Worker):
 #   keep-alive connection is looked at about once per keep-alive timeout, an idle one once, when
 #   it closes, and a sweep costs what its due connections cost, not what the open ones do.
 # - `drain()`, `close_if_idle(spare_fresh)`, `evictable()`, `idleness()` (a sortable key, larger
-#   for the less recently used), `close()`: as documented on Connection.
+#   for the less recently used: sweeps since the last use first, so that connections of different
+#   classes compare; `_make_room` calls each one's own), `close()`: as documented on Connection.
 
 
 class Connection:
