@@ -2,6 +2,7 @@
 move with the machine's noise.
 
     python -m bench.instructions [--servers vrypt,nginx] [--rounds 200] [--connections 100]
+    python -m bench.instructions --close [--rounds 50]   # a new connection per request
 
 Wall-clock CPU per request moves by ±10-30 % from run to run on a shared machine; the number of
 instructions a server executes in user space per request does not (±2 % here), so a change to
@@ -49,6 +50,29 @@ READY_TIMEOUT = 120.0  # a Python server starts in seconds under valgrind, not m
 
 def request(port: int) -> bytes:
     return b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port
+
+
+def drive_closing(port: int, connections: int, rounds: int, timeout: float = 60.0) -> None:
+    """`rounds` times: `connections` new connections, one `Connection: close` request on each,
+    every answer read up to the server's close (the bench's `close` scenario, counted)."""
+    req = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nConnection: close\r\n\r\n" % port
+    for _ in range(rounds):
+        socks = [
+            socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            for _ in range(connections)
+        ]
+        try:
+            for sock in socks:
+                sock.sendall(req)
+            for sock in socks:
+                buf = b""
+                while chunk := sock.recv(4096):
+                    buf += chunk
+                if not buf.endswith(b"Vrypt"):
+                    raise RuntimeError("an answer without its body before the close")
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def drive(port: int, connections: int, rounds: int, timeout: float = 60.0) -> None:
@@ -179,7 +203,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer", action="append", default=[], metavar="NAME=COMMAND")
     p.add_argument("--rounds", type=int, default=200, help="measured rounds (default 200)")
     p.add_argument("--connections", type=int, default=100, help="connections (default 100)")
+    p.add_argument(
+        "--close", action="store_true", help="a new connection per request (`Connection: close`)"
+    )
     args = p.parse_args(argv)
+    if args.close:
+        global drive
+        drive = drive_closing  # type: ignore[assignment]  # callgrind_control's pokes too
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             print(f"{tool} not found: apt-get install valgrind", file=sys.stderr)
@@ -199,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in results.items():
         ratio = f"{value / reference:.2f}x" if reference else "-"
         print(f"| {name} | {value:,.0f} | {ratio} |")
+    kind = "new connections (`Connection: close`)" if args.close else "keep-alive connections"
     print(
-        f"\n{args.connections} keep-alive connections, {args.rounds} measured rounds of one "
+        f"\n{args.connections} {kind}, {args.rounds} measured rounds of one "
         f"request per connection, after {WARMUP_ROUNDS} warm-up rounds."
     )
     return 0

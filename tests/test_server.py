@@ -336,6 +336,31 @@ def test_busy_connection_outlives_the_keepalive_timeout(impatient: Server) -> No
             time.sleep(0.5)
 
 
+def test_keep_alive_timeout_fires_within_its_second_after_the_last_request(
+    impatient: Server,
+) -> None:
+    """The sweep looks only at the connections whose timeout falls due (a timer wheel): one that
+    was busy past its first due tick is filed again under the tick its timeout now falls on,
+    and still closes within a second after the keep-alive timeout (2 s) from its last answer."""
+    with impatient.connect() as idle, impatient.connect() as busy:
+        idle_reader, busy_reader = StrictReader(idle), StrictReader(busy)
+        idle.sendall(GET)
+        assert is_vrypt(idle_reader.read())
+        idle_answered = time.monotonic()
+        for _ in range(7):  # 3.5 s of requests: past the first tick it was filed under
+            busy.sendall(GET)
+            assert is_vrypt(busy_reader.read())
+            time.sleep(0.5)
+        busy.sendall(GET)
+        assert is_vrypt(busy_reader.read())
+        busy_answered = time.monotonic()
+        assert idle_reader.at_eof(timeout=0.1)  # closed meanwhile, at 2-3 s
+        assert busy_reader.at_eof(timeout=10)
+        busy_closed = time.monotonic() - busy_answered
+        assert 1.9 < busy_closed < 3.5, busy_closed
+    assert idle_answered < busy_answered
+
+
 def test_slow_head_gets_408_after_the_head_timeout(impatient: Server) -> None:
     with impatient.connect() as sock:
         started = time.monotonic()

@@ -66,6 +66,7 @@ from vrypt_worker.framing import (
     CONTINUE,
     FIELDS_TOO_LARGE,
     OK_CLOSE,
+    OK_CLOSE_HEAD,
     OK_HEAD,
     REQUEST_TIMEOUT,
     FramingRules,
@@ -88,7 +89,7 @@ from vrypt_worker.h2.connection import (
     _Stream,
     frames,
 )
-from vrypt_worker.worker import _BATCH, _FIRST_RECV_SIZE, _RECV_SIZE, Connection
+from vrypt_worker.worker import _BATCH, _FIRST_RECV_SIZE, _RECV_SIZE, _UNCACHED, Connection
 
 # Characters of lines waiting for the writer thread beyond which new lines are dropped: a disk
 # that stalls for seconds under 100k requests/s costs at most this much memory (x4 as str).
@@ -783,7 +784,6 @@ class LoggingConnection(Connection):
     def __init__(self, worker: Any, sock: Any) -> None:
         super().__init__(worker, sock)
         self.access: AccessLog = worker.access_log
-        self.framer = LoggingFramer(self.rules, worker.access_heads)
         try:
             peer = sock.getpeername()
         except OSError:
@@ -794,6 +794,9 @@ class LoggingConnection(Connection):
         else:  # a unix socket: gunicorn's REMOTE_ADDR is empty there too
             self.log_addr = "-"
             self.log_port = "-"
+
+    def new_framer(self) -> RequestFramer:
+        return LoggingFramer(self.rules, self.worker.access_heads)
 
     def on_readable(self) -> None:
         access = self.access  # log
@@ -808,14 +811,14 @@ class LoggingConnection(Connection):
         if not data:
             self.close()
             return
-        self.seen = True
-        framer = self.framer
         rules = self.rules
-        if framer.fresh:
+        self.seen = rules.tick
+        framer = self.framer
+        if framer is None:
             if data == rules.recent_head:
                 kind = rules.recent_kind
             else:
-                kind = rules.cache.get(data, CLOSING)
+                kind = rules.cache.get(data, _UNCACHED)
                 if kind < CLOSING:
                     rules.recent_head = data
                     rules.recent_kind = kind
@@ -844,9 +847,15 @@ class LoggingConnection(Connection):
                 if sent != len(payload):
                     self.wait_writable(payload[sent:])
                 return
+            if kind <= OK_CLOSE_HEAD:
+                self._log_close(data, CLOSING | (kind & OK_HEAD), start)  # log
+                self.answer_and_close(CLOSING | (kind & OK_HEAD))
+                return
         try:
             if len(data) == self.recv_size == _FIRST_RECV_SIZE:
                 self.recv_size = _RECV_SIZE
+            if framer is None:
+                framer = self.framer = self.new_framer()
             out = framer.feed(data)
             if out:
                 table = self.table
@@ -865,16 +874,26 @@ class LoggingConnection(Connection):
                 self._log_answers(out, start)  # log
             if not framer.fresh or self.held:
                 self.track_partial(bool(out))
-            if framer.closed and not self.pending:
-                self.linger()
+            if framer.closed:
+                if not self.pending:
+                    self.linger()
+            elif framer.fresh:
+                self.framer = None
         except Exception:
             self.worker.log.exception("vrypt_worker: closing a connection after an internal error")
             self.close()
 
+    __call__ = on_readable
+
+    def _log_close(self, head: bytes, kind: int, start: float) -> None:
+        access = self.access
+        duration = time.perf_counter() - start if access.timed else 0.0
+        access.lines.append(access.line(self, head, kind, duration))
+
     def _log_answers(self, out: list[int], start: float) -> None:
         access = self.access
         duration = time.perf_counter() - start if access.timed else 0.0
-        heads = self.framer.heads
+        heads = self.framer.heads  # type: ignore[union-attr]  # right after its feed
         lines = access.lines
         previous = None
         line = ""
@@ -890,7 +909,10 @@ class LoggingConnection(Connection):
     def refuse(self, kind: int) -> None:
         framer = self.framer
         # log: the worker's own 408/431, with what the request had sent of its head.
-        head = bytes(framer._buf[:_MAX_LINE]) if framer.in_head else framer._head
+        if framer is None:
+            head = b""
+        else:
+            head = bytes(framer._buf[:_MAX_LINE]) if framer.in_head else framer._head
         self.access.lines.append(self.access.line(self, head, kind, 0.0))
         super().refuse(kind)
 

@@ -149,7 +149,11 @@ class FramingRules:
     `cache` maps complete heads to packed verdicts. The hot-path contract: a read that is exactly
     a cached head whose verdict is below CLOSING (a keep-alive answer, no body), fed to a framer
     that is `fresh`, while `answered < open_until`, gets `[verdict]` and leaves the framer fresh.
-    The worker applies that shortcut itself, counting `answered`, without calling `feed`.
+    The worker applies that shortcut itself, counting `answered`, without calling `feed`. It
+    does the same for a cached head whose verdict is OK_CLOSE or OK_CLOSE_HEAD, and for one
+    below CLOSING once `answered` has reached `open_until` (`OK_CLOSE | (verdict & OK_HEAD)`):
+    `feed` would give that one answer, end the connection and find nothing after the head
+    (`clean`), so the worker answers and closes it without a framer.
     `recent_head` and `recent_kind` are the last head (and its verdict, below CLOSING) that the
     worker answered that way: it compares a read with that head before it hashes the read for a
     cache lookup, because clients that repeat one request (load generators, health checkers) are
@@ -166,6 +170,7 @@ class FramingRules:
         "recent_head",
         "recent_kind",
         "rejected",
+        "tick",
     )
 
     def __init__(self, limits: Limits | None = None) -> None:
@@ -177,6 +182,9 @@ class FramingRules:
         self.answered = 0
         self.rejected = 0
         self.open_until = sys.maxsize
+        # Not framing: the worker's sweep count, kept here because the connection's hot path
+        # holds this object already (it notes the tick of each read: worker.py, Connections).
+        self.tick = 0
 
     def parse_and_cache(self, head: bytes) -> int:
         """The packed verdict for a complete head (ending in CRLF CRLF) that is not in `cache`

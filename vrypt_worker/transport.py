@@ -408,8 +408,9 @@ class TLSConnection:
         )
 
     def idleness(self) -> tuple[int, int]:
-        """As Connection.idleness: sweeps idle, then not used since the last sweep, then age."""
-        return 2 * self.idle_ticks + (not self.seen), -self.born
+        """As Connection.idleness, on its scale (h2c connections share the worker with plain
+        ones): sweeps since the last use, then age."""
+        return self.idle_ticks + (not self.seen), -self.born
 
 
 def serve_tls(worker: Any) -> None:

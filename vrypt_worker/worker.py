@@ -10,6 +10,7 @@ cap, timeouts, signals, draining on shutdown and recycling.
 from __future__ import annotations
 
 import errno
+import gc
 import heapq
 import itertools
 import logging
@@ -31,6 +32,8 @@ from vrypt_worker import cleartext, listeners, metrics, settings, tls, transport
 from vrypt_worker.framing import (
     CLOSING,
     FIELDS_TOO_LARGE,
+    OK_CLOSE_HEAD,
+    OK_HEAD,
     REQUEST_TIMEOUT,
     FramingRules,
     Limits,
@@ -45,6 +48,14 @@ from vrypt_worker.transport import TLSConnection
 # boot (a few milliseconds each, measured with cProfile; a recycled worker's slot waits for them).
 _PRELOADED = (pprint,)
 _READ, _WRITE = 1, 2
+_STREAM = socket.SOCK_STREAM
+# The cache's answer for a head it does not hold: above every bare answer kind, so the hot path
+# leaves it to the framer.
+_UNCACHED = 1 << 16
+# Closed connections leave their stopped read watcher here for the next accepted one (its fd is
+# set, no new object, and no fcntl: gevent checks a descriptor with F_GETFD when it makes a
+# watcher); at most this many wait.
+_SPARE_READERS = 256
 _RECV_SIZE = 65536
 # A connection's reads start at this size: a bytes object of up to 512 bytes (33 of them its
 # header) comes from CPython's small-object allocator, while a 64 KiB receive buffer goes through
@@ -61,7 +72,8 @@ _MAX_ACCEPT = 64
 # After EMFILE/ENFILE, accepting pauses this long instead of spinning on a queue it cannot drain.
 _ACCEPT_BACKOFF = 0.5
 # A connection whose last answer said `close` is shut for writing and read until the peer closes,
-# so that unread request bytes do not turn our close into a reset that destroys the answer.
+# so that unread request bytes do not turn our close into a reset that destroys the answer: for
+# at most this many sweeps.
 _LINGER_TICKS = 2
 # Draining: a connection with no request in progress may have one on the wire (a client that has
 # just connected, a keep-alive client about to send its next request). It gets this long for that
@@ -194,6 +206,21 @@ def _spawn_replacements_at_once(arbiter: Any) -> None:
     arbiter._vrypt_spawn_patched = True
 
 
+_fork_hooked = False
+
+
+def _freeze_heap_at_fork() -> None:
+    """Every fork of the arbiter hands its objects to the worker in the garbage collector's
+    permanent generation (gc.freeze), and takes them back right after (gc.unfreeze), so that the
+    arbiter still collects its own garbage. A worker's collections then never walk the objects it
+    inherited: walking them writes their GC headers, which copies every page they live on out of
+    the memory shared with the arbiter (docs/performance.md, "Memory")."""
+    global _fork_hooked
+    if not _fork_hooked:
+        os.register_at_fork(before=gc.freeze, after_in_parent=gc.unfreeze)
+        _fork_hooked = True
+
+
 class VryptWorker(Worker):
     """A gunicorn worker that answers every HTTP request with `Vrypt`, without WSGI."""
 
@@ -206,6 +233,7 @@ class VryptWorker(Worker):
         # the top).
         from vrypt_worker import access_log  # noqa: F401
 
+        _freeze_heap_at_fork()
         arbiter = listeners.calling_arbiter(2)
         if arbiter is not None:
             listeners.prepare(arbiter)
@@ -300,6 +328,18 @@ class VryptWorker(Worker):
         self.head_budget = hostile["VRYPT_HEAD_BUFFER"]
         self.held = 0  # bytes of partial heads (and chunk lines) held by all connections
         self.accepted = 0  # connections accepted so far (their order, for eviction)
+        # The timer wheel (see the Connection section below): sweeps so far, and the connections
+        # each coming sweep must look at, by its tick, as (tick, set): a connection's `due` is
+        # that tuple's int, one object for all of them (an int of its own would be 32 bytes
+        # each); `_arrivals` is the next sweep's set. `unread`: `seen` of a connection accepted
+        # since the last sweep and never read, -1 - tick (shared likewise).
+        self.tick = 0
+        self.unread = -1
+        self._arrivals: set[Connection] = set()
+        self._arrival_tick = 1
+        self.wheel: dict[int, tuple[int, set[Connection]]] = {1: (1, self._arrivals)}
+        self._every_sweep: set[Any] = set()  # connections of a class without `due`
+        self.spare_readers: list[Any] = []
         self.draining = False
         self._accepting: list[tuple[Any, socket.socket]] = []
         self.max_connections = self.cfg.worker_connections
@@ -457,7 +497,7 @@ class VryptWorker(Worker):
                 if exc.errno in _RESOURCE_ERRORS:
                     raise
                 continue  # ECONNABORTED and the like: that client is gone, the next one is not
-            sock = RawSocket(family, socket.SOCK_STREAM, 0, fd)
+            sock = RawSocket(family, _STREAM, 0, fd)
             try:
                 sock.setblocking(False)
             except OSError:
@@ -471,6 +511,12 @@ class VryptWorker(Worker):
             if conn is None:
                 conn = self.connection_class(self, sock)
             self.connections.add(conn)
+            try:
+                conn.due = self._arrival_tick  # the wheel: looked at by the next sweep first
+            except AttributeError:  # a class without `due`: looked at every sweep
+                self._every_sweep.add(conn)
+            else:
+                self._arrivals.add(conn)
             if self.draining:
                 self._late[conn] = time.monotonic()
             return True
@@ -512,8 +558,38 @@ class VryptWorker(Worker):
         if len(self.connections) < self.max_connections:
             self._resume_accepting()
 
+    def wake(self, conn: Connection, due: int) -> None:
+        """The sweep of tick `due` (at the earliest the next one) looks at `conn`, unless one
+        before it does already: a connection calls this when a timeout shorter than the one it
+        was filed under starts (a head, a body, answers owed, lingering)."""
+        tick = self.tick
+        current = conn.due
+        if tick < current <= due:
+            return
+        if due <= tick:
+            due = tick + 1
+        wheel = self.wheel
+        if current > tick:
+            filed = wheel.get(current)
+            if filed is not None:
+                filed[1].discard(conn)
+        entry = wheel.get(due)
+        if entry is None:
+            wheel[due] = (due, {conn})
+            conn.due = due
+        else:
+            entry[1].add(conn)
+            conn.due = entry[0]
+
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
+        try:
+            filed = self.wheel.get(conn.due)
+        except AttributeError:  # a class without `due`
+            self._every_sweep.discard(conn)
+            filed = None
+        if filed is not None:
+            filed[1].discard(conn)
         if self._late:
             self._late.pop(conn, None)
         if self._accept_paused and len(self.connections) < self.max_connections:
@@ -601,7 +677,20 @@ class VryptWorker(Worker):
         metrics.watch(self)  # takes over a dead metrics pusher's role (at most once per sweep)
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
         now = time.monotonic()
-        for conn in list(self.connections):
+        # The wheel: only the connections filed under this tick are looked at (their timeouts
+        # are due, or they were accepted since the last sweep); each says when it is due next.
+        tick = self.tick = self.rules.tick = self.tick + 1
+        self.unread = -1 - tick
+        _, due = self.wheel.pop(tick, (tick, None))
+        self._arrival_tick, self._arrivals = self.wheel.setdefault(tick + 1, (tick + 1, set()))
+        if due:
+            connections = self.connections
+            wake = self.wake
+            for conn in due:
+                later = conn.on_tick(keepalive, now)
+                if conn in connections:  # None: a connection that wants every sweep
+                    wake(conn, tick + 1 if later is None else later)
+        for conn in list(self._every_sweep):
             conn.on_tick(keepalive, now)
         if self._accept_paused and len(self.connections) >= self.max_connections:
             self._resume_accepting()  # paused at the cap: a waiting client retries _make_room
@@ -751,15 +840,42 @@ class VryptWorker(Worker):
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
+# Connections ------------------------------------------------------------------------------------
+#
+# What the worker asks of a connection class (Connection here; any other transport's class too):
+#
+# - `due`: an int slot that only the worker writes: the tick (sweep number, `worker.tick`) under
+#   which the worker's timer wheel has it filed. `_accept_one` files a new connection under the
+#   next sweep (`conn.due = worker.tick + 1` and `worker._arrivals`); `worker.connection_closed`
+#   takes it out of the wheel (and out of `worker.connections`), so every close must call it.
+#   A class without a `due` slot keeps the contract from before the wheel: its on_tick is called
+#   at every sweep (`worker._every_sweep`), and nothing below applies to it.
+# - `on_tick(keepalive, now) -> int | None`: called by the sweep only at the tick the connection
+#   is filed under. It checks every timeout that may be due (closing, or answering 408), and
+#   returns the tick at which it must be looked at next: the earliest of its running timeouts.
+#   None means "the next sweep" (a class that keeps the old contract, a per-sweep count, still
+#   works: it is then looked at every second, as all connections were before the wheel).
+# - `worker.wake(conn, tick)`: a connection calls it when a timeout shorter than the one it is
+#   filed under starts (a partial head, a body between reads, answers owed, lingering); it moves
+#   the connection to that tick if that is earlier. Nothing else moves it: a read on the hot path
+#   only notes the tick it happened in (`self.seen = rules.tick`), and the sweep that finds the
+#   connection not due yet files it again under the tick its timeout now falls on. So a busy
+#   keep-alive connection is looked at about once per keep-alive timeout, an idle one once, when
+#   it closes, and a sweep costs what its due connections cost, not what the open ones do.
+# - `drain()`, `close_if_idle(spare_fresh)`, `evictable()`, `idleness()` (a sortable key, larger
+#   for the less recently used: sweeps since the last use first, so that connections of different
+#   classes compare; `_make_room` calls each one's own), `close()`: as documented on Connection.
+
+
 class Connection:
     """One client socket on the hub: read, frame, answer; back-pressure on slow readers."""
 
     __slots__ = (
         "born",
+        "due",
         "framer",
         "head_since",
         "held",
-        "idle_ticks",
         "lingering",
         "owed",
         "pending",
@@ -777,7 +893,10 @@ class Connection:
         self.worker = worker
         self.sock = sock
         self.rules = worker.rules
-        self.framer = RequestFramer(self.rules)
+        # The framing state, made only when a read is not one whole request (new_framer) and
+        # dropped when it is back at a request boundary with nothing held: None means `fresh`
+        # (FramingRules' hot-path contract), so an idle keep-alive connection holds no framer.
+        self.framer: RequestFramer | None = None
         self.table = worker.responses.bytes_for
         self.pending = b""  # answer bytes the kernel did not take yet
         # Answers owed beyond `pending`, as [kind, count] runs, rendered a batch at a time when
@@ -785,18 +904,29 @@ class Connection:
         # empty tuple until then: no list per connection (10,000 idle ones, 0.5 MB).
         self.owed: list[list[int]] | tuple[()] = ()
         self.writer: Any = None
-        # Read from (or written to) since the last sweep; None until the first read, so that a
-        # client whose request is still unread is never taken for an idle keep-alive one.
-        self.seen: bool | None = None
-        self.idle_ticks = -1  # sweeps without either (the first sweep counts as a use)
+        # The tick (worker.tick) of the last read, or of the last answer bytes the kernel took;
+        # until the first read, -1 minus the tick of the accept, so that a client whose request
+        # is still unread is never taken for an idle keep-alive one (evictable).
+        self.seen = worker.unread
         self.head_since = 0.0  # monotonic time of the current partial head's first read, or 0
         self.held = 0  # partial bytes the framer holds, as counted in worker.held
         self.born = worker.accepted  # accept order: among equally idle ones, older goes first
         worker.accepted += 1
-        self.lingering = 0
+        self.lingering = 0  # while lingering: the tick at which it closes anyway
         self.recv_size = _FIRST_RECV_SIZE
-        self.reader = worker.loop.io(sock.fileno(), _READ)
-        self.reader.start(self.on_readable)
+        spare = worker.spare_readers
+        if spare:
+            reader = spare.pop()
+            reader.fd = sock.fileno()
+        else:
+            reader = worker.loop.io(sock.fileno(), _READ)
+        self.reader = reader
+        # The connection itself is the callback (__call__ is on_readable): no bound method
+        # object per connection.
+        reader.start(self)
+
+    def new_framer(self) -> RequestFramer:
+        return RequestFramer(self.rules)
 
     def on_readable(self) -> None:
         try:
@@ -809,16 +939,16 @@ class Connection:
         if not data:
             self.close()
             return
-        self.seen = True
-        framer = self.framer
         rules = self.rules
-        if framer.fresh:
+        self.seen = rules.tick
+        framer = self.framer
+        if framer is None:
             # The hot path, inlined (a Python call costs as much as the rest): a read that is
             # exactly one keep-alive head seen before. See FramingRules for the contract.
             if data == rules.recent_head:  # the head answered last, again: no hashing
                 kind = rules.recent_kind
             else:
-                kind = rules.cache.get(data, CLOSING)
+                kind = rules.cache.get(data, _UNCACHED)
                 if kind < CLOSING:
                     rules.recent_head = data
                     rules.recent_kind = kind
@@ -835,9 +965,14 @@ class Connection:
                 if sent != len(payload):
                     self.wait_writable(payload[sent:])
                 return
+            if kind <= OK_CLOSE_HEAD:  # one whole request, after which the connection closes
+                self.answer_and_close(CLOSING | (kind & OK_HEAD))
+                return
         try:
             if len(data) == self.recv_size == _FIRST_RECV_SIZE:
                 self.recv_size = _RECV_SIZE  # more may be waiting: pipelined, or a body
+            if framer is None:
+                framer = self.framer = self.new_framer()
             out = framer.feed(data)
             if out:
                 table = self.table
@@ -855,12 +990,42 @@ class Connection:
                     self.send(payload)
             if not framer.fresh or self.held:  # something partial held now, or until now
                 self.track_partial(bool(out))
-            if framer.closed and not self.pending:
-                self.linger()
+            if framer.closed:
+                if not self.pending:
+                    self.linger()
+            elif framer.fresh:
+                self.framer = None  # nothing held: the next read may take the hot path
         except Exception:
             # A bug must cost one connection, never the worker and its other clients.
             self.worker.log.exception("vrypt_worker: closing a connection after an internal error")
             self.close()
+
+    __call__ = on_readable
+
+    def answer_and_close(self, kind: int) -> None:
+        """A read that was exactly one cached head after which the connection closes
+        (`Connection: close`, HTTP/1.0, draining), as RequestFramer.feed would decide it: its
+        answer, then the close at once (nothing followed the request: no lingering needed)."""
+        rules = self.rules
+        rules.answered += 1
+        payload = self.table[kind]
+        try:
+            sent = self.sock.send(payload)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self.close()
+            return
+        if sent == len(payload):
+            self.close()
+            worker = self.worker
+            if rules.answered >= worker.max_requests:  # as in linger()
+                worker.recycle()
+            return
+        framer = self.framer = self.new_framer()
+        framer.finish()
+        framer.clean = True  # linger() closes once the rest has gone
+        self.wait_writable(payload[sent:])
 
     def track_partial(self, answered: bool) -> None:
         """Off the hot path: account the bytes a partial head holds against the worker's
@@ -877,11 +1042,14 @@ class Connection:
         if framer.in_head:
             if answered or not self.head_since:  # a new head began in this read
                 self.head_since = time.monotonic()
+                worker.wake(self, worker.tick + worker.head_timeout)
             if held > _SMALL_HEAD and worker.held + held - self.held > worker.head_budget:
                 self.refuse(FIELDS_TOO_LARGE)  # the budget is spent: big heads are refused
                 return
         else:
             self.head_since = 0.0
+            if not framer.idle and not framer.closed:  # a body: the time to its next read
+                worker.wake(self, worker.tick + 1 + worker.body_timeout)
         worker.held += held - self.held
         self.held = held
 
@@ -925,7 +1093,7 @@ class Connection:
                 del owed[0]
             if sent != len(payload):
                 if sent:
-                    self.seen = True
+                    self.seen = self.worker.tick
                 rest = payload[sent : done * size]
                 if waiting:
                     self.pending = rest
@@ -978,10 +1146,12 @@ class Connection:
         # The peer reads slower than it sends: stop reading it until it has taken our answers,
         # so a client that pipelines without reading cannot grow our memory.
         self.pending = rest
-        metrics.publish(self.worker)  # a final (rejected?) answer may wait here
+        worker = self.worker
+        metrics.publish(worker)  # a final (rejected?) answer may wait here
+        worker.wake(self, worker.tick + 1 + worker.send_timeout)
         self.reader.stop()
         if self.writer is None:
-            self.writer = self.worker.loop.io(self.sock.fileno(), _WRITE)
+            self.writer = worker.loop.io(self.sock.fileno(), _WRITE)
         self.writer.start(self.on_writable)
 
     def on_writable(self) -> None:
@@ -993,19 +1163,20 @@ class Connection:
             self.close()
             return
         if sent:
-            self.seen = True  # progress: the send timeout starts again
+            self.seen = self.worker.tick  # progress: the send timeout starts again
         self.pending = self.pending[sent:]
         if self.pending or (self.owed and not self.flush(waiting=True)):
             return
         if self.reader is None:  # closed by flush
             return
         self.writer.stop()
-        if self.framer.closed:
+        framer = self.framer
+        if framer is not None and framer.closed:
             self.linger()
         else:
             if self.head_since:  # we stopped reading that head, not the client sending it
                 self.head_since = time.monotonic()
-            self.reader.start(self.on_readable)
+            self.reader.start(self)
 
     def linger(self) -> None:
         """After the final answer: close; when bytes may still come (an error, or requests after
@@ -1018,12 +1189,13 @@ class Connection:
         if worker.rules.answered >= worker.max_requests:
             worker.recycle()
         metrics.publish(worker)  # the final answer left: a rejection is counted now
-        if self.framer.clean:
+        if self.framer.clean:  # type: ignore[union-attr]  # closed: a framer said so
             # A 200 after which the client sent nothing: no unread byte can turn our close into
             # a reset that destroys the answer, so close now (as nginx does), without lingering.
             self.close()
             return
-        self.lingering = 1
+        self.lingering = worker.tick + _LINGER_TICKS
+        worker.wake(self, self.lingering)
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -1036,74 +1208,103 @@ class Connection:
     def drain(self) -> None:
         """Graceful shutdown (the rules now make every answer close): a request already waiting
         in the kernel is answered now; an idle connection is closed after _DRAIN_GRACE."""
-        if self.framer.idle and not self.pending and not self.lingering:
+        framer = self.framer
+        if (framer is None or framer.idle) and not self.pending and not self.lingering:
             self.on_readable()
 
     def close_if_idle(self, spare_fresh: bool = False) -> bool:
         """Draining: close this connection if it has nothing in progress. A request that has
         reached the kernel is read and answered first (closing over unread bytes would reset the
         connection and lose it). Returns True when it was spared because it is fresh."""
-        if self.reader is None or not self.framer.idle or self.pending or self.lingering:
+        if self.reader is None or not self.idle() or self.pending or self.lingering:
             return False
         self.on_readable()
-        if self.reader is None or not self.framer.idle or self.pending or self.lingering:
+        if self.reader is None or not self.idle() or self.pending or self.lingering:
             return False
         if spare_fresh and never_received(self.sock):
             return True
         self.close()
         return False
 
-    def on_tick(self, keepalive: int, now: float) -> None:
-        """Once a second, from the worker's sweep: every timeout of the connection, each
-        measured per request (docs/reliability.md, "Timeouts")."""
-        if self.lingering:
-            self.lingering += 1
-            if self.lingering > _LINGER_TICKS:
-                self.close()
-            return
-        if self.seen:
-            self.seen = False
-            self.idle_ticks = 0
-        else:
-            self.idle_ticks += 1
+    def idle(self) -> bool:
+        """Between requests: nothing partial, no body being read."""
+        framer = self.framer
+        return framer is None or framer.idle
+
+    def on_tick(self, keepalive: int, now: float) -> int | None:
+        """From the worker's sweep, at the tick the connection is filed under: every timeout of
+        the connection, each measured per request (docs/reliability.md, "Timeouts"). Returns
+        the tick at which the next one falls due (None once closed).
+
+        A timeout of N sweeps measured from the last use (`seen`, the tick it happened in)
+        fires at the sweep of tick seen + 1 + N, as when each sweep counted one idle tick."""
+        if self.reader is None:
+            return None
         worker = self.worker
+        tick = worker.tick
+        if self.lingering:
+            if tick < self.lingering:
+                return self.lingering
+            self.close()
+            return None
+        seen = self.seen
+        if seen < 0:  # never read: counted from the accept
+            seen = -1 - seen
         if self.pending:  # answers owed that the client does not take: the send timeout
-            if self.idle_ticks >= worker.send_timeout:
-                self.close()
+            due = seen + 1 + worker.send_timeout
         elif self.head_since:  # a head from its first byte to its end: the head timeout
-            if now - self.head_since >= worker.head_timeout:
-                self.refuse(REQUEST_TIMEOUT)
-        elif self.framer.idle:  # between requests: keep-alive
-            if self.idle_ticks >= keepalive:
-                self.close()
-        elif self.idle_ticks >= worker.body_timeout:  # between two reads of a body
+            left = worker.head_timeout - (now - self.head_since)
+            if left > 0:
+                return tick + max(1, int(left))
             self.refuse(REQUEST_TIMEOUT)
+            return None if self.reader is None else tick + 1
+        elif self.idle():  # between requests: keep-alive
+            due = seen + 1 + keepalive
+        else:  # between two reads of a body
+            due = seen + 1 + worker.body_timeout
+            if tick >= due:
+                self.refuse(REQUEST_TIMEOUT)
+                return None if self.reader is None else tick + 1
+            return due
+        if tick < due:
+            return due
+        self.close()
+        return None
 
     def evictable(self) -> bool:
-        """An idle keep-alive connection: nothing partial, nothing owed, not closing."""
+        """An idle keep-alive connection: read from, nothing partial, nothing owed, not closing."""
         return (
-            self.seen is not None
+            self.seen >= 0
             and self.reader is not None
             and not self.pending
             and not self.lingering
-            and self.framer.idle
+            and self.idle()
         )
 
     def idleness(self) -> tuple[int, int]:
-        """Larger for connections used less recently: sweeps idle, then not used since the
-        last sweep, then accepted earlier (a just-accepted client's request may not be read)."""
-        return 2 * self.idle_ticks + (not self.seen), -self.born
+        """Larger for connections used less recently: sweeps since their last use, then
+        accepted earlier (a just-accepted client's request may not be read)."""
+        return self.worker.tick - self.seen, -self.born
 
     def close_after_send(self) -> None:
-        self.framer.finish()
+        framer = self.framer
+        if framer is None:
+            framer = self.framer = self.new_framer()
+        framer.finish()
         if not self.pending:
             self.linger()
 
     def close(self) -> None:
-        if self.reader is None:
+        reader = self.reader
+        if reader is None:
             return
-        self.reader.close()
         self.reader = None
+        spare = self.worker.spare_readers
+        if len(spare) < _SPARE_READERS:
+            reader.stop()  # for the next connection: stopping drops its callback
+            spare.append(reader)
+        else:
+            reader.close()
         if self.held:
             self.worker.held -= self.held
             self.held = 0
