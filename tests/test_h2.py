@@ -73,6 +73,7 @@ def test_curl_upgrade_with_a_body_and_head(server: Server) -> None:
     assert "HTTP/2 200" in head.stdout and "content-length: 5" in head.stdout
 
 
+@pytest.mark.skipif(shutil.which("nghttp") is None, reason="nghttp is not installed")
 def test_nghttp_prior_knowledge_and_upgrade(server: Server) -> None:
     url = f"http://127.0.0.1:{server.port}/n"
     for extra in ((), ("-u",)):
@@ -83,6 +84,7 @@ def test_nghttp_prior_knowledge_and_upgrade(server: Server) -> None:
         assert bodies.returncode == 0 and bodies.stdout == "Vrypt" * 3, bodies
 
 
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed")
 def test_h2load_many_streams_no_errors(server: Server) -> None:
     answer = run(
         "h2load", "-c", "10", "-m", "10", "-n", "5000", f"http://127.0.0.1:{server.port}/"

@@ -60,6 +60,7 @@ def test_curl_https_http2(server: Server, certs) -> None:  # noqa: F811
     assert head.stdout.startswith("HTTP/2 200") and "content-length: 5" in head.stdout
 
 
+@pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed")
 def test_nghttp_and_h2load_over_tls(server: Server) -> None:
     url = f"https://127.0.0.1:{server.port}/"
     bodies = run("nghttp", url, url + "x", url + "y")
