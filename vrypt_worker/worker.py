@@ -399,7 +399,9 @@ class VryptWorker(Worker):
             H2Config.from_gunicorn(self.cfg, head_timeout=self.head_timeout),
             H2Answers(time.time()),
         )
-        self.h2c = self.protocols if self.protocols.policy.available else None
+        policy = self.protocols.policy
+        # Only then does an accept look at the peer (h2c is for trusted peers only).
+        self.h2c = self.protocols if policy.available and policy.mode != "off" else None
         if self.tls_context is not None:
             transport.serve_tls(self)  # TLSConnection instead of Connection
         self._done = gevent.event.Event()
