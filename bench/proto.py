@@ -182,7 +182,7 @@ def measure(
     warmup: float,
 ) -> Run:
     """As bench.runner.measure, with this scenario's transport and load tool."""
-    from bench.runner import Run  # runner imports this module's caller; import when used
+    from bench.runner import record  # runner imports this module: import when used
 
     transport = TRANSPORTS.get(scenario.transport)
     if scenario.tool == "idle" and transport is not None:
@@ -248,34 +248,9 @@ def measure(
         opens = tcp_passive_opens() - opens_before
     if not result.requests:
         raise LoadError(f"no request completed in {seconds} s ({result.socket_error_kinds})")
-    per_req = 1e6 / result.requests
-    server_cpu = after.cpu_s - before.cpu_s
-    other = (core_after.task_s - core_before.task_s - server_cpu) / (wall * len(where.server_cpus))
-    return Run(
-        server=spec.name,
-        scenario=scenario.name,
-        round=round_no,
-        requests=result.requests,
-        seconds=result.seconds,
-        rps=result.rps,
-        cpu_us_per_req=server_cpu * per_req,
-        user_us_per_req=(after.user_s - before.user_s) * per_req,
-        sys_us_per_req=(after.sys_s - before.sys_s) * per_req,
-        core_us_per_req=None
-        if where.shared
-        else (core_after.busy_s - core_before.busy_s) * per_req,
-        other_load=None if where.shared else max(0.0, other),
-        p50_us=result.p50_us,
-        p99_us=result.p99_us,
-        peak_rss_kb=sum(after.rss_kb),
-        peak_rss_max_kb=max(after.rss_kb, default=0),
-        processes=after.procs,
-        connections_per_req=opens / result.requests,
-        socket_errors=result.socket_errors,
-        socket_error_kinds=result.socket_error_kinds,
-        non_2xx=result.non_2xx,
-        extra=extra,
-        note=note,
+    return record(
+        spec, scenario, where, round_no, result, (before, after), (core_before, core_after), wall,
+        opens, extra, note,
     )
 
 

@@ -8,9 +8,10 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bench import proto
-from bench.load import LoadError, run_wrk, wrk_command
+from bench.load import LoadError, LoadResult, run_wrk, wrk_command
 from bench.procstat import core_times, sample_tree, tcp_passive_opens
 from bench.scenarios import Placement, ProtoScenario, Scenario, available_cpus, placement
 from bench.servers import ServerSpec, running
@@ -73,6 +74,29 @@ def measure(
             f"{result.requests} responses but no complete round trip in {seconds} s"
             + (" (does it answer every pipelined request?)" if scenario.pipeline > 1 else "")
         )
+    return record(
+        spec, scenario, where, round_no, result, (before, after), (core_before, core_after), wall,
+        opens,
+    )
+
+
+def record(
+    spec: ServerSpec,
+    scenario: Scenario,
+    where: Placement,
+    round_no: int,
+    result: LoadResult,
+    tree: tuple[Any, Any],
+    core: tuple[Any, Any],
+    wall: float,
+    opens: int,
+    extra: dict[str, float] | None = None,
+    note: str = "",
+) -> Run:
+    """A run's record from the load's result and the samples around it: the server tree's
+    (sample_tree) and its core's (core_times), before and after."""
+    before, after = tree
+    core_before, core_after = core
     per_req = 1e6 / result.requests
     server_cpu = after.cpu_s - before.cpu_s
     # Share of the server's core(s) that other processes used during the run.
@@ -100,6 +124,8 @@ def measure(
         socket_errors=result.socket_errors,
         socket_error_kinds=result.socket_error_kinds,
         non_2xx=result.non_2xx,
+        extra=extra or {},
+        note=note,
     )
 
 
