@@ -204,13 +204,16 @@ class ProtocolFactory:
         # access_log.py are built instead, chosen here once per connection.
         self.access = getattr(worker, "access_log", None)
         self.access_heads = getattr(worker, "access_heads", None)
+        self.logging: Any = None
+        if self.access is not None:
+            from vrypt_worker import access_log  # imports the worker, which imports this module
+
+            self.logging = access_log
 
     def h1(self, sock: Any = None) -> H1Protocol:
         """`sock`: the connection's socket, read for the client's address by the access log."""
-        if self.access is not None:
-            from vrypt_worker.access_log import LoggingH1Protocol  # imported in the arbiter
-
-            return LoggingH1Protocol(
+        if self.logging is not None:
+            return self.logging.LoggingH1Protocol(
                 self.rules,
                 self.table,
                 self.head_timeout,
@@ -226,10 +229,8 @@ class ProtocolFactory:
 
     def h2(self, sock: Any = None, tls: bool = False) -> H2Protocol:
         """`sock` as for h1; `tls`: HTTP/2 by ALPN (the access log's scheme), else h2c."""
-        if self.access is not None:
-            from vrypt_worker.access_log import LoggingH2Protocol  # imported in the arbiter
-
-            return LoggingH2Protocol(
+        if self.logging is not None:
+            return self.logging.LoggingH2Protocol(
                 self.h2_config, self.rules, self.h2_answers, self.access, sock, tls
             )
         return H2Protocol(self.h2_config, self.rules, self.h2_answers)
@@ -238,10 +239,8 @@ class ProtocolFactory:
         self, settings: bytes, head: bool, sock: Any = None, request: bytes = b""
     ) -> H2Protocol:
         """`request`: the head of the `Upgrade: h2c` request (stream 1), for the access log."""
-        if self.access is not None:
-            from vrypt_worker.access_log import LoggingH2Protocol
-
-            proto = LoggingH2Protocol.upgraded(
+        if self.logging is not None:
+            proto = self.logging.LoggingH2Protocol.upgraded(
                 self.h2_config, self.rules, self.h2_answers, settings, head
             )
             proto.log_to(self.access, sock, False, request)  # type: ignore[attr-defined]
