@@ -48,6 +48,7 @@ class TLSConnection:
 
     __slots__ = (
         "born",
+        "due",
         "idle_ticks",
         "lingering",
         "pending",
@@ -359,7 +360,8 @@ class TLSConnection:
 
     def on_tick(self, keepalive: int, now: float) -> None:
         """Once a second, from the worker's sweep: the handshake, keep-alive and send timeouts
-        here, the protocol's own (head, body) in `protocol.tick`."""
+        here, the protocol's own (head, body) in `protocol.tick`. Returns None: the timer wheel
+        files it under the next sweep again (its timeouts count sweeps, not ticks)."""
         if self.lingering:
             self.lingering += 1
             if self.lingering > _LINGER_TICKS:

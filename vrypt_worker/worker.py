@@ -338,7 +338,6 @@ class VryptWorker(Worker):
         self._arrivals: set[Connection] = set()
         self._arrival_tick = 1
         self.wheel: dict[int, tuple[int, set[Connection]]] = {1: (1, self._arrivals)}
-        self._every_sweep: set[Any] = set()  # connections of a class without `due`
         self.spare_readers: list[Any] = []
         self.draining = False
         self._accepting: list[tuple[Any, socket.socket]] = []
@@ -513,12 +512,8 @@ class VryptWorker(Worker):
             if conn is None:
                 conn = self.connection_class(self, sock)
             self.connections.add(conn)
-            try:
-                conn.due = self._arrival_tick  # the wheel: looked at by the next sweep first
-            except AttributeError:  # a class without `due`: looked at every sweep
-                self._every_sweep.add(conn)
-            else:
-                self._arrivals.add(conn)
+            conn.due = self._arrival_tick  # the wheel: looked at by the next sweep first
+            self._arrivals.add(conn)
             if self.draining:
                 self._late[conn] = time.monotonic()
             return True
@@ -585,11 +580,7 @@ class VryptWorker(Worker):
 
     def connection_closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
-        try:
-            filed = self.wheel.get(conn.due)
-        except AttributeError:  # a class without `due`
-            self._every_sweep.discard(conn)
-            filed = None
+        filed = self.wheel.get(conn.due)
         if filed is not None:
             filed[1].discard(conn)
         if self._late:
@@ -692,8 +683,6 @@ class VryptWorker(Worker):
                 later = conn.on_tick(keepalive, now)
                 if conn in connections:  # None: a connection that wants every sweep
                     wake(conn, tick + 1 if later is None else later)
-        for conn in list(self._every_sweep):
-            conn.on_tick(keepalive, now)
         if self._accept_paused and len(self.connections) >= self.max_connections:
             self._resume_accepting()  # paused at the cap: a waiting client retries _make_room
         if self.draining and self._accepting and time.monotonic() >= self._drain_deadline:
@@ -850,8 +839,6 @@ class VryptWorker(Worker):
 #   which the worker's timer wheel has it filed. `_accept_one` files a new connection under the
 #   next sweep (`conn.due = worker.tick + 1` and `worker._arrivals`); `worker.connection_closed`
 #   takes it out of the wheel (and out of `worker.connections`), so every close must call it.
-#   A class without a `due` slot keeps the contract from before the wheel: its on_tick is called
-#   at every sweep (`worker._every_sweep`), and nothing below applies to it.
 # - `on_tick(keepalive, now) -> int | None`: called by the sweep only at the tick the connection
 #   is filed under. It checks every timeout that may be due (closing, or answering 408), and
 #   returns the tick at which it must be looked at next: the earliest of its running timeouts.
