@@ -109,7 +109,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def available(name: str) -> bool:
     if name in ("vrypt", "vrypt-log"):
         return vrypt_importable()
-    if name in ("nginx", "nginx-log"):
+    if name in ("nginx", "nginx-log", "nginx-deferred"):
         return nginx_available()
     return True
 

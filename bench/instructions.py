@@ -3,6 +3,7 @@ move with the machine's noise.
 
     python -m bench.instructions [--servers vrypt,nginx] [--rounds 200] [--connections 100]
     python -m bench.instructions --close [--rounds 50]   # a new connection per request
+    python -m bench.instructions --close --keep DIR      # and keep the dumps: callgrind_annotate
 
 Wall-clock CPU per request moves by ±10-30 % from run to run on a shared machine; the number of
 instructions a server executes in user space per request does not (±2 % here), so a change to
@@ -174,8 +175,15 @@ def under_callgrind(spec: ServerSpec, out_dir: Path) -> ServerSpec:
     return dataclasses.replace(spec, build=build)
 
 
-def measure(spec: ServerSpec, connections: int, rounds: int, cpus: tuple[int, ...]) -> float:
-    """User-space instructions per request of the server's worker."""
+def measure(
+    spec: ServerSpec,
+    connections: int,
+    rounds: int,
+    cpus: tuple[int, ...],
+    keep: Path | None = None,
+) -> float:
+    """User-space instructions per request of the server's worker; with `keep`, its dump is
+    copied there as `callgrind.NAME`, for `callgrind_annotate` (where the instructions go)."""
     with tempfile.TemporaryDirectory(prefix=f"callgrind-{spec.name}-") as tmpdir:
         out_dir = Path(tmpdir)
         where = Placement(cpus[:1], cpus[1:] or cpus, 1)
@@ -192,7 +200,11 @@ def measure(spec: ServerSpec, connections: int, rounds: int, cpus: tuple[int, ..
                     raise RuntimeError("callgrind wrote no dump")
                 time.sleep(0.1)
             time.sleep(0.5)  # the dump is written by the worker: let it finish
-            return total_instructions(max(dumps, key=os.path.getmtime)) / (rounds * connections)
+            dump = max(dumps, key=os.path.getmtime)
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(dump, keep / f"callgrind.{spec.name}")
+            return total_instructions(dump) / (rounds * connections)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=100, help="connections (default 100)")
     p.add_argument(
         "--close", action="store_true", help="a new connection per request (`Connection: close`)"
+    )
+    p.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="keep each server's dump as DIR/callgrind.NAME (read it with callgrind_annotate)",
     )
     args = p.parse_args(argv)
     if args.close:
@@ -222,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     for spec in specs:
         print(f"{spec.name}: measuring under callgrind ...", file=sys.stderr, flush=True)
-        results[spec.name] = measure(spec, args.connections, args.rounds, available_cpus())
+        results[spec.name] = measure(
+            spec, args.connections, args.rounds, available_cpus(), args.keep
+        )
     reference = results.get("nginx")
     print("| server | user-space instructions per request | vs nginx |")
     print("|---|---|---|")

@@ -138,6 +138,17 @@ def _nginx_log(port: int, workers: int, tmp: Path) -> list[str]:
     return [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
 
 
+def _nginx_deferred(port: int, workers: int, tmp: Path) -> list[str]:
+    """nginx with `listen ... deferred` (TCP_DEFER_ACCEPT), as vrypt's listeners have it by
+    default: the fair reference for new connections when nginx is tuned the same way."""
+    conf = tmp / "nginx.conf"
+    text = NGINX_CONF.format(workers=workers, tmp=tmp, port=port, access_log="off")
+    listen = f"listen 127.0.0.1:{port};"
+    assert listen in text
+    conf.write_text(text.replace(listen, f"listen 127.0.0.1:{port} deferred;"))
+    return [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
+
+
 def peer_spec(arg: str) -> ServerSpec:
     """``NAME=COMMAND``: COMMAND is run by sh, with ``{port}`` and ``{workers}`` filled in."""
     name, sep, command = arg.partition("=")
@@ -175,6 +186,12 @@ BUILTIN: dict[str, ServerSpec] = {
         _nginx_log,
         command="nginx as above, with `access_log TMPDIR/access.log combined;`",
     ),
+    "nginx-deferred": ServerSpec(
+        "nginx-deferred",
+        'nginx, return 200 "Vrypt", `listen ... deferred` (TCP_DEFER_ACCEPT)',
+        _nginx_deferred,
+        command="nginx as above, with `listen 127.0.0.1:PORT deferred;`",
+    ),
     "gevent": ServerSpec(
         "gevent", "gunicorn -k gevent + 3-line WSGI app", _gevent_builder("gevent")
     ),
@@ -184,8 +201,9 @@ BUILTIN: dict[str, ServerSpec] = {
         _gevent_builder("gevent_pywsgi"),
     ),
 }
-# Run only when named (--servers): the access-log comparison, not part of the default set.
-OPT_IN = frozenset(("vrypt-log", "nginx-log"))
+# Run only when named (--servers): the access-log and deferred-accept comparisons, not part of
+# the default set.
+OPT_IN = frozenset(("vrypt-log", "nginx-log", "nginx-deferred"))
 
 
 def server_env(extra: tuple[tuple[str, str], ...]) -> dict[str, str]:

@@ -238,6 +238,21 @@ def test_many_pipelined_requests_all_logged(tmp: Path) -> None:
     assert got == [f"/{i} 200" for i in range(500)]
 
 
+def test_pipelined_copies_of_the_last_head_are_each_logged(tmp: Path) -> None:
+    """A read that is the head answered last several times over skips the framer: each of its
+    answers still gets its line."""
+    log = tmp / "access.log"
+    head = b"GET /same HTTP/1.1\r\nHost: t\r\n\r\n"
+    with running("--access-logfile", str(log), "--access-logformat", "%(U)s %(s)s") as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            reader = StrictReader(sock)
+            for count in (1, 1, 16):  # the second is the hot path's: the head answered last
+                sock.sendall(head * count)
+                assert len(reader.read_many(count)) == count
+        got = lines_of(log, 18)
+    assert got == ["/same 200"] * 18
+
+
 def test_usr1_reopens_after_rename(tmp: Path) -> None:
     log = tmp / "access.log"
     with running("--access-logfile", str(log), "--access-logformat", "%(U)s") as server:
@@ -359,8 +374,9 @@ def _code_without_log_lines(function: object) -> str:
     [
         (LoggingFramer.feed, RequestFramer.feed),
         (LoggingConnection.on_readable, Connection.on_readable),
+        (LoggingConnection.frame, Connection.frame),
     ],
-    ids=["feed", "on_readable"],
+    ids=["feed", "on_readable", "frame"],
 )
 def test_the_logging_copies_follow_their_originals(copy: object, original: object) -> None:
     """The logging path copies the framer's feed and the connection's on_readable, so that the

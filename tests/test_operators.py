@@ -339,6 +339,7 @@ BAD_ENV = [
     ("PORT", "abc", "not a port number"),
     ("WEB_CONCURRENCY", "0", "at least 1"),
     ("VRYPT_REUSE_PORT", "maybe", "expected 1/0"),
+    ("VRYPT_DEFER_ACCEPT", "later", "expected 1/0"),
     ("VRYPT_HEAD_TIMEOUT", "soon", "whole number of seconds"),
     ("VRYPT_BODY_TIMEOUT", "0", "whole number of seconds"),
     ("VRYPT_SEND_TIMEOUT", "later", "whole number of seconds"),

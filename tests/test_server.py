@@ -204,6 +204,48 @@ def test_one_write_of_pipelined_requests_gets_one_send(server: Server) -> None:
     assert data.count(b"HTTP/1.1 200 OK") == 16
 
 
+def test_pipelined_copies_of_the_last_head_are_each_answered(server: Server) -> None:
+    """The hot path remembers the head it answered last; a read that is that head several times
+    over is answered without a framer. Counts past one send's batch, reads that split a head,
+    and another head after them give the same answers as the framer."""
+    with server.connect() as sock:
+        reader = StrictReader(sock)
+        other = GET.replace(b"GET /", b"GET /other")
+        for payload, count in (
+            (GET, 1),
+            (GET, 1),
+            (GET * 16, 16),
+            (GET * 64, 64),
+            (GET * 65, 65),
+            (GET * 3 + other, 4),
+            (GET * 2, 2),
+        ):
+            sock.sendall(payload)
+            answers = reader.read_many(count)
+            assert len(answers) == count
+            assert all(is_vrypt(a) and a.header(b"Connection") is None for a in answers)
+        sock.sendall(GET.replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n"))
+        assert [is_vrypt(a) for a in reader.read_many(2)] == [True]
+        assert reader.at_eof()
+
+
+def test_pipelined_copies_that_reach_max_requests_end_with_the_close() -> None:
+    """The copies are answered without a framer only when all of them keep the connection
+    open: here the one that reaches max_requests says close, and nothing after it is answered."""
+    with running("--max-requests", "12") as srv, srv.connect() as sock:
+        reader = StrictReader(sock)
+        for _ in range(2):
+            sock.sendall(GET)
+            assert is_vrypt(reader.read_many(1)[0])
+        sock.sendall(GET * 16)
+        answers = reader.read_many(16)
+        assert 1 <= len(answers) < 16 and all(is_vrypt(a) for a in answers)
+        assert [a.header(b"Connection") for a in answers] == [None] * (len(answers) - 1) + [
+            b"close"
+        ]
+        assert reader.at_eof()
+
+
 def test_http10_closes_unless_keep_alive_was_asked(server: Server) -> None:
     responses, closed = exchange(server, b"GET / HTTP/1.0\r\n\r\n", 1)
     assert is_vrypt(responses[0]) and responses[0].header(b"Connection") == b"close" and closed

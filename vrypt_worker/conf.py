@@ -8,6 +8,8 @@ operator never edits this file to change a mode:
   PORT               port to bind on 0.0.0.0 (default 8080), as gunicorn itself reads it
   WEB_CONCURRENCY    number of workers (default: the CPUs this process may run on)
   VRYPT_REUSE_PORT   1 (default): one SO_REUSEPORT listener per worker; 0: one shared listener
+  VRYPT_DEFER_ACCEPT 1 (default): TCP listeners hand over a connection once its first bytes came
+                     (TCP_DEFER_ACCEPT, 1 s at most), and the worker reads them at the accept
   VRYPT_STATSD_HOST  host:port of the StatsD collector (default 127.0.0.1:8125); empty disables
   VRYPT_STATSD_INTERVAL  seconds between two sends of the metrics pusher (default 1)
   VRYPT_HEAD_TIMEOUT seconds from a request head's first byte to its end (default 10)

@@ -157,8 +157,11 @@ class FramingRules:
     `recent_head` and `recent_kind` are the last head (and its verdict, below CLOSING) that the
     worker answered that way: it compares a read with that head before it hashes the read for a
     cache lookup, because clients that repeat one request (load generators, health checkers) are
-    the common case. A head's verdict never changes, so the pair stays true when `cache` is
-    cleared.
+    the common case; a read that is that head several times over is as many answers (pipelined).
+    `recent_close_head` and `recent_close_kind` are the same for the last cached head whose
+    verdict is OK_CLOSE or OK_CLOSE_HEAD answered at an accept (worker._read_at_accept: probes
+    that send `Connection: close` on a new connection each time). A head's verdict never
+    changes, so the pairs stay true when `cache` is cleared.
     """
 
     __slots__ = (
@@ -167,6 +170,8 @@ class FramingRules:
         "limits",
         "open_until",
         "out",
+        "recent_close_head",
+        "recent_close_kind",
         "recent_head",
         "recent_kind",
         "rejected",
@@ -178,6 +183,8 @@ class FramingRules:
         self.cache: dict[bytes, int] = {}
         self.recent_head = b""  # a read is never empty: this matches nothing
         self.recent_kind = CLOSING
+        self.recent_close_head = b""
+        self.recent_close_kind = CLOSING
         self.out: list[int] = []
         self.answered = 0
         self.rejected = 0

@@ -146,6 +146,7 @@ def check_worker_environment(environ: Mapping[str, str] = os.environ) -> None:
     # Read by conf.py only, but a bad value under `-k vrypt_worker.VryptWorker` is still a
     # mistake the operator wants to hear about rather than a setting silently ignored.
     env_flag("VRYPT_REUSE_PORT", True, environ)
+    env_flag("VRYPT_DEFER_ACCEPT", True, environ)  # read by the worker
     env_statsd_host(environ)
 
 

@@ -49,6 +49,10 @@ from vrypt_worker.transport import TLSConnection
 _PRELOADED = (pprint,)
 _READ, _WRITE = 1, 2
 _STREAM = socket.SOCK_STREAM
+# A connection whose first bytes were read at its accept has O_NONBLOCK set already: with
+# SOCK_NONBLOCK in the type its socket object agrees (timeout 0) without the ioctl setblocking
+# makes.
+_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 # The cache's answer for a head it does not hold: above every bare answer kind, so the hot path
 # leaves it to the framer.
 _UNCACHED = 1 << 16
@@ -110,7 +114,15 @@ def never_received(sock: Any) -> bool:
 # workers and TERMs the old ones at once, before the new ones have bound. The old one keeps
 # accepting this long (every answer now says close) so that the port is never without a listener.
 _HANDOVER = 0.2
+# TCP_DEFER_ACCEPT keeps a connection that has completed its handshake in the listener's SYN
+# queue until its first bytes arrive, and closing the last descriptor of a listener resets what
+# that queue holds. A worker TERMed (which may be the server's stop) therefore stops deferring at
+# once (new handshakes go to the accept queue, which it takes before it closes) and keeps
+# accepting at least this long, so that the requests of connections deferred before the TERM
+# arrive and are answered. A client's first bytes follow its handshake by one trip at most.
+_DEFER_SETTLE = 0.3
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+_NOT_LISTENING = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK))
 # Pipelined answers are rendered at most this many at a time. More than that (one 64 KiB read of
 # small requests owes thousands) are kept as counts per kind: a client that pipelines and never
 # reads then costs one partial answer and a count, not the answers' bytes (issue 14: 3,000 such
@@ -315,6 +327,8 @@ class VryptWorker(Worker):
         self._late: dict[Connection, float] = {}  # accepted while draining: when
         self._drain_started = 0.0
         self._listeners_closed = False
+        self._settle_until = 0.0  # after TERM: listeners stay open until then (_DEFER_SETTLE)
+        self._settling: Any = None  # the timer that closes them then
         self._awaiting_successor = False
         if self.max_requests < sys.maxsize:
             self.max_requests += self.rules.answered
@@ -348,6 +362,11 @@ class VryptWorker(Worker):
         # The access log, when gunicorn's logger has it on, swaps in LoggingConnection at start
         # (access_log.py), so with it off the request path has not one check more.
         self.connection_class: type[Connection] = Connection
+        # TCP_DEFER_ACCEPT: the kernel hands over a connection once its first bytes arrived (or
+        # after a second without any), so plain HTTP/1 connections are read at their accept
+        # (_read_at_accept). Set in run(), once the connection class is known.
+        self.defer_accept = settings.env_flag("VRYPT_DEFER_ACCEPT", True)
+        self.read_at_accept = False
         self.access_log: Any = None
         # TLS (gunicorn's certfile/keyfile): one context per configuration, made here in the
         # arbiter before the fork, so that every worker resumes every worker's sessions.
@@ -403,14 +422,15 @@ class VryptWorker(Worker):
         self.h2c = self.protocols if policy.available and policy.mode != "off" else None
         if self.tls_context is not None:
             transport.serve_tls(self)  # TLSConnection instead of Connection
+        # Not with the access log: an answer given at the accept would not be logged.
+        self.read_at_accept = (
+            self.defer_accept and self.connection_class is Connection and self.h2c is None
+        )
         self._done = gevent.event.Event()
         for listener in self.sockets:
             sock = _raw(listener)
             sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                # Accepted sockets inherit TCP_NODELAY from their listener on Linux: set it once.
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)  # inherited too
+            self._tune_listener(sock)
             watcher = loop.io(sock.fileno(), _READ)
             self._accepting.append((watcher, sock))
         self._resume_accepting(force=True)
@@ -463,6 +483,22 @@ class VryptWorker(Worker):
 
     # accepting ----------------------------------------------------------------------------------
 
+    def _tune_listener(self, sock: socket.socket) -> None:
+        """Options TCP listeners pass on to the connections they accept (Linux), set once."""
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
+        self._defer_accepts(sock, self.defer_accept)
+
+    @staticmethod
+    def _defer_accepts(sock: socket.socket, on: bool) -> None:
+        """TCP_DEFER_ACCEPT, the listener's own option (shared by every worker that holds it):
+        1 s, the kernel's first SYN-ACK retransmission, after which a connection that has sent
+        nothing is handed over anyway."""
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, int(on))
+
     def _on_acceptable(self, listener: socket.socket, family: int) -> None:
         evicted = False
         for _ in range(_MAX_ACCEPT):
@@ -497,7 +533,12 @@ class VryptWorker(Worker):
             except OSError as exc:
                 if exc.errno in _RESOURCE_ERRORS:
                     raise
+                if exc.errno in _NOT_LISTENING:
+                    return False  # closed under us (a drain that began in this batch)
                 continue  # ECONNABORTED and the like: that client is gone, the next one is not
+            if self.read_at_accept:
+                self._read_at_accept(fd, family)
+                return True
             sock = RawSocket(family, _STREAM, 0, fd)
             try:
                 sock.setblocking(False)
@@ -509,14 +550,71 @@ class VryptWorker(Worker):
                 negotiation = self.h2c.negotiation(_addr, sock)
                 if negotiation is not None:
                     conn = TLSConnection(self, sock, cleartext.PLAIN, negotiation)
-            if conn is None:
-                conn = self.connection_class(self, sock)
-            self.connections.add(conn)
-            conn.due = self._arrival_tick  # the wheel: looked at by the next sweep first
-            self._arrivals.add(conn)
-            if self.draining:
-                self._late[conn] = time.monotonic()
+            self._add(conn if conn is not None else self.connection_class(self, sock))
             return True
+
+    def _add(self, conn: Connection) -> None:
+        self.connections.add(conn)
+        conn.due = self._arrival_tick  # the wheel: looked at by the next sweep first
+        self._arrivals.add(conn)
+        if self.draining:
+            self._late[conn] = time.monotonic()
+
+    def _read_at_accept(self, fd: int, family: int) -> None:
+        """A plain HTTP/1 connection, just accepted: with TCP_DEFER_ACCEPT its request is
+        usually here already. Read it now; a whole cached head whose answer closes the connection
+        (`Connection: close`, HTTP/1.0, draining: what health checks and probes send) is
+        answered and closed on the descriptor, without a socket object, a watcher or a
+        Connection (the hot path of Connection.on_readable and answer_and_close, for a
+        connection that never reaches the loop). Anything else becomes a Connection, given
+        what was read."""
+        try:
+            # os.set_blocking is one ioctl; fcntl.fcntl(fd, F_SETFL, O_NONBLOCK) would first try
+            # its third argument as a buffer and format the TypeError it then drops (a tenth
+            # of this path's instructions, measured with callgrind).
+            os.set_blocking(fd, False)
+            data: bytes | None = os.read(fd, _FIRST_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            data = None  # nothing yet (a second passed, or the option is off for this listener)
+        except OSError:
+            os.close(fd)
+            return
+        if data is not None:
+            if not data:  # connected and closed without a request
+                os.close(fd)
+                return
+            rules = self.rules
+            if data == rules.recent_close_head:  # a probe's request again: no hashing
+                kind = rules.recent_close_kind
+            else:
+                kind = rules.cache.get(data, _UNCACHED)
+                if CLOSING <= kind <= OK_CLOSE_HEAD:
+                    rules.recent_close_head = data
+                    rules.recent_close_kind = kind
+            if kind <= OK_CLOSE_HEAD and (kind >= CLOSING or rules.answered >= rules.open_until):
+                kind = CLOSING | (kind & OK_HEAD)
+                rules.answered += 1
+                payload = self.responses.bytes_for[kind]
+                try:
+                    sent = os.write(fd, payload)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    sent = len(payload)  # the client is gone: nothing more to send it
+                if sent == len(payload):
+                    os.close(fd)
+                    if rules.answered >= self.max_requests:  # as in Connection.linger
+                        self.recycle()  # may close the listener under _accept_one's loop
+                    return
+                conn = self.connection_class(self, RawSocket(family, _NONBLOCKING_STREAM, 0, fd))
+                self._add(conn)
+                conn.close_after(payload[sent:])
+                return
+        conn = self.connection_class(self, RawSocket(family, _NONBLOCKING_STREAM, 0, fd))
+        self._add(conn)
+        if data is not None:
+            conn.seen = self.rules.tick
+            conn.frame(data)
 
     def _make_room(self) -> bool:
         """Close some idle keep-alive connections, least recently used first (at the sweep's
@@ -620,6 +718,7 @@ class VryptWorker(Worker):
                     sock = _raw(listener)
                     if sock is None:
                         break
+                    self._tune_listener(sock)
                     watchers.append((self.loop.io(sock.fileno(), _READ), sock))
                 self._adopted[slot] = watchers
                 self._accepting.extend(watchers)
@@ -663,6 +762,11 @@ class VryptWorker(Worker):
         self.protocols.h2_answers.refresh(now)
         if self.slot >= 0:
             self._tend_slots()
+        if self.defer_accept and not self.draining:
+            # A worker TERMed turned deferral off on a listener it shares with us (a reload,
+            # TTOU, a worker killed by hand): serving it, we turn it on again.
+            for _watcher, sock in self._accepting:
+                self._defer_accepts(sock, True)
 
     def _on_sweep(self) -> None:
         self.notify()
@@ -752,6 +856,15 @@ class VryptWorker(Worker):
             timer.close()
         if self._listeners_closed:
             return
+        settle = self._settle_until - time.monotonic()
+        settled = (timer is not None and timer is self._settling) or (
+            self.slot >= 0 and listeners.served_by_another(self.slot, self.ppid)
+        )  # a successor holds the slot's socket: our close is not its last
+        if self._accepting and settle > 0 and not settled:
+            if self._settling is None:  # the connections deferred before the drain first
+                self._settling = self.loop.timer(settle)
+                self._settling.start(self._close_listeners, self._settling)
+            return
         self._listeners_closed = True
         if self.slot >= 0:
             listeners.release(self.slot)
@@ -792,14 +905,19 @@ class VryptWorker(Worker):
 
     def _accept_queued(self, listener: socket.socket) -> None:
         """Take the connections already in this listener's queue before it closes: with
-        per-worker SO_REUSEPORT listeners, closing resets them otherwise."""
+        per-worker SO_REUSEPORT listeners, closing resets them otherwise. They are taken, not
+        read (drain() answers what they sent): answering at the accept would let a client that
+        reconnects at once keep this loop, and its listener, going."""
         family = int(listener.family)
-        for _ in range(10_000):
-            try:
+        read_at_accept, self.read_at_accept = self.read_at_accept, False
+        try:
+            for _ in range(10_000):
                 if not self._accept_one(listener, family):
                     return
-            except OSError:
-                return
+        except OSError:
+            return
+        finally:
+            self.read_at_accept = read_at_accept
 
     def _stop(self) -> None:
         if not self._stopped:
@@ -808,6 +926,13 @@ class VryptWorker(Worker):
             self._done.set()
 
     def _on_term(self) -> None:
+        # TERM may be the server's stop, after which our close of a listener is its last:
+        # connections the kernel still defers would be reset then (_DEFER_SETTLE). Recycling
+        # never closes the last descriptor (the arbiter holds it), so it skips this.
+        if self.defer_accept and not self._listeners_closed and not self._settle_until:
+            self._settle_until = time.monotonic() + _DEFER_SETTLE
+            for _watcher, sock in self._accepting:
+                self._defer_accepts(sock, False)
         self.start_draining(handover=self.cfg.reuse_port)  # reuse_port is off in slot mode
 
     def _on_quit(self) -> None:
@@ -957,10 +1082,31 @@ class Connection:
             if kind <= OK_CLOSE_HEAD:  # one whole request, after which the connection closes
                 self.answer_and_close(CLOSING | (kind & OK_HEAD))
                 return
+        self.frame(data)
+
+    __call__ = on_readable
+
+    def frame(self, data: bytes) -> None:
+        """A read the hot path does not take: through the framer, which is made if need be."""
+        framer = self.framer
         try:
             if len(data) == self.recv_size == _FIRST_RECV_SIZE:
                 self.recv_size = _RECV_SIZE  # more may be waiting: pipelined, or a body
             if framer is None:
+                # Pipelined copies of the head answered last (a load generator, a checker that
+                # pipelines): the answers feed() would give, all keep-alive, without a framer.
+                rules = self.rules
+                head = rules.recent_head
+                if head and len(data) % len(head) == 0:
+                    count = len(data) // len(head)
+                    if (
+                        count <= _BATCH
+                        and rules.answered + count <= rules.open_until
+                        and data == head * count
+                    ):
+                        rules.answered += count
+                        self.send(self.table[rules.recent_kind] * count)
+                        return
                 framer = self.framer = self.new_framer()
             out = framer.feed(data)
             if out:
@@ -989,8 +1135,6 @@ class Connection:
             self.worker.log.exception("vrypt_worker: closing a connection after an internal error")
             self.close()
 
-    __call__ = on_readable
-
     def answer_and_close(self, kind: int) -> None:
         """A read that was exactly one cached head after which the connection closes
         (`Connection: close`, HTTP/1.0, draining), as RequestFramer.feed would decide it: its
@@ -1011,10 +1155,15 @@ class Connection:
             if rules.answered >= worker.max_requests:  # as in linger()
                 worker.recycle()
             return
+        self.close_after(payload[sent:])
+
+    def close_after(self, rest: bytes) -> None:
+        """The rest of a final answer the kernel did not take at once: sent as the client reads,
+        then the close."""
         framer = self.framer = self.new_framer()
         framer.finish()
         framer.clean = True  # linger() closes once the rest has gone
-        self.wait_writable(payload[sent:])
+        self.wait_writable(rest)
 
     def track_partial(self, answered: bool) -> None:
         """Off the hot path: account the bytes a partial head holds against the worker's
