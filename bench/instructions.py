@@ -4,6 +4,7 @@ move with the machine's noise.
     python -m bench.instructions [--servers vrypt,nginx] [--rounds 200] [--connections 100]
     python -m bench.instructions --close [--rounds 50]   # a new connection per request
     python -m bench.instructions --close --keep DIR      # and keep the dumps: callgrind_annotate
+    python -m bench.instructions --pipeline 16           # 16 pipelined requests per send (pipe16)
 
 Wall-clock CPU per request moves by ±10-30 % from run to run on a shared machine; the number of
 instructions a server executes in user space per request does not (±2 % here), so a change to
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -76,10 +78,14 @@ def drive_closing(port: int, connections: int, rounds: int, timeout: float = 60.
                 sock.close()
 
 
-def drive(port: int, connections: int, rounds: int, timeout: float = 60.0) -> None:
-    """`rounds` times: one request on every connection, then every answer read in full (each
-    answer ends with the body `Vrypt`). Raises if a server closes or stalls."""
-    req = request(port)
+def drive(
+    port: int, connections: int, rounds: int, timeout: float = 60.0, depth: int = 1
+) -> None:
+    """`rounds` times: `depth` requests in one send on every connection (pipelined when more
+    than one), then every answer read in full (each answer's body is `Vrypt`). Raises if a
+    server closes or stalls."""
+    req = request(port) * depth
+    ends = b"\r\n\r\nVrypt"
     socks = [
         socket.create_connection(("127.0.0.1", port), timeout=timeout) for _ in range(connections)
     ]
@@ -89,8 +95,8 @@ def drive(port: int, connections: int, rounds: int, timeout: float = 60.0) -> No
                 sock.sendall(req)
             for sock in socks:
                 buf = b""
-                while not buf.endswith(b"Vrypt"):
-                    chunk = sock.recv(4096)
+                while not (buf.endswith(b"Vrypt") and buf.count(ends) == depth):
+                    chunk = sock.recv(65536)
                     if not chunk:
                         raise RuntimeError("the server closed a keep-alive connection")
                     buf += chunk
@@ -181,6 +187,7 @@ def measure(
     rounds: int,
     cpus: tuple[int, ...],
     keep: Path | None = None,
+    depth: int = 1,
 ) -> float:
     """User-space instructions per request of the server's worker; with `keep`, its dump is
     copied there as `callgrind.NAME`, for `callgrind_annotate` (where the instructions go)."""
@@ -204,7 +211,7 @@ def measure(
             if keep is not None:
                 keep.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(dump, keep / f"callgrind.{spec.name}")
-            return total_instructions(dump) / (rounds * connections)
+            return total_instructions(dump) / (rounds * connections * depth)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,10 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DIR",
         help="keep each server's dump as DIR/callgrind.NAME (read it with callgrind_annotate)",
     )
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N requests per send on each connection, pipelined (default 1)",
+    )
     args = p.parse_args(argv)
+    global drive
     if args.close:
-        global drive
         drive = drive_closing  # type: ignore[assignment]  # callgrind_control's pokes too
+    elif args.pipeline > 1:
+        drive = functools.partial(drive, depth=args.pipeline)  # type: ignore[assignment]
     for tool in ("valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             print(f"{tool} not found: apt-get install valgrind", file=sys.stderr)
@@ -241,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for spec in specs:
         print(f"{spec.name}: measuring under callgrind ...", file=sys.stderr, flush=True)
         results[spec.name] = measure(
-            spec, args.connections, args.rounds, available_cpus(), args.keep
+            spec, args.connections, args.rounds, available_cpus(), args.keep, args.pipeline
         )
     reference = results.get("nginx")
     print("| server | user-space instructions per request | vs nginx |")
@@ -250,9 +266,12 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{value / reference:.2f}x" if reference else "-"
         print(f"| {name} | {value:,.0f} | {ratio} |")
     kind = "new connections (`Connection: close`)" if args.close else "keep-alive connections"
+    each = "one request"
+    if args.pipeline > 1 and not args.close:
+        each = f"{args.pipeline} pipelined requests"
     print(
-        f"\n{args.connections} {kind}, {args.rounds} measured rounds of one "
-        f"request per connection, after {WARMUP_ROUNDS} warm-up rounds."
+        f"\n{args.connections} {kind}, {args.rounds} measured rounds of {each} "
+        f"per connection, after {WARMUP_ROUNDS} warm-up rounds."
     )
     return 0
 

@@ -512,6 +512,75 @@ def test_mutated_pipelines_against_an_independent_reference(rnd: random.Random) 
         assert bool(answer & f.OK_HEAD) == owed.head and (answer >= f.CLOSING) == owed.close, data
 
 
+# --- pipelined copies without a framer (issue 13): FramingRules.copies against feed ----------
+
+
+def _copies_against_feed(data: bytes, warm: list[bytes], most: int, open_until: int) -> int:
+    """`copies` on one rules object, a fresh framer's `feed` on another in the same state:
+    when `copies` answers, it is feed's answer (all alike, the framer left fresh); when it does
+    not, nothing changed."""
+    ours, theirs = FramingRules(), FramingRules()
+    for rules in (ours, theirs):
+        for head in warm:  # the cache (and the counters) as earlier connections left them
+            RequestFramer(rules).feed(head)
+        rules.open_until = rules.answered + open_until
+    before = (ours.answered, ours.recent_head, ours.recent_kind)
+    count = ours.copies(data, most)
+    framer = RequestFramer(theirs)
+    out = list(framer.feed(data))
+    if count:
+        assert 2 <= count <= most
+        assert out == [ours.recent_kind] * count and framer.fresh, (data, out)
+        assert ours.answered == theirs.answered and data == ours.recent_head * count
+    else:
+        assert (ours.answered, ours.recent_head, ours.recent_kind) == before
+    return count
+
+
+@pytest.mark.parametrize(("request_bytes", "answer"), SAMPLES + CLOSING_SAMPLES + BAD)
+def test_copies_of_a_head_are_what_feed_answers(request_bytes: bytes, answer: int) -> None:
+    for times in (1, 2, 3, 16, 64, 65):
+        data = request_bytes * times
+        count = _copies_against_feed(data, [request_bytes], 64, 1 << 30)
+        bare = data.find(b"\r\n\r\n") + 4 == len(request_bytes)  # no body after the head
+        assert bool(count) == (answer < f.CLOSING and bare and 2 <= times <= 64), times
+        assert _copies_against_feed(data, [], 64, 1 << 30) == 0  # not cached: the framer's
+
+
+def test_copies_are_left_to_the_framer_when_one_of_them_would_close() -> None:
+    assert _copies_against_feed(GET * 16, [GET], 64, 16) == 16
+    assert _copies_against_feed(GET * 16, [GET], 64, 15) == 0  # the 16th says close
+    assert _copies_against_feed(GET * 16, [GET], 15, 100) == 0  # more than one batch
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        GET * 3 + HEAD,  # another head last
+        HEAD + GET * 3,
+        GET * 2 + GET.replace(b"example", b"examplf"),  # the last copy altered
+        GET * 2 + GET[:10],  # a partial copy
+        b"\r\n" + GET * 2,  # an empty line first: the framer skips it
+        GET * 2 + b"\r\n",
+        b"\r\n\r\n" * 4,
+        GET[:-2] * 3,
+    ],
+)
+def test_anything_but_whole_copies_is_left_to_the_framer(data: bytes) -> None:
+    assert _copies_against_feed(data, [GET, HEAD, b"\r\n" + GET], 64, 1 << 30) == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(requests(), st.integers(1, 70), st.binary(max_size=3), st.booleans())
+def test_generated_copies_match_feed(
+    request: tuple[bytes, int], times: int, noise: bytes, warm: bool
+) -> None:
+    head = request[0]
+    _copies_against_feed(head * times, [head] if warm else [], 64, 1 << 30)
+    _copies_against_feed(head * times + noise, [head] if warm else [], 64, 1 << 30)
+    _copies_against_feed(noise + head * times, [head] if warm else [], 64, 1 << 30)
+
+
 # --- time linear in the bytes, however they are split (issue 14) -----------------------------
 
 

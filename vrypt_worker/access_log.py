@@ -864,18 +864,11 @@ class LoggingConnection(Connection):
                 self.recv_size = _RECV_SIZE
             if framer is None:
                 rules = self.rules
-                head = rules.recent_head
-                if head and len(data) % len(head) == 0:
-                    count = len(data) // len(head)
-                    if (
-                        count <= _BATCH
-                        and rules.answered + count <= rules.open_until
-                        and data == head * count
-                    ):
-                        rules.answered += count
-                        self.send(self.table[rules.recent_kind] * count)
-                        self._log_repeated(head, rules.recent_kind, count, start)  # log
-                        return
+                count = rules.copies(data, _BATCH)
+                if count:
+                    self.send(self.table[rules.recent_kind] * count)
+                    self._log_repeated(rules.recent_head, rules.recent_kind, count, start)  # log
+                    return
                 framer = self.framer = self.new_framer()
             out = framer.feed(data)
             if out:

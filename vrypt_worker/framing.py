@@ -157,7 +157,8 @@ class FramingRules:
     `recent_head` and `recent_kind` are the last head (and its verdict, below CLOSING) that the
     worker answered that way: it compares a read with that head before it hashes the read for a
     cache lookup, because clients that repeat one request (load generators, health checkers) are
-    the common case; a read that is that head several times over is as many answers (pipelined).
+    the common case. A read that is one such head several times over (pipelined copies) is as
+    many answers: `copies` says how many, for a fresh framer's connection, without a framer.
     `recent_close_head` and `recent_close_kind` are the same for the last cached head whose
     verdict is OK_CLOSE or OK_CLOSE_HEAD answered at an accept (worker._read_at_accept: probes
     that send `Connection: close` on a new connection each time). A head's verdict never
@@ -192,6 +193,36 @@ class FramingRules:
         # Not framing: the worker's sweep count, kept here because the connection's hot path
         # holds this object already (it notes the tick of each read: worker.py, Connections).
         self.tick = 0
+
+    def copies(self, data: bytes, most: int) -> int:
+        """How many copies of one cached head with a verdict below CLOSING `data` is, when it
+        is 2 to `most` of them and every one keeps the connection open (`answered` stays within
+        `open_until`): what `feed` of a fresh framer would answer, `[recent_kind] * copies`,
+        leaving it fresh. They are counted in `answered` and the head becomes `recent_head`.
+        0 for any other read (the framer's), having changed nothing. One search, one hash of
+        one head and one comparison, where `feed` walks the read head by head (pipelined load
+        generators send the same request over and over)."""
+        end = data.find(b"\r\n\r\n") + 4
+        size = len(data)
+        if end <= 4 or size % end or size == end:
+            return 0  # no head, an empty line first, a partial copy, or just one head
+        count = size // end
+        if count > most or self.answered + count > self.open_until:
+            return 0
+        head = data[:end]
+        if head == self.recent_head:
+            kind = self.recent_kind
+        else:
+            kind = self.cache.get(head, CLOSING)
+            if kind >= CLOSING:
+                return 0
+        # count non-overlapping occurrences of `end` bytes in `count * end` bytes: they tile it
+        if data.count(head) != count:
+            return 0
+        self.recent_head = head
+        self.recent_kind = kind
+        self.answered += count
+        return count
 
     def parse_and_cache(self, head: bytes) -> int:
         """The packed verdict for a complete head (ending in CRLF CRLF) that is not in `cache`

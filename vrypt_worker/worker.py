@@ -1093,20 +1093,13 @@ class Connection:
             if len(data) == self.recv_size == _FIRST_RECV_SIZE:
                 self.recv_size = _RECV_SIZE  # more may be waiting: pipelined, or a body
             if framer is None:
-                # Pipelined copies of the head answered last (a load generator, a checker that
-                # pipelines): the answers feed() would give, all keep-alive, without a framer.
+                # Pipelined copies of one keep-alive head (load generators, checkers that
+                # pipeline): the answers feed() would give, without a framer.
                 rules = self.rules
-                head = rules.recent_head
-                if head and len(data) % len(head) == 0:
-                    count = len(data) // len(head)
-                    if (
-                        count <= _BATCH
-                        and rules.answered + count <= rules.open_until
-                        and data == head * count
-                    ):
-                        rules.answered += count
-                        self.send(self.table[rules.recent_kind] * count)
-                        return
+                count = rules.copies(data, _BATCH)
+                if count:
+                    self.send(self.table[rules.recent_kind] * count)
+                    return
                 framer = self.framer = self.new_framer()
             out = framer.feed(data)
             if out:
