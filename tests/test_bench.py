@@ -122,6 +122,24 @@ def test_pipelined_run_and_a_peer_are_measured(tmp_path: Path) -> None:
 
 @needs_wrk
 @pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason="nginx is not installed")
+def test_nginx_with_deferred_accepts_is_measured_when_named(tmp_path: Path) -> None:
+    """`nginx-deferred` (`listen ... deferred`, the kernel option vrypt's listeners have) is
+    opt-in: measured when named, a new connection per request."""
+    proc = bench(
+        "--servers", "nginx-deferred", "--scenarios", "close", "--rounds", "1",
+        "--duration", "1", "--warmup", "0", "--out", str(tmp_path / "out"),
+    )  # fmt: skip
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    [summary] = data["summary"]
+    assert summary["server"] == "nginx-deferred" and summary["scenario"] == "close"
+    assert summary["rps"] > 0 and summary["errors"] == 0
+    assert 0.9 < summary["connections_per_req"] < 1.1, summary
+
+
+@needs_wrk
+@pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason="nginx is not installed")
 def test_interrupted_run_leaves_no_server_behind(tmp_path: Path) -> None:
     proc = bench(
         "--servers", "nginx", "--scenarios", "ka100", "--rounds", "1", "--duration", "5",
@@ -153,12 +171,13 @@ needs_valgrind = pytest.mark.skipif(
 
 
 @needs_valgrind
-def test_instruction_count_per_request_under_callgrind() -> None:
+@pytest.mark.parametrize("mode", [[], ["--pipeline", "4"]], ids=["keep-alive", "pipelined"])
+def test_instruction_count_per_request_under_callgrind(mode: list[str]) -> None:
     """`python -m bench.instructions` runs the servers under callgrind and prints user-space
     instructions per request; a few rounds on a few connections keep this under a minute."""
     servers = "vrypt,nginx" if os.access(NGINX, os.X_OK) else "vrypt"
     env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
-    argv = ["--servers", servers, "--rounds", "5", "--connections", "10"]
+    argv = ["--servers", servers, "--rounds", "5", "--connections", "10", *mode]
     proc = subprocess.run(
         [sys.executable, "-m", "bench.instructions", *argv],
         cwd=ROOT,
