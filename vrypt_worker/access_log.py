@@ -47,6 +47,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from vrypt_worker import framing
+from vrypt_worker.connection import BATCH, FIRST_RECV_SIZE, RECV_SIZE
 from vrypt_worker.framing import (
     _BODY,
     _BODY_CHUNKED,
@@ -89,7 +90,7 @@ from vrypt_worker.h2.connection import (
     _Stream,
     frames,
 )
-from vrypt_worker.worker import _BATCH, _FIRST_RECV_SIZE, _RECV_SIZE, _UNCACHED, Connection
+from vrypt_worker.plain import UNCACHED, Connection
 
 # Characters of lines waiting for the writer thread beyond which new lines are dropped: a disk
 # that stalls for seconds under 100k requests/s costs at most this much memory (x4 as str).
@@ -252,6 +253,7 @@ class AccessLog:
 
     def __init__(self, worker: Any) -> None:
         self.worker = worker
+        self.heads: list[bytes | None] = []  # the heads of a framer's last answers (LoggingFramer)
         log = worker.log
         self.logger: logging.Logger = log.access_log
         self.error = log
@@ -781,9 +783,9 @@ class LoggingConnection(Connection):
 
     __slots__ = ("access", "log_addr", "log_port", "log_start")
 
-    def __init__(self, worker: Any, sock: Any) -> None:
-        super().__init__(worker, sock)
-        self.access: AccessLog = worker.access_log
+    def __init__(self, state: Any, sock: Any) -> None:
+        super().__init__(state, sock)
+        self.access: AccessLog = state.access_log
         try:
             peer = sock.getpeername()
         except OSError:
@@ -796,7 +798,7 @@ class LoggingConnection(Connection):
             self.log_port = "-"
 
     def new_framer(self) -> RequestFramer:
-        return LoggingFramer(self.rules, self.worker.access_heads)
+        return LoggingFramer(self.rules, self.access.heads)
 
     def on_readable(self) -> None:
         access = self.access  # log
@@ -818,7 +820,7 @@ class LoggingConnection(Connection):
             if data == rules.recent_head:
                 kind = rules.recent_kind
             else:
-                kind = rules.cache.get(data, _UNCACHED)
+                kind = rules.cache.get(data, UNCACHED)
                 if kind < CLOSING:
                     rules.recent_head = data
                     rules.recent_kind = kind
@@ -860,11 +862,11 @@ class LoggingConnection(Connection):
         start = self.log_start  # log
         framer = self.framer
         try:
-            if len(data) == self.recv_size == _FIRST_RECV_SIZE:
-                self.recv_size = _RECV_SIZE
+            if len(data) == self.recv_size == FIRST_RECV_SIZE:
+                self.recv_size = RECV_SIZE
             if framer is None:
                 rules = self.rules
-                count = rules.copies(data, _BATCH)
+                count = rules.copies(data, BATCH)
                 if count:
                     self.send(self.table[rules.recent_kind] * count)
                     self._log_repeated(rules.recent_head, rules.recent_kind, count, start)  # log
@@ -876,7 +878,7 @@ class LoggingConnection(Connection):
                 first = out[0]
                 if len(out) == 1:
                     payload = table[first]
-                elif len(out) > _BATCH:
+                elif len(out) > BATCH:
                     self.owe(out)
                     payload = b""
                 elif out.count(first) == len(out):
@@ -890,11 +892,11 @@ class LoggingConnection(Connection):
                 self.track_partial(bool(out))
             if framer.closed:
                 if not self.pending:
-                    self.linger()
+                    self.finish()
             elif framer.fresh:
                 self.framer = None
         except Exception:
-            self.worker.log.exception("vrypt_worker: closing a connection after an internal error")
+            self.state.log.exception("vrypt_worker: closing a connection after an internal error")
             self.close()
 
     def _log_close(self, head: bytes, kind: int, start: float) -> None:
@@ -1261,7 +1263,7 @@ def start(worker: Any) -> AccessLog | None:
         )
         return None
     worker.access_log = access
-    worker.access_heads = []
+    worker.access_heads = access.heads
     worker.connection_class = LoggingConnection
     turn = worker.loop.prepare()
     turn.start(access.turn)

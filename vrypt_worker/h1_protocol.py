@@ -13,8 +13,9 @@ one read the rest are kept as answer kinds and rendered a batch at a time as the
 writes go (`writable`), so a client that pipelines and never reads costs counts, not answers.
 
 Timeouts that belong to a request are here (`tick`): the head timeout from a partial head's first
-read to its end, and the body timeout between two reads of a body, each answered 408 and close.
-The keep-alive and send timeouts are the transport's.
+read to its end (`head_since`, which the h2c negotiation hands over when the head began before
+HTTP/1 was chosen), and the body timeout between two reads of a body, each answered 408 and
+close. The keep-alive and send timeouts are the transport's (connection.py).
 
 The partial-head budget: given the worker as `budget` (its `held` and `head_budget`), the bytes
 this connection's unfinished head holds are counted in `budget.held` as on the plain path, and a
@@ -47,7 +48,7 @@ class H1Protocol:
     """One connection's HTTP/1.x state, I/O-free (see the module docstring)."""
 
     __slots__ = (
-        "body_ticks",
+        "body_since",
         "body_timeout",
         "budget",
         "clean",
@@ -83,7 +84,7 @@ class H1Protocol:
         self.owed: list[int] = []  # answer kinds beyond the batch already given
         self.head_since = 0.0  # when the current partial head began (clock), or 0
         self.fed = False  # input since the last tick (for the body timeout)
-        self.body_ticks = 0
+        self.body_since = 0.0  # the body's last input as the last tick saw it (clock)
         self.budget = budget  # the worker: `held` and `head_budget` (None: no budget)
         self.held = 0  # partial bytes counted in budget.held
 
@@ -181,7 +182,7 @@ class H1Protocol:
         # HTTP/1 announces nothing: the worker's rules make every answer from now on say close.
         return b""
 
-    def tick(self, now: float) -> bytes:
+    def tick(self, now: float, last_input: float | None = None) -> bytes:
         if self.closing or self.framer.closed:
             return b""
         if self.head_since:
@@ -190,11 +191,9 @@ class H1Protocol:
         elif not self.framer.idle:  # between two reads of a body
             if self.fed:
                 self.fed = False
-                self.body_ticks = 0
-            else:
-                self.body_ticks += 1
-                if self.body_ticks >= self.body_timeout:
-                    return self.refuse(REQUEST_TIMEOUT)
+                self.body_since = now if last_input is None else last_input
+            if now - self.body_since >= self.body_timeout:
+                return self.refuse(REQUEST_TIMEOUT)
         return b""
 
     def refuse(self, kind: int) -> bytes:

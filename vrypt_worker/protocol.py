@@ -2,7 +2,7 @@
 (HTTP/1 framing in framing.py, HTTP/2 in h2/) and the code that moves bytes on the hub (a plain
 socket, or TLS through tls.py).
 
-The plain HTTP/1 path does not go through this seam: worker.Connection drives RequestFramer
+The plain HTTP/1 path does not go through this seam: plain.Connection drives RequestFramer
 itself, inlined, because a Python call per request is as much as the rest of the request costs.
 Everything else (HTTP/1 inside TLS, HTTP/2 in cleartext or inside TLS) is a `PlaintextProtocol`
 driven by one generic transport, so a transport knows nothing about HTTP and a protocol knows
@@ -27,8 +27,13 @@ class PlaintextProtocol(Protocol):
     - `shutdown()`: graceful end (worker draining, max_requests reached): the bytes that announce
       it (HTTP/2 GOAWAY with the last stream id; b"" for HTTP/1, whose answers then say close).
       Requests that arrived before it are still answered.
-    - `tick(now)`: once a second from the worker's sweep, `now` from time.monotonic(): the
-      protocol's own timeouts; returns bytes to send (a 408, a GOAWAY) or b"".
+    - `tick(now, last_input=None)`: from the worker's sweep, `now` from time.monotonic(): the
+      protocol's own timeouts (HTTP/1's head and body, HTTP/2's stalled frames and idle rule, the
+      h2c decision); returns bytes to send (a 408, a GOAWAY) or b"". The transport calls it every
+      sweep while the protocol is not `idle()`, and otherwise only after input or when the
+      keep-alive timeout is due: a timeout that counts from the last input takes `last_input`
+      (the sweep after the last read), not the time of the call. Timed state must not assume a
+      call per second (flood budgets refill by the seconds between calls).
     - `writable()`: the transport's blocked writes have all gone: bytes the protocol held back
       (flow control it could not yet satisfy, owed answers) may now go.
     """
@@ -44,6 +49,6 @@ class PlaintextProtocol(Protocol):
 
     def shutdown(self) -> bytes: ...
 
-    def tick(self, now: float) -> bytes: ...
+    def tick(self, now: float, last_input: float | None = None) -> bytes: ...
 
     def writable(self) -> bytes: ...

@@ -1,18 +1,18 @@
 """VryptWorker: gunicorn's worker lifecycle around one gevent hub serving raw sockets.
 
-The path of one request: the hub's epoll reports a client socket readable and calls
-`Connection.on_readable` directly in the loop (no greenlet switch); it does one `recv`, hands the
-bytes to the connection's `RequestFramer`, and sends the precomputed answers for every complete
-request in that read with one `send`. Everything else here is lifecycle: accepting, the connection
-cap, timeouts, signals, draining on shutdown and recycling.
+The path of one request: the hub's epoll reports a client socket readable and calls the
+connection (plain.Connection; transport.SessionConnection behind TLS or h2c) directly in the
+loop, with no greenlet switch; it reads, frames and answers (plain.py). Everything here is
+lifecycle: accepting (and the first read at the accept), the connection cap and eviction, the
+timer wheel's sweep, listener slots, signals, draining on shutdown and recycling.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import gc
 import heapq
-import itertools
 import logging
 import os
 import pprint
@@ -28,20 +28,15 @@ import gevent
 import gevent.event
 from gunicorn.workers.base import Worker
 
-from vrypt_worker import cleartext, listeners, metrics, settings, tls, transport
-from vrypt_worker.framing import (
-    CLOSING,
-    FIELDS_TOO_LARGE,
-    OK_CLOSE_HEAD,
-    OK_HEAD,
-    REQUEST_TIMEOUT,
-    FramingRules,
-    Limits,
-    RequestFramer,
-)
+from vrypt_worker import listeners, metrics, settings, tls
+from vrypt_worker.connection import FIRST_RECV_SIZE, BaseConnection, WorkerState
+from vrypt_worker.framing import CLOSING, OK_CLOSE_HEAD, OK_HEAD, FramingRules, Limits
 from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy
+from vrypt_worker.plain import UNCACHED, Connection
+from vrypt_worker.protocols import ProtocolFactory
 from vrypt_worker.response import ResponseTable
-from vrypt_worker.transport import TLSConnection
+from vrypt_worker.tls import TLSSession
+from vrypt_worker.transport import PLAIN, SessionConnection
 
 # gevent imports pprint the first time a signal handler is installed (gevent.util), which every
 # worker does in init_signals: imported with this module, in the arbiter, it costs no worker's
@@ -53,32 +48,11 @@ _STREAM = socket.SOCK_STREAM
 # SOCK_NONBLOCK in the type its socket object agrees (timeout 0) without the ioctl setblocking
 # makes.
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-# The cache's answer for a head it does not hold: above every bare answer kind, so the hot path
-# leaves it to the framer.
-_UNCACHED = 1 << 16
-# Closed connections leave their stopped read watcher here for the next accepted one (its fd is
-# set, no new object, and no fcntl: gevent checks a descriptor with F_GETFD when it makes a
-# watcher); at most this many wait.
-_SPARE_READERS = 256
-_RECV_SIZE = 65536
-# A connection's reads start at this size: a bytes object of up to 512 bytes (33 of them its
-# header) comes from CPython's small-object allocator, while a 64 KiB receive buffer goes through
-# malloc and is shrunk with realloc on every read (about 500 more instructions per request,
-# measured with callgrind). A read that fills it moves the connection to _RECV_SIZE for good.
-# Reads and writes stay socket.recv/socket.send (recvfrom/sendto): os.read/os.write on the
-# descriptor parse their arguments for about 800 fewer user-space instructions per request, but
-# the kernel's read/write path costs more than that on a socket (perf: +0.35 µs per read and
-# +0.4 µs per write against recvfrom/sendto), so they lose overall. docs/performance.md.
-_FIRST_RECV_SIZE = 512 - 33
 # Accepts per readable event on one listener. Several workers share the load through
 # SO_REUSEPORT or a shared queue, so a worker takes a batch and lets the loop serve its clients.
 _MAX_ACCEPT = 64
 # After EMFILE/ENFILE, accepting pauses this long instead of spinning on a queue it cannot drain.
 _ACCEPT_BACKOFF = 0.5
-# A connection whose last answer said `close` is shut for writing and read until the peer closes,
-# so that unread request bytes do not turn our close into a reset that destroys the answer: for
-# at most this many sweeps.
-_LINGER_TICKS = 2
 # Draining: a connection with no request in progress may have one on the wire (a client that has
 # just connected, a keep-alive client about to send its next request). It gets this long for that
 # request to arrive and be answered with `Connection: close` before it is closed as idle.
@@ -90,23 +64,11 @@ _FRESH_GRACE = 1.0
 # A recycled worker keeps serving its slot at most this long for the successor it asked the
 # arbiter for (a reload in progress, say, keeps the arbiter busy); then it leaves as before.
 _SUCCESSOR_WAIT = 2.0
-_TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info
 
 
 def _raw(listener: Any) -> Any:
     """The socket of a gunicorn listener object (None once closed), or the socket itself."""
     return listener.sock if hasattr(listener, "sock") else listener
-
-
-def never_received(sock: Any) -> bool:
-    """The peer has sent nothing on this TCP connection yet (kernel's count, not ours)."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_BYTES_RECEIVED + 8)
-    except OSError:
-        return False
-    if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
-        return False
-    return int.from_bytes(info[_TCP_INFO_BYTES_RECEIVED:], "little") == 0
 
 
 # TERM with listeners that each worker binds itself (reuse_port with systemd's sockets, the one
@@ -123,24 +85,10 @@ _HANDOVER = 0.2
 _DEFER_SETTLE = 0.3
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _NOT_LISTENING = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK))
-# Pipelined answers are rendered at most this many at a time. More than that (one 64 KiB read of
-# small requests owes thousands) are kept as counts per kind: a client that pipelines and never
-# reads then costs one partial answer and a count, not the answers' bytes (issue 14: 3,000 such
-# clients held 1.2 GB when answers were buffered).
-_BATCH = 64
 # At the connection cap or out of descriptors, idle keep-alive connections (least recently used
 # first) are closed to make room, as nginx's ngx_drain_connections does: an eighth of them, at
 # least one and at most 32.
 _EVICT = 32
-# A partial head up to this size is always held (nginx holds up to 4 x 8 KB); a bigger one only
-# while the worker's partial heads together stay within VRYPT_HEAD_BUFFER, else it gets 431.
-_SMALL_HEAD = 32 * 1024
-# A read whose body had more chunk-size lines than this parsed one at a time (chunks with
-# extensions, leading zeros or 16+ bytes: about 1.5 µs each, so up to 14 ms for 64 KiB) moves
-# its connection to reads of _CHUNKY_RECV_SIZE: about 1 ms of one loop turn at most, so a
-# client sending such a body cannot hold up the others for longer.
-_MANY_CHUNK_LINES = 256
-_CHUNKY_RECV_SIZE = 4096
 # The kernel's send buffer per connection (it doubles the value: 128 KiB, about 1,000 answers).
 # Left to autotuning, a client that pipelines and never reads makes the kernel hold megabytes of
 # our answers for it: with 3,000 such clients the machine's TCP memory went into pressure and a
@@ -303,7 +251,7 @@ class VryptWorker(Worker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.connections: set[Connection] = set()
+        self.connections: set[BaseConnection] = set()
         self.rules = FramingRules(
             Limits.from_settings(
                 self.cfg.limit_request_line,
@@ -323,8 +271,8 @@ class VryptWorker(Worker):
         if listeners.slot_mode():
             self.slot, self.sockets, self.spare_slots = listeners.assign(self)
         self._adopted: dict[int, list[tuple[Any, Any]]] = {}
-        self._old: set[Connection] = set()
-        self._late: dict[Connection, float] = {}  # accepted while draining: when
+        self._old: set[BaseConnection] = set()
+        self._late: dict[BaseConnection, float] = {}  # accepted while draining: when
         self._drain_started = 0.0
         self._listeners_closed = False
         self._settle_until = 0.0  # after TERM: listeners stay open until then (_DEFER_SETTLE)
@@ -335,24 +283,10 @@ class VryptWorker(Worker):
         # The answer that reaches max_requests says `Connection: close` (see FramingRules);
         # keepalive = 0 means no keep-alive at all, as in gunicorn's own workers.
         self.rules.open_until = self.max_requests - 1 if self.cfg.keepalive > 0 else 0
-        hostile = hostile_settings_from_env()
-        self.head_timeout = hostile["VRYPT_HEAD_TIMEOUT"]  # a TLS handshake's bound too
-        self.body_timeout = hostile["VRYPT_BODY_TIMEOUT"]
-        self.send_timeout = hostile["VRYPT_SEND_TIMEOUT"]
-        self.head_budget = hostile["VRYPT_HEAD_BUFFER"]
-        self.held = 0  # bytes of partial heads (and chunk lines) held by all connections
-        self.accepted = 0  # connections accepted so far (their order, for eviction)
-        # The timer wheel (see the Connection section below): sweeps so far, and the connections
-        # each coming sweep must look at, by its tick, as (tick, set): a connection's `due` is
-        # that tuple's int, one object for all of them (an int of its own would be 32 bytes
-        # each); `_arrivals` is the next sweep's set. `unread`: `seen` of a connection accepted
-        # since the last sweep and never read, -1 - tick (shared likewise).
-        self.tick = 0
-        self.unread = -1
-        self._arrivals: set[Connection] = set()
-        self._arrival_tick = 1
-        self.wheel: dict[int, tuple[int, set[Connection]]] = {1: (1, self._arrivals)}
-        self.spare_readers: list[Any] = []
+        # The VRYPT_* timeouts and the partial-head budget, checked here in the arbiter; the
+        # connections' shared state (connection.WorkerState) is made in run(), with the loop.
+        self.timeouts = hostile_settings_from_env()
+        self.state: WorkerState | None = None
         self.draining = False
         self._accepting: list[tuple[Any, socket.socket]] = []
         self.max_connections = self.cfg.worker_connections
@@ -361,7 +295,7 @@ class VryptWorker(Worker):
         self._last_accept_error = 0.0
         # The access log, when gunicorn's logger has it on, swaps in LoggingConnection at start
         # (access_log.py), so with it off the request path has not one check more.
-        self.connection_class: type[Connection] = Connection
+        self.connection_class: type[BaseConnection] = Connection
         # TCP_DEFER_ACCEPT: the kernel hands over a connection once its first bytes arrived (or
         # after a second without any), so plain HTTP/1 connections are read at their accept
         # (_read_at_accept). Set in run(), once the connection class is known.
@@ -409,19 +343,31 @@ class VryptWorker(Worker):
         from vrypt_worker import access_log  # imports this module
 
         self.access_log = access_log.start(self)
-        # HTTP/1 inside TLS and HTTP/2 (by ALPN, or h2c from trusted peers) are protocols on
-        # one generic transport (transport.py); plain HTTP/1 stays on Connection.
-        self.protocols = cleartext.ProtocolFactory(
-            self,
+        state = self.state = WorkerState(
+            self.rules,
+            self.responses,
+            loop,
+            self.log,
+            self.timeouts,
+            closed=self.connection_closed,
+            recycle=self.recycle,
+            publish=functools.partial(metrics.publish, self),
+        )
+        state.max_requests = self.max_requests
+        state.access_log = self.access_log
+        # HTTP/1 inside TLS and HTTP/2 (by ALPN, or h2c from trusted peers) are protocols behind
+        # a session (transport.py); plain HTTP/1 stays on plain.Connection.
+        self.protocols = ProtocolFactory(
+            state,
             H2cPolicy.from_config(self.cfg),
-            H2Config.from_gunicorn(self.cfg, head_timeout=self.head_timeout),
+            H2Config.from_gunicorn(self.cfg, head_timeout=state.head_timeout),
             H2Answers(time.time()),
         )
         policy = self.protocols.policy
         # Only then does an accept look at the peer (h2c is for trusted peers only).
         self.h2c = self.protocols if policy.available and policy.mode != "off" else None
         if self.tls_context is not None:
-            transport.serve_tls(self)  # TLSConnection instead of Connection
+            self.connection_class = self._tls_connection  # type: ignore[assignment]
         # Not with the access log: an answer given at the accept would not be logged.
         self.read_at_accept = (
             self.defer_accept and self.connection_class is Connection and self.h2c is None
@@ -460,6 +406,11 @@ class VryptWorker(Worker):
             for conn in list(self.connections):
                 conn.close()
         self._exit_now()
+
+    def _tls_connection(self, state: WorkerState, sock: Any) -> SessionConnection:
+        """What a TLS listener's connection becomes: a session, the protocol chosen by ALPN."""
+        session = TLSSession(self.tls_context, bool(self.cfg.suppress_ragged_eofs))
+        return SessionConnection(state, sock, session, None, self.protocols.for_alpn)
 
     def _exit_now(self) -> None:
         """Leave without the interpreter's teardown (tens of milliseconds of freeing modules and
@@ -546,17 +497,17 @@ class VryptWorker(Worker):
                 sock.close()
                 continue
             conn = None
-            if self.h2c is not None:  # h2c for trusted peers (cleartext.py), else Connection
+            state = self.state
+            if self.h2c is not None:  # h2c for trusted peers (protocols.py), else Connection
                 negotiation = self.h2c.negotiation(_addr, sock)
                 if negotiation is not None:
-                    conn = TLSConnection(self, sock, cleartext.PLAIN, negotiation)
-            self._add(conn if conn is not None else self.connection_class(self, sock))
+                    conn = SessionConnection(state, sock, PLAIN, negotiation)
+            self._add(conn if conn is not None else self.connection_class(state, sock))
             return True
 
-    def _add(self, conn: Connection) -> None:
+    def _add(self, conn: BaseConnection) -> None:
         self.connections.add(conn)
-        conn.due = self._arrival_tick  # the wheel: looked at by the next sweep first
-        self._arrivals.add(conn)
+        self.state.wheel.add(conn)  # looked at by the next sweep first
         if self.draining:
             self._late[conn] = time.monotonic()
 
@@ -573,7 +524,7 @@ class VryptWorker(Worker):
             # its third argument as a buffer and format the TypeError it then drops (a tenth
             # of this path's instructions, measured with callgrind).
             os.set_blocking(fd, False)
-            data: bytes | None = os.read(fd, _FIRST_RECV_SIZE)
+            data: bytes | None = os.read(fd, FIRST_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             data = None  # nothing yet (a second passed, or the option is off for this listener)
         except OSError:
@@ -587,7 +538,7 @@ class VryptWorker(Worker):
             if data == rules.recent_close_head:  # a probe's request again: no hashing
                 kind = rules.recent_close_kind
             else:
-                kind = rules.cache.get(data, _UNCACHED)
+                kind = rules.cache.get(data, UNCACHED)
                 if CLOSING <= kind <= OK_CLOSE_HEAD:
                     rules.recent_close_head = data
                     rules.recent_close_kind = kind
@@ -603,14 +554,14 @@ class VryptWorker(Worker):
                     sent = len(payload)  # the client is gone: nothing more to send it
                 if sent == len(payload):
                     os.close(fd)
-                    if rules.answered >= self.max_requests:  # as in Connection.linger
+                    if rules.answered >= self.max_requests:  # as in BaseConnection.linger
                         self.recycle()  # may close the listener under _accept_one's loop
                     return
-                conn = self.connection_class(self, RawSocket(family, _NONBLOCKING_STREAM, 0, fd))
+                conn = Connection(self.state, RawSocket(family, _NONBLOCKING_STREAM, 0, fd))
                 self._add(conn)
                 conn.close_after(payload[sent:])
                 return
-        conn = self.connection_class(self, RawSocket(family, _NONBLOCKING_STREAM, 0, fd))
+        conn = Connection(self.state, RawSocket(family, _NONBLOCKING_STREAM, 0, fd))
         self._add(conn)
         if data is not None:
             conn.seen = self.rules.tick
@@ -653,34 +604,9 @@ class VryptWorker(Worker):
         if len(self.connections) < self.max_connections:
             self._resume_accepting()
 
-    def wake(self, conn: Connection, due: int) -> None:
-        """The sweep of tick `due` (at the earliest the next one) looks at `conn`, unless one
-        before it does already: a connection calls this when a timeout shorter than the one it
-        was filed under starts (a head, a body, answers owed, lingering)."""
-        tick = self.tick
-        current = conn.due
-        if tick < current <= due:
-            return
-        if due <= tick:
-            due = tick + 1
-        wheel = self.wheel
-        if current > tick:
-            filed = wheel.get(current)
-            if filed is not None:
-                filed[1].discard(conn)
-        entry = wheel.get(due)
-        if entry is None:
-            wheel[due] = (due, {conn})
-            conn.due = due
-        else:
-            entry[1].add(conn)
-            conn.due = entry[0]
-
-    def connection_closed(self, conn: Connection) -> None:
+    def connection_closed(self, conn: BaseConnection) -> None:
         self.connections.discard(conn)
-        filed = self.wheel.get(conn.due)
-        if filed is not None:
-            filed[1].discard(conn)
+        self.state.wheel.discard(conn)  # type: ignore[union-attr]  # (connections: in run())
         if self._late:
             self._late.pop(conn, None)
         if self._accept_paused and len(self.connections) < self.max_connections:
@@ -775,18 +701,17 @@ class VryptWorker(Worker):
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
         now = time.monotonic()
         # The wheel: only the connections filed under this tick are looked at (their timeouts
-        # are due, or they were accepted since the last sweep); each says when it is due next.
-        tick = self.tick = self.rules.tick = self.tick + 1
-        self.unread = -1 - tick
-        _, due = self.wheel.pop(tick, (tick, None))
-        self._arrival_tick, self._arrivals = self.wheel.setdefault(tick + 1, (tick + 1, set()))
+        # are due, or they were accepted or used since the last sweep); each says when it is due
+        # next (connection.py).
+        state = self.state
+        due = state.advance()  # type: ignore[union-attr]  # (sweeps: in run())
         if due:
             connections = self.connections
-            wake = self.wake
+            file = state.wheel.file  # type: ignore[union-attr]
             for conn in due:
                 later = conn.on_tick(keepalive, now)
-                if conn in connections:  # None: a connection that wants every sweep
-                    wake(conn, tick + 1 if later is None else later)
+                if later is not None and conn in connections:
+                    file(conn, later)
         if self._accept_paused and len(self.connections) >= self.max_connections:
             self._resume_accepting()  # paused at the cap: a waiting client retries _make_room
         if self.draining and self._accepting and time.monotonic() >= self._drain_deadline:
@@ -956,495 +881,3 @@ class VryptWorker(Worker):
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
-# Connections ------------------------------------------------------------------------------------
-#
-# What the worker asks of a connection class (Connection here; any other transport's class too):
-#
-# - `due`: an int slot that only the worker writes: the tick (sweep number, `worker.tick`) under
-#   which the worker's timer wheel has it filed. `_accept_one` files a new connection under the
-#   next sweep (`conn.due = worker.tick + 1` and `worker._arrivals`); `worker.connection_closed`
-#   takes it out of the wheel (and out of `worker.connections`), so every close must call it.
-# - `on_tick(keepalive, now) -> int | None`: called by the sweep only at the tick the connection
-#   is filed under. It checks every timeout that may be due (closing, or answering 408), and
-#   returns the tick at which it must be looked at next: the earliest of its running timeouts.
-#   None means "the next sweep" (a class that keeps the old contract, a per-sweep count, still
-#   works: it is then looked at every second, as all connections were before the wheel).
-# - `worker.wake(conn, tick)`: a connection calls it when a timeout shorter than the one it is
-#   filed under starts (a partial head, a body between reads, answers owed, lingering); it moves
-#   the connection to that tick if that is earlier. Nothing else moves it: a read on the hot path
-#   only notes the tick it happened in (`self.seen = rules.tick`), and the sweep that finds the
-#   connection not due yet files it again under the tick its timeout now falls on. So a busy
-#   keep-alive connection is looked at about once per keep-alive timeout, an idle one once, when
-#   it closes, and a sweep costs what its due connections cost, not what the open ones do.
-# - `drain()`, `close_if_idle(spare_fresh)`, `evictable()`, `idleness()` (a sortable key, larger
-#   for the less recently used: sweeps since the last use first, so that connections of different
-#   classes compare; `_make_room` calls each one's own), `close()`: as documented on Connection.
-
-
-class Connection:
-    """One client socket on the hub: read, frame, answer; back-pressure on slow readers."""
-
-    __slots__ = (
-        "born",
-        "due",
-        "framer",
-        "head_since",
-        "held",
-        "lingering",
-        "owed",
-        "pending",
-        "reader",
-        "recv_size",
-        "rules",
-        "seen",
-        "sock",
-        "table",
-        "worker",
-        "writer",
-    )
-
-    def __init__(self, worker: VryptWorker, sock: RawSocket) -> None:
-        self.worker = worker
-        self.sock = sock
-        self.rules = worker.rules
-        # The framing state, made only when a read is not one whole request (new_framer) and
-        # dropped when it is back at a request boundary with nothing held: None means `fresh`
-        # (FramingRules' hot-path contract), so an idle keep-alive connection holds no framer.
-        self.framer: RequestFramer | None = None
-        self.table = worker.responses.bytes_for
-        self.pending = b""  # answer bytes the kernel did not take yet
-        # Answers owed beyond `pending`, as [kind, count] runs, rendered a batch at a time when
-        # the kernel takes them. Whenever it is not empty, `pending` is not empty either. An
-        # empty tuple until then: no list per connection (10,000 idle ones, 0.5 MB).
-        self.owed: list[list[int]] | tuple[()] = ()
-        self.writer: Any = None
-        # The tick (worker.tick) of the last read, or of the last answer bytes the kernel took;
-        # until the first read, -1 minus the tick of the accept, so that a client whose request
-        # is still unread is never taken for an idle keep-alive one (evictable).
-        self.seen = worker.unread
-        self.head_since = 0.0  # monotonic time of the current partial head's first read, or 0
-        self.held = 0  # partial bytes the framer holds, as counted in worker.held
-        self.born = worker.accepted  # accept order: among equally idle ones, older goes first
-        worker.accepted += 1
-        self.lingering = 0  # while lingering: the tick at which it closes anyway
-        self.recv_size = _FIRST_RECV_SIZE
-        spare = worker.spare_readers
-        if spare:
-            reader = spare.pop()
-            reader.fd = sock.fileno()
-        else:
-            reader = worker.loop.io(sock.fileno(), _READ)
-        self.reader = reader
-        # The connection itself is the callback (__call__ is on_readable): no bound method
-        # object per connection.
-        reader.start(self)
-
-    def new_framer(self) -> RequestFramer:
-        return RequestFramer(self.rules)
-
-    def on_readable(self) -> None:
-        try:
-            data = self.sock.recv(self.recv_size)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close()
-            return
-        if not data:
-            self.close()
-            return
-        rules = self.rules
-        self.seen = rules.tick
-        framer = self.framer
-        if framer is None:
-            # The hot path, inlined (a Python call costs as much as the rest): a read that is
-            # exactly one keep-alive head seen before. See FramingRules for the contract.
-            if data == rules.recent_head:  # the head answered last, again: no hashing
-                kind = rules.recent_kind
-            else:
-                kind = rules.cache.get(data, _UNCACHED)
-                if kind < CLOSING:
-                    rules.recent_head = data
-                    rules.recent_kind = kind
-            if kind < CLOSING and rules.answered < rules.open_until:
-                rules.answered += 1
-                payload = self.table[kind]
-                try:
-                    sent = self.sock.send(payload)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    self.close()
-                    return
-                if sent != len(payload):
-                    self.wait_writable(payload[sent:])
-                return
-            if kind <= OK_CLOSE_HEAD:  # one whole request, after which the connection closes
-                self.answer_and_close(CLOSING | (kind & OK_HEAD))
-                return
-        self.frame(data)
-
-    __call__ = on_readable
-
-    def frame(self, data: bytes) -> None:
-        """A read the hot path does not take: through the framer, which is made if need be."""
-        framer = self.framer
-        try:
-            if len(data) == self.recv_size == _FIRST_RECV_SIZE:
-                self.recv_size = _RECV_SIZE  # more may be waiting: pipelined, or a body
-            if framer is None:
-                # Pipelined copies of one keep-alive head (load generators, checkers that
-                # pipeline): the answers feed() would give, without a framer.
-                rules = self.rules
-                count = rules.copies(data, _BATCH)
-                if count:
-                    self.send(self.table[rules.recent_kind] * count)
-                    return
-                framer = self.framer = self.new_framer()
-            out = framer.feed(data)
-            if out:
-                table = self.table
-                first = out[0]
-                if len(out) == 1:
-                    payload = table[first]
-                elif len(out) > _BATCH:  # counted, rendered as the kernel takes them
-                    self.owe(out)
-                    payload = b""
-                elif out.count(first) == len(out):  # pipelined, all alike: no list to build
-                    payload = table[first] * len(out)
-                else:
-                    payload = b"".join(map(table.__getitem__, out))
-                if payload:
-                    self.send(payload)
-            if not framer.fresh or self.held:  # something partial held now, or until now
-                self.track_partial(bool(out))
-            if framer.closed:
-                if not self.pending:
-                    self.linger()
-            elif framer.fresh:
-                self.framer = None  # nothing held: the next read may take the hot path
-        except Exception:
-            # A bug must cost one connection, never the worker and its other clients.
-            self.worker.log.exception("vrypt_worker: closing a connection after an internal error")
-            self.close()
-
-    def answer_and_close(self, kind: int) -> None:
-        """A read that was exactly one cached head after which the connection closes
-        (`Connection: close`, HTTP/1.0, draining), as RequestFramer.feed would decide it: its
-        answer, then the close at once (nothing followed the request: no lingering needed)."""
-        rules = self.rules
-        rules.answered += 1
-        payload = self.table[kind]
-        try:
-            sent = self.sock.send(payload)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.close()
-            return
-        if sent == len(payload):
-            self.close()
-            worker = self.worker
-            if rules.answered >= worker.max_requests:  # as in linger()
-                worker.recycle()
-            return
-        self.close_after(payload[sent:])
-
-    def close_after(self, rest: bytes) -> None:
-        """The rest of a final answer the kernel did not take at once: sent as the client reads,
-        then the close."""
-        framer = self.framer = self.new_framer()
-        framer.finish()
-        framer.clean = True  # linger() closes once the rest has gone
-        self.wait_writable(rest)
-
-    def track_partial(self, answered: bool) -> None:
-        """Off the hot path: account the bytes a partial head holds against the worker's
-        budget, and note when the current head began (the head timeout runs from there)."""
-        if self.reader is None:  # the send just failed and closed the connection
-            return
-        framer = self.framer
-        worker = self.worker
-        if framer.chunk_lines:
-            if framer.chunk_lines > _MANY_CHUNK_LINES:
-                self.recv_size = _CHUNKY_RECV_SIZE  # small chunks the scan cannot take
-            framer.chunk_lines = 0
-        held = framer.buffered
-        if framer.in_head:
-            if answered or not self.head_since:  # a new head began in this read
-                self.head_since = time.monotonic()
-                worker.wake(self, worker.tick + worker.head_timeout)
-            if held > _SMALL_HEAD and worker.held + held - self.held > worker.head_budget:
-                self.refuse(FIELDS_TOO_LARGE)  # the budget is spent: big heads are refused
-                return
-        else:
-            self.head_since = 0.0
-            if not framer.idle and not framer.closed:  # a body: the time to its next read
-                worker.wake(self, worker.tick + 1 + worker.body_timeout)
-        worker.held += held - self.held
-        self.held = held
-
-    def owe(self, out: list[int]) -> None:
-        """Many answers from one read: keep them as counts, send what the kernel takes."""
-        owed = self.owed = self.owed or []
-        first = out[0]
-        if out.count(first) == len(out):
-            owed.append([first, len(out)])
-        else:
-            for kind, run in itertools.groupby(out):
-                owed.append([kind, sum(1 for _ in run)])
-        if not self.pending:
-            self.flush(waiting=False)
-
-    def flush(self, waiting: bool) -> bool:
-        """Render and send owed answers a batch at a time. When the kernel stops taking them,
-        the unsent rest of the answer it stopped in (or the next whole one) becomes `pending`
-        and the connection waits to be writable; returns whether everything went."""
-        owed: list[list[int]] = self.owed  # type: ignore[assignment]  # called when not empty
-        table = self.table
-        while owed:
-            run = owed[0]
-            kind, count = run
-            answer = table[kind]
-            size = len(answer)
-            payload = answer * min(count, _BATCH)
-            try:
-                sent = self.sock.send(payload)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self.close()
-                return False
-            # When the kernel stopped short, the answer it stopped in (or the next whole one)
-            # goes to pending, so `pending` holds at most one answer.
-            done = len(payload) // size if sent == len(payload) else sent // size + 1
-            if done < count:
-                run[1] = count - done
-            else:
-                del owed[0]
-            if sent != len(payload):
-                if sent:
-                    self.seen = self.worker.tick
-                rest = payload[sent : done * size]
-                if waiting:
-                    self.pending = rest
-                else:
-                    self.wait_writable(rest)
-                return False
-        return True
-
-    def refuse(self, kind: int) -> None:
-        """The worker's own final answer (408 on a timeout, 431 past the head budget)."""
-        worker = self.worker
-        worker.held -= self.held  # finish() drops the partial bytes
-        self.held = 0
-        self.head_since = 0.0
-        worker.rules.rejected += 1
-        worker.rules.answered += 1
-        metrics.publish(worker)
-        if self.owed:  # after the answers still owed, in order (a list when not empty)
-            self.owed.append([kind, 1])  # type: ignore[union-attr]
-        else:
-            self.send(self.table[kind])
-        self.close_after_send()
-
-    def on_discard(self) -> None:
-        """Lingering after the final answer: read and drop until the peer closes."""
-        try:
-            data = self.sock.recv(_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-
-    def send(self, payload: bytes) -> None:
-        if self.pending:
-            self.pending += payload
-            return
-        try:
-            sent = self.sock.send(payload)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.close()
-            return
-        if sent != len(payload):
-            self.wait_writable(payload[sent:])
-
-    def wait_writable(self, rest: bytes) -> None:
-        # The peer reads slower than it sends: stop reading it until it has taken our answers,
-        # so a client that pipelines without reading cannot grow our memory.
-        self.pending = rest
-        worker = self.worker
-        metrics.publish(worker)  # a final (rejected?) answer may wait here
-        worker.wake(self, worker.tick + 1 + worker.send_timeout)
-        self.reader.stop()
-        if self.writer is None:
-            self.writer = worker.loop.io(self.sock.fileno(), _WRITE)
-        self.writer.start(self.on_writable)
-
-    def on_writable(self) -> None:
-        try:
-            sent = self.sock.send(self.pending)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.close()
-            return
-        if sent:
-            self.seen = self.worker.tick  # progress: the send timeout starts again
-        self.pending = self.pending[sent:]
-        if self.pending or (self.owed and not self.flush(waiting=True)):
-            return
-        if self.reader is None:  # closed by flush
-            return
-        self.writer.stop()
-        framer = self.framer
-        if framer is not None and framer.closed:
-            self.linger()
-        else:
-            if self.head_since:  # we stopped reading that head, not the client sending it
-                self.head_since = time.monotonic()
-            self.reader.start(self)
-
-    def linger(self) -> None:
-        """After the final answer: close; when bytes may still come (an error, or requests after
-        the last one), half-close first and read and drop them until the peer closes."""
-        if self.lingering:
-            return
-        worker = self.worker
-        # The answer that reaches max_requests always closes (FramingRules.open_until), so
-        # recycling is checked here, off the keep-alive path.
-        if worker.rules.answered >= worker.max_requests:
-            worker.recycle()
-        metrics.publish(worker)  # the final answer left: a rejection is counted now
-        if self.framer.clean:  # type: ignore[union-attr]  # closed: a framer said so
-            # A 200 after which the client sent nothing: no unread byte can turn our close into
-            # a reset that destroys the answer, so close now (as nginx does), without lingering.
-            self.close()
-            return
-        self.lingering = worker.tick + _LINGER_TICKS
-        worker.wake(self, self.lingering)
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.close()
-            return
-        if self.reader is not None:
-            self.reader.stop()
-            self.reader.start(self.on_discard)
-
-    def drain(self) -> None:
-        """Graceful shutdown (the rules now make every answer close): a request already waiting
-        in the kernel is answered now; an idle connection is closed after _DRAIN_GRACE."""
-        framer = self.framer
-        if (framer is None or framer.idle) and not self.pending and not self.lingering:
-            self.on_readable()
-
-    def close_if_idle(self, spare_fresh: bool = False) -> bool:
-        """Draining: close this connection if it has nothing in progress. A request that has
-        reached the kernel is read and answered first (closing over unread bytes would reset the
-        connection and lose it). Returns True when it was spared because it is fresh."""
-        if self.reader is None or not self.idle() or self.pending or self.lingering:
-            return False
-        self.on_readable()
-        if self.reader is None or not self.idle() or self.pending or self.lingering:
-            return False
-        if spare_fresh and never_received(self.sock):
-            return True
-        self.close()
-        return False
-
-    def idle(self) -> bool:
-        """Between requests: nothing partial, no body being read."""
-        framer = self.framer
-        return framer is None or framer.idle
-
-    def on_tick(self, keepalive: int, now: float) -> int | None:
-        """From the worker's sweep, at the tick the connection is filed under: every timeout of
-        the connection, each measured per request (docs/reliability.md, "Timeouts"). Returns
-        the tick at which the next one falls due (None once closed).
-
-        A timeout of N sweeps measured from the last use (`seen`, the tick it happened in)
-        fires at the sweep of tick seen + 1 + N, as when each sweep counted one idle tick."""
-        if self.reader is None:
-            return None
-        worker = self.worker
-        tick = worker.tick
-        if self.lingering:
-            if tick < self.lingering:
-                return self.lingering
-            self.close()
-            return None
-        seen = self.seen
-        if seen < 0:  # never read: counted from the accept
-            seen = -1 - seen
-        if self.pending:  # answers owed that the client does not take: the send timeout
-            due = seen + 1 + worker.send_timeout
-        elif self.head_since:  # a head from its first byte to its end: the head timeout
-            left = worker.head_timeout - (now - self.head_since)
-            if left > 0:
-                return tick + max(1, int(left))
-            self.refuse(REQUEST_TIMEOUT)
-            return None if self.reader is None else tick + 1
-        elif self.idle():  # between requests: keep-alive
-            due = seen + 1 + keepalive
-        else:  # between two reads of a body
-            due = seen + 1 + worker.body_timeout
-            if tick >= due:
-                self.refuse(REQUEST_TIMEOUT)
-                return None if self.reader is None else tick + 1
-            return due
-        if tick < due:
-            return due
-        self.close()
-        return None
-
-    def evictable(self) -> bool:
-        """An idle keep-alive connection: read from, nothing partial, nothing owed, not closing."""
-        return (
-            self.seen >= 0
-            and self.reader is not None
-            and not self.pending
-            and not self.lingering
-            and self.idle()
-        )
-
-    def idleness(self) -> tuple[int, int]:
-        """Larger for connections used less recently: sweeps since their last use, then
-        accepted earlier (a just-accepted client's request may not be read)."""
-        return self.worker.tick - self.seen, -self.born
-
-    def close_after_send(self) -> None:
-        framer = self.framer
-        if framer is None:
-            framer = self.framer = self.new_framer()
-        framer.finish()
-        if not self.pending:
-            self.linger()
-
-    def close(self) -> None:
-        reader = self.reader
-        if reader is None:
-            return
-        self.reader = None
-        spare = self.worker.spare_readers
-        if len(spare) < _SPARE_READERS:
-            reader.stop()  # for the next connection: stopping drops its callback
-            spare.append(reader)
-        else:
-            reader.close()
-        if self.held:
-            self.worker.held -= self.held
-            self.held = 0
-        self.owed = ()
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-        self.worker.connection_closed(self)

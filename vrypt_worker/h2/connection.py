@@ -188,6 +188,7 @@ class H2Protocol:
         "_reads",
         "_recv_unacked",
         "_recv_window",
+        "_refilled_at",
         "_reset_by_us",
         "_resets",
         "_seen_blocks",
@@ -252,6 +253,7 @@ class H2Protocol:
         # Flood budgets (token buckets refilled by tick).
         self._resets = config.reset_burst
         self._controls = config.control_burst
+        self._refilled_at: float | None = None  # the last tick's time
         # Timeouts: progress counters observed by tick.
         self._reads = 0
         self._blocks = 0  # frames completed (CONTINUATION counts when its block ends)
@@ -387,18 +389,25 @@ class H2Protocol:
         out.clear()
         return result
 
-    def tick(self, now: float) -> bytes:
+    def tick(self, now: float, last_input: float | None = None) -> bytes:
+        """The timeouts (idle, stalled), measured from what the previous call saw, and the flood
+        budgets' refill: `rate` tokens per second since the previous call (the transport calls
+        this every second while something is in progress, less often while idle). `last_input`:
+        when the last input came, if the caller knows better than `now`."""
         config = self.config
-        self._resets = min(config.reset_burst, self._resets + config.reset_rate)
-        self._controls = min(config.control_burst, self._controls + config.control_rate)
+        seconds = 1.0 if self._refilled_at is None else max(0.0, now - self._refilled_at)
+        self._refilled_at = now
+        self._resets = min(config.reset_burst, self._resets + config.reset_rate * seconds)
+        self._controls = min(config.control_burst, self._controls + config.control_rate * seconds)
         if self.closing:
             return b""
+        since = now if last_input is None else last_input
         if self._reads != self._seen_reads:
             self._seen_reads = self._reads
-            self._quiet_since = now
+            self._quiet_since = since
         if self._blocks != self._seen_blocks:
             self._seen_blocks = self._blocks
-            self._stuck_since = now
+            self._stuck_since = since
         if self.idle():
             if now - self._quiet_since < config.idle_timeout:
                 return b""

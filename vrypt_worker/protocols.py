@@ -1,5 +1,6 @@
-"""HTTP/2 in cleartext (h2c), as gunicorn's `http2_cleartext` defines it: what a plain connection
-from a trusted peer speaks is decided by its first bytes.
+"""Choosing the protocol of a connection: HTTP/1 or HTTP/2, by ALPN after a TLS handshake
+(`ProtocolFactory.for_alpn`), and for a plain connection from a trusted peer by its first bytes
+(h2c, `Negotiation`), as gunicorn's `http2_cleartext` defines it.
 
 Only peers that may negotiate h2c get here (h2/negotiation.py: `http2_cleartext` on, `h2` in
 `http_protocols`, the peer in `forwarded_allow_ips`); every other plain connection is the worker's
@@ -15,12 +16,14 @@ protocol until the decision, then it hands every byte to the protocol chosen:
   stream 1. Only the first request of a connection can upgrade (what curl and every other h2c
   client does); an `Upgrade: h2c` on a later request is answered in HTTP/1.1.
 
-The transport is transport.TLSConnection's, with `PlainSession` in place of TLS: one code path
-for back-pressure, linger, timeouts and draining, whatever the bytes are wrapped in.
+The transport is transport.SessionConnection, with `transport.PLAIN` in place of TLS: one code
+path for back-pressure, linger, timeouts and draining, whatever the bytes are wrapped in.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 from vrypt_worker.framing import BAD_REQUEST, ERRORS
@@ -42,52 +45,28 @@ _UPGRADE_HEAD_MAX = 16 * 1024
 _KIND_MASK = 0xF  # framing's packed verdict: the answer kind in bits 0-3
 
 
-class PlainSession:
-    """TLSSession's interface for a connection without TLS: bytes pass through unchanged."""
-
-    __slots__ = ()
-    handshaken = True
-    alpn = None
-    peer_closed = False
-
-    @staticmethod
-    def receive(data: bytes) -> bytes:
-        return data
-
-    @staticmethod
-    def send(plain: bytes) -> bytes:
-        return plain
-
-    @staticmethod
-    def output() -> bytes:
-        return b""
-
-    @staticmethod
-    def eof() -> bool:
-        return True
-
-    @staticmethod
-    def close() -> bytes:
-        return b""
-
-
-PLAIN = PlainSession()
-
-
 class Negotiation:
     """The protocol of a trusted plain connection until its first bytes decide (module
     docstring); afterwards a thin forwarder to the protocol chosen."""
 
-    __slots__ = ("_buf", "_since", "chosen", "factory", "prior", "sock", "upgrade")
+    __slots__ = ("_buf", "_since", "chosen", "clock", "factory", "prior", "sock", "upgrade")
 
-    def __init__(self, factory: Any, prior: bool, upgrade: bool, sock: Any = None) -> None:
+    def __init__(
+        self,
+        factory: Any,
+        prior: bool,
+        upgrade: bool,
+        sock: Any = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.factory = factory  # the worker's ProtocolFactory
         self.sock = sock  # for the access log's client address
         self.prior = prior
         self.upgrade = upgrade
+        self.clock = clock
         self.chosen: Any = None
         self._buf = b""
-        self._since = 0.0
+        self._since = 0.0  # when the first byte came (clock): a head's timeout counts from it
 
     # forwarded once chosen -------------------------------------------------------------------
 
@@ -112,25 +91,23 @@ class Negotiation:
     def eof(self) -> bytes:
         return b"" if self.chosen is None else self.chosen.eof()
 
-    def tick(self, now: float) -> bytes:
+    def tick(self, now: float, last_input: float | None = None) -> bytes:
         chosen = self.chosen
         if chosen is not None:
-            return chosen.tick(now)
-        if not self._buf:
-            return b""
-        if not self._since:
-            self._since = now
-            return b""
-        if now - self._since < H2C_PREFACE_TIMEOUT:
+            return chosen.tick(now, last_input)
+        if not self._buf or now - self._since < H2C_PREFACE_TIMEOUT:
             return b""
         # The preface (or the first head) did not complete in time: decide on what came, as
-        # gunicorn does when its preface read times out.
+        # gunicorn does when its preface read times out; a head's timeout still counts from its
+        # first byte.
         return self._decide(final=True)
 
     def receive(self, data: bytes) -> bytes:
         chosen = self.chosen
         if chosen is not None:
             return chosen.receive(data)
+        if not self._buf:
+            self._since = self.clock()
         self._buf += data
         return self._decide(final=False)
 
@@ -169,7 +146,9 @@ class Negotiation:
                         out = UPGRADE_101 + h2.start()
                         rest = rest[offer.body_length :]
                         return out + h2.receive(rest) if rest else out
-        return self._choose(factory.h1(self.sock), buf)
+        h1 = factory.h1(self.sock)
+        h1.head_since = self._since  # the head began with the first byte, not with the choice
+        return self._choose(h1, buf)
 
     def _upgrade_offer(self, head: bytes) -> Any:
         """The h2c upgrade this head asks for, if the HTTP/1 framer finds it a valid request."""
@@ -203,7 +182,7 @@ class ProtocolFactory:
         # With gunicorn's access log on, every answer is logged: the Logging* protocols of
         # access_log.py are built instead, chosen here once per connection.
         self.access = getattr(worker, "access_log", None)
-        self.access_heads = getattr(worker, "access_heads", None)
+        self.access_heads = getattr(self.access, "heads", None)
         self.logging: Any = None
         if self.access is not None:
             from vrypt_worker import access_log  # imports the worker, which imports this module
