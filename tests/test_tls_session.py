@@ -262,8 +262,8 @@ def test_head_timeout_and_body_timeout_give_408() -> None:
 
 
 def test_alpn_h2_gets_the_http2_core_and_anything_else_http11() -> None:
-    from vrypt_worker.protocols import ProtocolFactory
     from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy, H2Protocol
+    from vrypt_worker.protocols import ProtocolFactory
 
     worker = SimpleNamespace(
         rules=FramingRules(),

@@ -47,7 +47,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from vrypt_worker import framing
-from vrypt_worker.connection import BATCH, FIRST_RECV_SIZE, RECV_SIZE
+from vrypt_worker.connection import FIRST_RECV_SIZE, RECV_SIZE
 from vrypt_worker.framing import (
     _BODY,
     _BODY_CHUNKED,
@@ -63,6 +63,7 @@ from vrypt_worker.framing import (
     _SMALL_CHUNKS,
     _TRAILERS,
     BAD_REQUEST,
+    BATCH,
     CLOSING,
     CONTINUE,
     FIELDS_TOO_LARGE,
@@ -74,7 +75,6 @@ from vrypt_worker.framing import (
     RequestFramer,
     _chunk_size,
 )
-from vrypt_worker.h1_protocol import _BATCH as _H1_BATCH
 from vrypt_worker.h1_protocol import H1Protocol
 from vrypt_worker.h2 import hpack_decoder as hd
 from vrypt_worker.h2.answers import H2Answers, Variant
@@ -1004,9 +1004,9 @@ class LoggingH1Protocol(H1Protocol):
         if out:
             self._log_answers(out, start)  # log
             table = self.table
-            if len(out) > _H1_BATCH:
-                self.owed.extend(out[_H1_BATCH:])
-                out = out[:_H1_BATCH]
+            if len(out) > BATCH:
+                self.owed.extend(out[BATCH:])
+                out = out[:BATCH]
             first = out[0]
             if len(out) == 1:
                 payload = table[first]

@@ -55,14 +55,6 @@ RECV_SIZE = 65536
 # the kernel's read/write path costs more than that on a socket (perf: +0.35 µs per read and
 # +0.4 µs per write against recvfrom/sendto), so they lose overall. docs/performance.md.
 FIRST_RECV_SIZE = 512 - 33
-# Pipelined answers are rendered at most this many at a time. More than that (one 64 KiB read of
-# small requests owes thousands) are kept as counts per kind: a client that pipelines and never
-# reads then costs one partial answer and a count, not the answers' bytes (issue 14: 3,000 such
-# clients held 1.2 GB when answers were buffered).
-BATCH = 64
-# A partial head up to this size is always held (nginx holds up to 4 x 8 KB); a bigger one only
-# while the worker's partial heads together stay within VRYPT_HEAD_BUFFER, else it gets 431.
-SMALL_HEAD = 32 * 1024
 # A connection whose last answer said `close` is shut for writing and read until the peer closes,
 # so that unread request bytes do not turn our close into a reset that destroys the answer: for
 # at most this many sweeps.

@@ -96,6 +96,14 @@ _KNOWN_CODINGS = frozenset((b"gzip", b"x-gzip", b"deflate", b"compress", b"x-com
 
 # gunicorn's own bounds for its limit settings (gunicorn/http/message.py, Request.__init__ and
 # Message.__init__): what 0, a negative value or a value above the ceiling turns into.
+# Pipelined answers are rendered at most this many at a time, on every transport. More than that
+# (one 64 KiB read of small requests owes thousands) are kept as counts per kind: a client that
+# pipelines and never reads then costs one partial answer and a count, not the answers' bytes
+# (issue 14: 3,000 such clients held 1.2 GB when answers were buffered).
+BATCH = 64
+# A partial head up to this size is always held (nginx holds up to 4 x 8 KB); a bigger one only
+# while the worker's partial heads together stay within VRYPT_HEAD_BUFFER, else it gets 431.
+SMALL_HEAD = 32 * 1024
 MAX_REQUEST_LINE = 8190  # the ceiling of limit_request_line; a negative value means it too
 REQUEST_LINE_UNLIMITED = 1024 * 1024  # limit_request_line = 0, bounded as gunicorn's fast parser
 MAX_HEADERS = 32768  # limit_request_fields: 0, negative or above this means this

@@ -8,7 +8,7 @@ and close), the answer that reaches max_requests and every answer while draining
 (`rules.open_until`). The common keep-alive read (exactly one head seen before) takes the same
 shortcut as the plain path (FramingRules' hot-path contract), without calling the framer.
 
-Pipelined requests are answered in one piece (one TLS record, one write). Past _BATCH answers in
+Pipelined requests are answered in one piece (one TLS record, one write). Past BATCH answers in
 one read the rest are kept as answer kinds and rendered a batch at a time as the transport's
 writes go (`writable`), so a client that pipelines and never reads costs counts, not answers.
 
@@ -19,7 +19,7 @@ close. The keep-alive and send timeouts are the transport's (connection.py).
 
 The partial-head budget: given the worker as `budget` (its `held` and `head_budget`), the bytes
 this connection's unfinished head holds are counted in `budget.held` as on the plain path, and a
-head past _SMALL_HEAD that would take the total past `head_budget` gets 431. The transport calls
+head past SMALL_HEAD that would take the total past `head_budget` gets 431. The transport calls
 `release()` when the connection closes.
 """
 
@@ -30,18 +30,14 @@ from collections.abc import Callable
 from typing import Any
 
 from vrypt_worker.framing import (
+    BATCH,
     CLOSING,
     FIELDS_TOO_LARGE,
     REQUEST_TIMEOUT,
+    SMALL_HEAD,
     FramingRules,
     RequestFramer,
 )
-
-# Answers rendered at most this many at a time (as worker._BATCH).
-_BATCH = 64
-# A partial head up to this size is always held; a bigger one only while the worker's partial
-# heads together stay within its budget (VRYPT_HEAD_BUFFER), else 431 (as worker._SMALL_HEAD).
-_SMALL_HEAD = 32 * 1024
 
 
 class H1Protocol:
@@ -110,9 +106,9 @@ class H1Protocol:
         payload = b""
         if out:
             table = self.table
-            if len(out) > _BATCH:
-                self.owed.extend(out[_BATCH:])  # rules.out is shared: copy what we keep
-                out = out[:_BATCH]
+            if len(out) > BATCH:
+                self.owed.extend(out[BATCH:])  # rules.out is shared: copy what we keep
+                out = out[:BATCH]
             first = out[0]
             if len(out) == 1:
                 payload = table[first]
@@ -141,7 +137,7 @@ class H1Protocol:
         held = framer.buffered
         if (
             framer.in_head
-            and held > _SMALL_HEAD
+            and held > SMALL_HEAD
             and budget.held + held - self.held > budget.head_budget
         ):
             return self.refuse(FIELDS_TOO_LARGE)
@@ -162,8 +158,8 @@ class H1Protocol:
                 # we stopped reading that head (back-pressure), not the client sending it
                 self.head_since = self.clock()
             return b""
-        batch = owed[:_BATCH]
-        del owed[:_BATCH]
+        batch = owed[:BATCH]
+        del owed[:BATCH]
         if not owed and self.framer.closed:
             self.closing = True
             self.clean = self.framer.clean

@@ -18,20 +18,20 @@ import time
 from typing import Any
 
 from vrypt_worker.connection import (
-    BATCH,
     FIRST_RECV_SIZE,
     RECV_SIZE,
-    SMALL_HEAD,
     BaseConnection,
     WorkerState,
     never_received,
 )
 from vrypt_worker.framing import (
+    BATCH,
     CLOSING,
     FIELDS_TOO_LARGE,
     OK_CLOSE_HEAD,
     OK_HEAD,
     REQUEST_TIMEOUT,
+    SMALL_HEAD,
     RequestFramer,
 )
 

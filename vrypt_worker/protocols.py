@@ -238,5 +238,3 @@ class ProtocolFactory:
         if not (prior or upgrade):
             return None
         return Negotiation(self, prior, upgrade, sock)
-
-

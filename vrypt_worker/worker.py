@@ -879,5 +879,3 @@ class VryptWorker(Worker):
             target = need if hard == resource.RLIM_INFINITY else min(need, hard)
             if target > soft:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
