@@ -12,6 +12,7 @@ class Conn:
 
     def __init__(self, name: str) -> None:
         self.name = name
+        self.due = 0  # never filed (the worker `add`s a connection at its accept)
 
     def __repr__(self) -> str:
         return self.name
