@@ -264,9 +264,10 @@ class SessionConnection(BaseConnection):
                 return due
             self.close()
             return None
-        # The sweep after the last read, as a monotonic time: what a protocol's timeouts that
-        # count from its last input start from.
-        last_input = now - (tick - seen - 1)
+        # When the last input came, as a monotonic time: the middle of the second before the
+        # sweep after it. A timeout of N seconds counted from there fires at the sweep of tick
+        # seen + 1 + N, as on the plain path, whatever the sweeps' jitter (under half a second).
+        last_input = now - (tick - seen - 1) - 0.5
         try:
             out = protocol.tick(now, last_input)
             if out:
