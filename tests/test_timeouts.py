@@ -20,7 +20,7 @@ timeouts) when the timeout fires, counted from an instant taken just BEFORE the 
 what starts (or restarts) it, so that the server's own start can only be later. It must not
 fire before T and must have fired by T + LATE. Every case runs at each of PHASES, so that its
 start falls at different points of the worker's once-a-second sweep. All cases run at once in
-threads (the `lab` fixture, for the tests selected): the file takes about 15 s.
+threads (the `lab` fixture, for the tests selected): the file takes 15-20 s.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 import hpack
 import pytest
@@ -145,7 +146,7 @@ class Peer:
         self.buf = bytearray()
         self.eof = False
 
-    def __enter__(self) -> Peer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -470,7 +471,7 @@ H2_SCRIPTS: dict[str, Callable[[H2], tuple[float, float]]] = {
 def h2_probe(how: str, timeout: str) -> Probe:
     def probe(target: Target) -> tuple[float, float]:
         with h2_open(target, how, rcvbuf=4096 if timeout == "send" else 0) as conn:
-            return H2_SCRIPTS[timeout](conn)  # type: ignore[arg-type]
+            return H2_SCRIPTS[timeout](conn)
 
     return probe
 
