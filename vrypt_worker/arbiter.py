@@ -64,7 +64,7 @@ def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None
         held = listeners.prepare(cfg, server.log, bool(server.LISTENERS))
         if held is not None:
             server.LISTENERS = held
-        _chain(cfg, "pre_fork", pre_fork)
+        chain_hook(cfg, "pre_fork", pre_fork)
     listeners.want_workers(new_value)
     if server is not _server:  # once per arbiter (a USR2 upgrade is a new process)
         _server = server
@@ -236,7 +236,7 @@ def worker_class_setup() -> None:
         server = _arbiter_on_the_stack()
         if server is None:
             return  # not the Arbiter.setup we know: gunicorn is left alone (check_config warns)
-    _chain(server.cfg, "nworkers_changed", nworkers_changed)
+    chain_hook(server.cfg, "nworkers_changed", nworkers_changed)
 
 
 def _loaded_conf_hook(name: str) -> Any:
@@ -277,7 +277,7 @@ def _is_ours(hook: Any, ours: Callable[..., None]) -> bool:
     return hook is ours or getattr(hook, "__wrapped__", None) is ours
 
 
-def _chain(cfg: Any, name: str, ours: Callable[..., None]) -> None:
+def chain_hook(cfg: Any, name: str, ours: Callable[..., None]) -> None:
     """Make gunicorn's `name` hook call `ours` first, then the one the config held (gunicorn's
     no-op default, or the operator's own): a hook of theirs is never replaced."""
     theirs = cfg.settings[name].get()
