@@ -15,7 +15,7 @@ gunicorn ignores names in a conf file that are not its settings, so these variab
 nothing; the worker finds the conf file's namespace where gunicorn left it (sys.modules) and
 resolves the answer in the arbiter (VryptWorker.check_config), so that a bad value stops the start
 with a message naming the setting, and every worker forked later inherits the result. On HUP the
-package conf's on_reload hook resolves it again from the re-run conf file (settings.reload_answer).
+package conf's on_reload hook resolves it again from the re-run conf file (arbiter.on_reload).
 """
 
 from __future__ import annotations

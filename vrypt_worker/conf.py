@@ -23,8 +23,8 @@ A bad value of any of them stops the start with a message naming it and exit sta
 """
 
 import os
-from typing import Any as _Any
 
+from vrypt_worker import arbiter as _arbiter
 from vrypt_worker import settings as _settings
 
 try:
@@ -64,26 +64,9 @@ statsd_host = _statsd_host
 logger_class = "vrypt_worker.metrics.StatsdLogger"
 
 
-def on_starting(server: _Any) -> None:
-    """One control socket per server. gunicorn 27's default path ($XDG_RUNTIME_DIR/gunicorn.ctl,
-    else ~/.gunicorn/gunicorn.ctl) is the same for every server a user starts: the second takes it
-    over and stopping either deletes it. Unless control_socket was set, it becomes one that names
-    this server's binds, e.g. vrypt-8080.ctl in the same directory. This hook runs in the arbiter
-    with the final settings (the command line's --bind included), before the socket is created.
-    A conf that defines its own on_starting can call this one."""
-    cfg = server.cfg
-    if cfg.control_socket_disable or cfg.control_socket != cfg.settings["control_socket"].default:
-        return
-    path = _settings.control_socket_path(cfg.address, cfg.control_socket)
-    if _settings.socket_in_use(path):
-        # Another live server with the same binds (two SO_REUSEPORT servers can share a port):
-        # never take its socket over. gunicorn announces the path it listens at.
-        path = _settings.control_socket_path(cfg.address, cfg.control_socket, os.getpid())
-    cfg.set("control_socket", path)
-
-
-def on_reload(server: _Any) -> None:
-    """HUP: gunicorn has run this conf file again; the new workers take the answer its vrypt_*
-    variables (and the environment) choose now. A conf that defines its own on_reload can call
-    this one."""
-    _settings.reload_answer(server.cfg, server.log)
+# gunicorn's server hooks: what runs in the arbiter (vrypt_worker/arbiter.py). A conf that defines
+# on_starting or on_reload itself can call these from it (vrypt_worker.conf.on_starting(server));
+# one that defines nworkers_changed gets ours called before its own.
+nworkers_changed = _arbiter.nworkers_changed
+on_starting = _arbiter.on_starting
+on_reload = _arbiter.on_reload

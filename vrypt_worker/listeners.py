@@ -23,6 +23,10 @@ upgrade (GUNICORN_FD), whose arbiter adopts them as its slots (the same sockets:
 changes nothing in the kernel), and closes its copies first on TERM. gunicorn's own per-worker
 binding is switched off by setting `reuse_port` to False in the arbiter's config once the slots
 exist; `slot_mode()` is what the worker reads instead.
+
+This module holds the slots' mechanics (the sockets, the shared `owners` words, claim and release);
+it never sees gunicorn's Arbiter object: arbiter.py calls it from gunicorn's hooks and hands
+gunicorn what it returns.
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import mmap
 import os
 import signal
 import socket
-import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from gunicorn import sock as gsock
@@ -72,6 +77,8 @@ class SlotPool:
         # reached max_requests and asks for its successor (`want_successor`), or 0
         self.owners = owners
         self.successor_slot: int | None = None  # the next worker's slot, set by the arbiter
+        # The arbiter's num_workers (its nworkers_changed hook): slots are added up to it (TTIN).
+        self.wanted = 1
 
     @property
     def listeners(self) -> list[Any]:
@@ -137,12 +144,12 @@ def _adopt_inherited(cfg: Any, log: Any, fds: list[int], per_slot: int) -> list[
     return [listeners[i : i + per_slot] for i in range(0, len(listeners), per_slot)]
 
 
-def prepare(arbiter: Any) -> None:
-    """From Arbiter.setup (VryptWorker.setup), at start and at every reload: build the slots
-    (or adopt a USR2 parent's), give them to gunicorn as its listeners, and switch gunicorn's
-    per-worker binding off."""
+def prepare(cfg: Any, log: Any, listening: bool) -> list[Any] | None:
+    """From Arbiter.setup (arbiter.nworkers_changed), at start and at every reload: build the
+    slots (or adopt a USR2 parent's) and switch gunicorn's per-worker binding off. Returns the
+    listeners gunicorn must hold as its own (`Arbiter.LISTENERS`), or None to leave gunicorn's
+    alone (`listening`: gunicorn holds listeners of its own already)."""
     global _pool
-    cfg, log = arbiter.cfg, arbiter.log
     if _pool is not None:  # a reload: same sockets, and gunicorn's binding off again
         if cfg.address != _pool.addresses and cfg.reuse_port:
             log.warning(
@@ -153,17 +160,17 @@ def prepare(arbiter: Any) -> None:
             )
             cfg.set("bind", [_format(address) for address in _pool.addresses])
         cfg.set("reuse_port", False)
-        arbiter.LISTENERS = _pool.listeners
-        return
-    if not cfg.reuse_port or not hasattr(socket, "SO_REUSEPORT") or arbiter.LISTENERS:
-        return
+        return _pool.listeners
+    if not cfg.reuse_port or not hasattr(socket, "SO_REUSEPORT") or listening:
+        return None
     if os.environ.get("LISTEN_FDS"):
-        return  # systemd socket activation: its sockets, gunicorn's way
+        return None  # systemd socket activation: its sockets, gunicorn's way
     addresses = _tcp_addresses(cfg)
     if addresses is None:
-        return
+        return None
     page = mmap.mmap(-1, 3 * MAX_SLOTS * 8)
     new = SlotPool(addresses, memoryview(page).cast("Q"))
+    new.wanted = max(int(cfg.workers or 1), 1)
     inherited = os.environ.pop("GUNICORN_FD", "") if os.environ.get("GUNICORN_PID") else ""
     if inherited:
         fds = [int(fd) for fd in inherited.split(",") if fd]
@@ -177,29 +184,28 @@ def prepare(arbiter: Any) -> None:
             (address[0], listener.getsockname()[1], *address[2:])
             for address, listener in zip(addresses, new.slots[0], strict=True)
         ]
-        for _ in range(1, max(int(cfg.workers or 1), 1)):
+        for _ in range(1, new.wanted):
             new.add_slot(cfg, log)
     _pool = new
     cfg.set("reuse_port", False)
-    arbiter.LISTENERS = new.listeners
+    return new.listeners
+
+
+def want_workers(count: int) -> None:
+    """In the arbiter: the number of workers it keeps now (at start, on HUP, TTIN, TTOU)."""
+    if _pool is not None:
+        _pool.wanted = max(count, 1)
+
+
+def held_listeners() -> list[Any]:
+    """In the arbiter: every slot's listeners, for gunicorn's LISTENERS (a USR2 upgrade gets them
+    all, a slot added for a new worker too)."""
+    return _pool.listeners if _pool is not None else []
 
 
 def _format(address: tuple[Any, ...]) -> str:
     host = address[0]
     return f"[{host}]:{address[1]}" if ":" in host else f"{host}:{address[1]}"
-
-
-def calling_arbiter(depth: int) -> Any:
-    """The gunicorn Arbiter whose method is `depth` frames up, or None. gunicorn offers a
-    worker class no hook that sees the arbiter before it binds (`setup()` takes no argument),
-    so the listener slots find it on the stack; anything unexpected leaves gunicorn alone."""
-    try:
-        from gunicorn.arbiter import Arbiter
-
-        candidate = sys._getframe(depth + 1).f_locals.get("self")
-    except (ImportError, ValueError):
-        return None
-    return candidate if isinstance(candidate, Arbiter) else None
 
 
 def assign(worker: Any) -> tuple[int, list[Any], dict[int, list[Any]]]:
@@ -209,15 +215,11 @@ def assign(worker: Any) -> tuple[int, list[Any], dict[int, list[Any]]]:
     others' when their owner is gone (`orphaned`)."""
     current = _pool
     assert current is not None
-    arbiter = calling_arbiter(2)
-    wanted = arbiter.num_workers if arbiter is not None else int(worker.cfg.workers or 1)
     if current.successor_slot is not None:
         slot, current.successor_slot = current.successor_slot, None
         current.holders.setdefault(slot, []).append(worker)
     else:
-        slot = current.assign(worker, wanted, worker.cfg, worker.log)
-    if arbiter is not None:
-        arbiter.LISTENERS = current.listeners  # a new slot goes to a USR2 upgrade too
+        slot = current.assign(worker, current.wanted, worker.cfg, worker.log)
     others = {k: listeners for k, listeners in enumerate(current.slots) if k != slot}
     return slot, current.slots[slot], others
 
@@ -242,7 +244,7 @@ def want_successor(slot: int) -> None:
     """In a worker that reached max_requests: ask the arbiter to fork our successor now, while
     we keep serving the slot, instead of after we have exited (gunicorn's order, which leaves the
     slot unserved for the exit, the reaping and the boot: about 15 ms per recycle). SIGCHLD wakes
-    the arbiter's loop, whose manage_workers (`succession`) reads the request."""
+    the arbiter's loop, whose manage_workers (arbiter.py) reads the request."""
     if _pool is None:
         return
     _pool.owners[2 * MAX_SLOTS + slot] = os.getpid()
@@ -252,39 +254,30 @@ def want_successor(slot: int) -> None:
         pass
 
 
-def succession(arbiter: Any, manage_workers: Any) -> Any:
-    """The arbiter's manage_workers, wrapped: first fork the successor of every worker that
-    asked for one (in its slot), then let gunicorn's own manage_workers count the workers with
-    the ones waiting for their successors left out, so that it neither kills a serving worker
-    (it kills the oldest beyond num_workers) nor forks a second replacement."""
-    succeeded: set[int] = set()
-
-    def manage() -> None:
-        current = _pool
-        if current is None:
-            manage_workers()
-            return
-        succeeded.intersection_update(arbiter.WORKERS)
-        base = 2 * MAX_SLOTS
-        for slot in range(len(current.slots)):
-            pid = current.owners[base + slot]
-            if not pid:
-                continue
+def successor_requests() -> Iterator[tuple[int, int]]:
+    """In the arbiter: (slot, pid) of each worker that has asked for its successor
+    (`want_successor`) since the last look; each request is cleared as it is handed out."""
+    current = _pool
+    if current is None:
+        return
+    base = 2 * MAX_SLOTS
+    for slot in range(len(current.slots)):
+        pid = current.owners[base + slot]
+        if pid:
             current.owners[base + slot] = 0
-            if pid in arbiter.WORKERS and pid not in succeeded:
-                succeeded.add(pid)
-                current.successor_slot = slot
-                try:
-                    arbiter.spawn_worker()
-                finally:
-                    current.successor_slot = None
-        leaving = {pid: arbiter.WORKERS.pop(pid) for pid in succeeded if pid in arbiter.WORKERS}
-        try:
-            manage_workers()
-        finally:
-            arbiter.WORKERS.update(leaving)
+            yield slot, pid
 
-    return manage
+
+@contextmanager
+def next_worker_in(slot: int) -> Iterator[None]:
+    """In the arbiter: the worker made inside this block (VryptWorker.__init__ calls `assign`)
+    takes `slot`, the one its predecessor still serves."""
+    assert _pool is not None
+    _pool.successor_slot = slot
+    try:
+        yield
+    finally:
+        _pool.successor_slot = None
 
 
 def release(slot: int) -> None:

@@ -4,6 +4,10 @@ Every variable an operator sets is parsed here, once, with an error that names i
 so that `gunicorn -c conf/gunicorn.conf.py`, `vrypt-server` and `gunicorn -k
 vrypt_worker.VryptWorker` refuse the same bad value with the same message and exit status 2,
 before any worker starts, instead of failing later in a worker with a traceback.
+
+A leaf: it imports no other module of this package (tests/test_imports.py), so that the answer,
+the conf and the command line can all use it; what runs in the arbiter with these values (the
+checks at start, the answer's reload, the control socket) is in arbiter.py.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import hashlib
 import os
 import re
 import resource
-import socket
 import sys
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
@@ -124,19 +127,82 @@ def env_statsd_host(environ: Mapping[str, str] = os.environ) -> str | None:
     return _named("VRYPT_STATSD_HOST", _statsd_host, raw) if raw.strip() else None
 
 
+# --- the worker's limits against slow and greedy clients (issue 14) -----------------------------
+
+DEFAULT_HEAD_TIMEOUT = 10
+# The other per-request timeouts and the partial-head budget: (default, what it bounds).
+TIMEOUTS = {
+    "VRYPT_HEAD_TIMEOUT": DEFAULT_HEAD_TIMEOUT,  # a head's first byte to its end, then 408
+    "VRYPT_BODY_TIMEOUT": 60,  # between two reads of a body, then 408 (nginx: 60 s too)
+    "VRYPT_SEND_TIMEOUT": 60,  # answers owed, none taken for this long: close (nginx: 60 s)
+}
+DEFAULT_HEAD_BUFFER = 32 * 1024 * 1024
+HOSTILE_SETTINGS = {**TIMEOUTS, "VRYPT_HEAD_BUFFER": DEFAULT_HEAD_BUFFER}
+
+
+def positive_int_from_env(name: str, default: int) -> int:
+    """A positive integer setting from the environment; a bad value raises ValueError."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        unit = "bytes" if name == "VRYPT_HEAD_BUFFER" else "seconds"
+        raise ValueError(f"{name}={raw!r}: expected a whole number of {unit}, at least 1")
+    return value
+
+
+def hostile_setting_from_env(name: str) -> int:
+    """One of HOSTILE_SETTINGS (a timeout in seconds, or VRYPT_HEAD_BUFFER in bytes)."""
+    return positive_int_from_env(name, HOSTILE_SETTINGS[name])
+
+
+def head_timeout_from_env() -> int:
+    """VRYPT_HEAD_TIMEOUT: seconds from a request head's first byte to its end (slowloris)."""
+    return positive_int_from_env("VRYPT_HEAD_TIMEOUT", DEFAULT_HEAD_TIMEOUT)
+
+
+def hostile_settings_from_env() -> dict[str, int]:
+    """Every VRYPT_* timeout (seconds) and VRYPT_HEAD_BUFFER (bytes), validated."""
+    return {name: hostile_setting_from_env(name) for name in HOSTILE_SETTINGS}
+
+
+# --- the metrics -------------------------------------------------------------------------------
+
+DEFAULT_STATSD_INTERVAL = 1.0
+
+
+def statsd_interval_from_env() -> float:
+    """VRYPT_STATSD_INTERVAL: seconds between two sends of the metrics (default 1)."""
+    raw = os.environ.get("VRYPT_STATSD_INTERVAL", "").strip()
+    if not raw:
+        return DEFAULT_STATSD_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.05 <= value <= 3600:
+        raise ValueError(f"VRYPT_STATSD_INTERVAL={raw!r}: expected seconds between 0.05 and 3600")
+    return value
+
+
+# --- every variable at once --------------------------------------------------------------------
+
+
 def check_worker_environment(environ: Mapping[str, str] = os.environ) -> None:
     """The VRYPT_* variables the worker itself reads, checked in the arbiter (check_config): a
     bad one raises SettingError naming it, whichever command started the server. The answer's
     variables are checked by answer.from_settings."""
-    from vrypt_worker import metrics, worker
-
     for name, read, hint in (
-        ("VRYPT_HEAD_TIMEOUT", worker.head_timeout_from_env, "expected a whole number of seconds"),
-        ("VRYPT_STATSD_INTERVAL", metrics.interval_from_env, ""),
+        ("VRYPT_HEAD_TIMEOUT", head_timeout_from_env, "expected a whole number of seconds"),
+        ("VRYPT_STATSD_INTERVAL", statsd_interval_from_env, ""),
         # The other per-request timeouts and the partial-head budget (issue 14).
         *(
-            (name, functools.partial(worker.hostile_setting_from_env, name), "")
-            for name in worker.HOSTILE_SETTINGS
+            (name, functools.partial(hostile_setting_from_env, name), "")
+            for name in HOSTILE_SETTINGS
             if name != "VRYPT_HEAD_TIMEOUT"
         ),
     ):
@@ -188,6 +254,15 @@ def fitting_worker_connections(wanted: int = DEFAULT_WORKER_CONNECTIONS) -> int:
     return max(1, min(wanted, hard - reserve))
 
 
+def tcp_migrate_req_enabled() -> bool:
+    """Whether the kernel hands a closing SO_REUSEPORT listener's queue to its siblings."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_migrate_req") as sysctl:
+            return sysctl.read().strip() == "1"
+    except OSError:
+        return False
+
+
 # --- one control socket per server ---------------------------------------------------------------
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+-]")
@@ -217,85 +292,3 @@ def control_socket_path(addresses: list[Any], default_path: str, pid: int | None
         digest = hashlib.sha1(label.encode()).hexdigest()[:12]
         path = os.path.join(directory, f"vrypt-{digest}{suffix}.ctl")
     return path
-
-
-def socket_in_use(path: str) -> bool:
-    """Whether a live server answers on the unix socket at `path` (a stale file does not)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(0.5)
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-        return True
-
-
-# --- at start, in the arbiter ------------------------------------------------------------------
-
-
-def check_at_start(cfg: Any, log: Any) -> None:
-    """VryptWorker.check_config's part for operators' settings, once per server before any fork:
-    refuse a bad variable or answer setting (exit 2, the setting named in the log), choose the
-    answer every worker inherits, and say only what the operator set and can act on."""
-    from vrypt_worker import answer
-
-    try:
-        check_worker_environment()
-        check_bind_ports(cfg.address)
-        chosen = answer.from_settings(answer.conf_namespace(cfg.config))
-    except SettingError as exc:
-        log.error("vrypt_worker cannot start: %s", exc)
-        sys.exit(EXIT_BAD_SETTING)
-    answer.activate(chosen)
-    if chosen != answer.DEFAULT:
-        log.info(
-            "vrypt_worker answers %d %s: %d-byte body, %d extra header lines",
-            chosen.status,
-            chosen.reason.decode("ascii"),
-            len(chosen.body),
-            len(chosen.headers),
-        )
-    # The conf's default worker_connections fits the hard limit (fitting_worker_connections), so
-    # this says something only about a value the operator chose; once, not once per worker.
-    fits = fitting_worker_connections(cfg.worker_connections)
-    if cfg.worker_connections > fits:
-        log.warning(
-            "worker_connections=%d does not fit the hard open-file limit %d (at most %d with the "
-            "worker's own descriptors): accepts back off when descriptors run out. Lower "
-            "worker_connections or raise the limit (ulimit -Hn, systemd LimitNOFILE=)",
-            cfg.worker_connections,
-            nofile_hard_limit(),
-            fits,
-        )
-    # Only about an application the operator named: an APP_MODULE argument (gunicorn makes it
-    # the default process name) or a wsgi_app of their own conf, not the package's.
-    named = cfg.default_proc_name if cfg.default_proc_name != "gunicorn" else cfg.wsgi_app
-    if named and named != OWN_WSGI_APP:
-        log.info(
-            "vrypt_worker answers every request itself: the application %r is never imported "
-            "or called (unless preload_app imports it in the arbiter)",
-            named,
-        )
-
-
-def reload_answer(cfg: Any, log: Any) -> None:
-    """On HUP (the conf's on_reload hook), after gunicorn re-ran the conf file and before it forks
-    the new workers: choose the answer again, so that editing `vrypt_status` & co. and sending HUP
-    switches a running server (to a maintenance page, say). A bad value is logged and the answer
-    stays what it was: a reload must not take the server down."""
-    from vrypt_worker import answer
-
-    try:
-        chosen = answer.from_settings(answer.conf_namespace(cfg.config))
-    except SettingError as exc:
-        log.error("vrypt_worker keeps its answer, the reloaded settings are bad: %s", exc)
-        return
-    if chosen != answer.active():
-        answer.activate(chosen)
-        log.info(
-            "vrypt_worker now answers %d %s: %d-byte body, %d extra header lines",
-            chosen.status,
-            chosen.reason.decode("ascii"),
-            len(chosen.body),
-            len(chosen.headers),
-        )

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import gc
 import heapq
 import logging
 import os
@@ -28,13 +27,14 @@ import gevent
 import gevent.event
 from gunicorn.workers.base import Worker
 
-from vrypt_worker import listeners, metrics, settings, tls
+from vrypt_worker import arbiter, listeners, metrics, settings, tls
 from vrypt_worker.connection import FIRST_RECV_SIZE, BaseConnection, WorkerState
 from vrypt_worker.framing import CLOSING, OK_CLOSE_HEAD, OK_HEAD, FramingRules, Limits
 from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy
 from vrypt_worker.plain import UNCACHED, Connection
 from vrypt_worker.protocols import ProtocolFactory
 from vrypt_worker.response import ResponseTable
+from vrypt_worker.settings import hostile_settings_from_env
 from vrypt_worker.tls import TLSSession
 from vrypt_worker.transport import PLAIN, SessionConnection
 
@@ -95,90 +95,6 @@ _EVICT = 32
 # normal client waited 4 s (p99; nginx, also autotuned, over 10 s). Fixed at this size: 0.05 ms.
 # Our answers are small, so a bigger buffer buys nothing but memory. Set on the listener once.
 _SNDBUF = 64 * 1024
-DEFAULT_HEAD_TIMEOUT = 10
-# The other per-request timeouts and the partial-head budget: (default, what it bounds).
-TIMEOUTS = {
-    "VRYPT_HEAD_TIMEOUT": DEFAULT_HEAD_TIMEOUT,  # a head's first byte to its end, then 408
-    "VRYPT_BODY_TIMEOUT": 60,  # between two reads of a body, then 408 (nginx: 60 s too)
-    "VRYPT_SEND_TIMEOUT": 60,  # answers owed, none taken for this long: close (nginx: 60 s)
-}
-DEFAULT_HEAD_BUFFER = 32 * 1024 * 1024
-HOSTILE_SETTINGS = {**TIMEOUTS, "VRYPT_HEAD_BUFFER": DEFAULT_HEAD_BUFFER}
-
-
-def positive_int_from_env(name: str, default: int) -> int:
-    """A positive integer setting from the environment; a bad value raises ValueError."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        unit = "bytes" if name == "VRYPT_HEAD_BUFFER" else "seconds"
-        raise ValueError(f"{name}={raw!r}: expected a whole number of {unit}, at least 1")
-    return value
-
-
-def hostile_setting_from_env(name: str) -> int:
-    """One of HOSTILE_SETTINGS (a timeout in seconds, or VRYPT_HEAD_BUFFER in bytes)."""
-    return positive_int_from_env(name, HOSTILE_SETTINGS[name])
-
-
-def head_timeout_from_env() -> int:
-    """VRYPT_HEAD_TIMEOUT: seconds from a request head's first byte to its end (slowloris)."""
-    return positive_int_from_env("VRYPT_HEAD_TIMEOUT", DEFAULT_HEAD_TIMEOUT)
-
-
-def hostile_settings_from_env() -> dict[str, int]:
-    """Every VRYPT_* timeout (seconds) and VRYPT_HEAD_BUFFER (bytes), validated."""
-    return {name: hostile_setting_from_env(name) for name in HOSTILE_SETTINGS}
-
-
-def tcp_migrate_req_enabled() -> bool:
-    """Whether the kernel hands a closing SO_REUSEPORT listener's queue to its siblings."""
-    try:
-        with open("/proc/sys/net/ipv4/tcp_migrate_req") as sysctl:
-            return sysctl.read().strip() == "1"
-    except OSError:
-        return False
-
-
-def _spawn_replacements_at_once(arbiter: Any) -> None:
-    """gunicorn's spawn_workers sleeps up to 0.1 s (at random) after every fork, to stagger
-    workers that start together, and handles no signal meanwhile. That sleep delays the next
-    replacement: with max_requests 1000 a worker lives a few tens of milliseconds under load, so
-    with one worker the port spent most of its time waiting for the arbiter (docs/reliability.md).
-    These workers boot in milliseconds and their listeners need no staggering (SO_REUSEPORT
-    slots, no accept herd), so the arbiter forks every missing worker at once."""
-    if getattr(arbiter, "_vrypt_spawn_patched", False):
-        return
-
-    def spawn_workers() -> None:
-        for _ in range(arbiter.num_workers - len(arbiter.WORKERS)):
-            arbiter.spawn_worker()
-
-    arbiter.spawn_workers = spawn_workers
-    if listeners.slot_mode():
-        # max_requests: the successor is forked before the old worker stops serving its slot
-        arbiter.manage_workers = listeners.succession(arbiter, arbiter.manage_workers)
-    arbiter._vrypt_spawn_patched = True
-
-
-_fork_hooked = False
-
-
-def _freeze_heap_at_fork() -> None:
-    """Every fork of the arbiter hands its objects to the worker in the garbage collector's
-    permanent generation (gc.freeze), and takes them back right after (gc.unfreeze), so that the
-    arbiter still collects its own garbage. A worker's collections then never walk the objects it
-    inherited: walking them writes their GC headers, which copies every page they live on out of
-    the memory shared with the arbiter (docs/performance.md, "Memory")."""
-    global _fork_hooked
-    if not _fork_hooked:
-        os.register_at_fork(before=gc.freeze, after_in_parent=gc.unfreeze)
-        _fork_hooked = True
 
 
 class VryptWorker(Worker):
@@ -186,68 +102,20 @@ class VryptWorker(Worker):
 
     @classmethod
     def setup(cls) -> None:
-        """gunicorn calls this from Arbiter.setup, before it binds (at start and on reload):
-        the arbiter's SO_REUSEPORT listener slots are made here (listeners.py)."""
+        """gunicorn calls this from Arbiter.setup (at start and on HUP), before it binds: the
+        drop-in's way into the arbiter (arbiter.py: the listener slots and the rest)."""
         # Loaded here, in the arbiter, rather than in every worker's run(): a module imported
         # after the fork is executed again in each worker (it imports this module, so not at
         # the top).
         from vrypt_worker import access_log  # noqa: F401
 
-        _freeze_heap_at_fork()
-        arbiter = listeners.calling_arbiter(2)
-        if arbiter is not None:
-            listeners.prepare(arbiter)
-            _spawn_replacements_at_once(arbiter)
+        arbiter.worker_class_setup()
 
     @classmethod
     def check_config(cls, cfg: Any, log: Any) -> None:
-        """Runs once in the arbiter before any worker starts: refuse what we cannot honour."""
-        refused = []
-        if cfg.is_ssl:
-            try:  # made here, in the arbiter, so that every worker shares its ticket keys
-                tls.context_for(cfg)
-            except Exception as exc:
-                refused.append(
-                    "TLS settings that cannot be loaded (certfile, keyfile, ca_certs, ciphers, "
-                    f"ssl_context): {exc}"
-                )
-        if (cfg.proxy_protocol or "off") != "off":
-            refused.append("proxy_protocol: PROXY protocol headers are not parsed")
-        if cfg.protocol != "http":
-            refused.append(f"protocol={cfg.protocol}: only http is served")
-        if cfg.reuse_port and any(not isinstance(address, tuple) for address in cfg.address):
-            # gunicorn sets SO_REUSEPORT on every listener it creates; unix sockets refuse it and
-            # inherited descriptors are ignored, so the worker would loop on errors instead.
-            refused.append(
-                "reuse_port with a unix: or fd:// bind: set VRYPT_REUSE_PORT=0 (one shared "
-                "listener) for unix sockets and inherited descriptors"
-            )
-        if refused:
-            raise RuntimeError(
-                "vrypt_worker.VryptWorker cannot honour these settings: " + "; ".join(refused)
-            )
-        # A bad VRYPT_* variable or answer setting stops the start here, in the arbiter, with
-        # a message naming it (exit 2), instead of failing in every worker; the chosen answer is
-        # inherited by every worker forked after this.
-        settings.check_at_start(cfg, log)
-        if cfg.reuse_port and not tcp_migrate_req_enabled():
-            # Only where the arbiter could not hold the listeners (systemd's sockets with
-            # reuse_port): then every worker binds its own, and its exit resets its queue.
-            log.warning(
-                "reuse_port is on with listeners each worker binds itself, and "
-                "net.ipv4.tcp_migrate_req is not 1: connections still queued on a worker's "
-                "listener when it exits are reset by the kernel. Set VRYPT_REUSE_PORT=0 with "
-                "systemd sockets; see docs/reliability.md"
-            )
-        if listeners.slot_mode():
-            # gunicorn's `Listening at:` names every slot's listener, so an address shows once per
-            # worker: say why, once.
-            log.info(
-                "vrypt_worker: one SO_REUSEPORT listener per worker on each address, kept by "
-                "the arbiter so that restarts never leave the port without one "
-                "(VRYPT_REUSE_PORT=0 for a single shared listener)"
-            )
-        metrics.start(cfg, log)  # shared counter slots and the StatsD pusher, before any fork
+        """Runs once in the arbiter before any worker starts: refuse what we cannot honour,
+        choose the answer, start the metrics (arbiter.check_config)."""
+        arbiter.check_config(cfg, log)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -265,7 +133,7 @@ class VryptWorker(Worker):
         # Listeners: with reuse_port, a slot of the arbiter's SO_REUSEPORT listeners (the
         # others' slots are inherited too, to adopt one whose worker is gone); else gunicorn's.
         # The arbiter object (this runs in its spawn_worker): the worker_exit hook's argument.
-        self._arbiter = listeners.calling_arbiter(1)
+        self._arbiter = arbiter.gunicorn_arbiter()
         self.slot = -1
         self.spare_slots: dict[int, list[Any]] = {}
         if listeners.slot_mode():
