@@ -140,8 +140,9 @@ def runtime_problem(base: str) -> str | None:
 
 
 def build_image(base: str, tag: str, log: Path) -> None:
-    """`podman build` of deploy/Dockerfile from the project root, on the Debian base. --layers=false:
-    no cache of intermediate images to pile up over runs (the build takes seconds)."""
+    """`podman build` of deploy/Dockerfile from the project root, on the Debian base.
+    --layers=false: no cached intermediate images to pile up over runs (the build takes
+    seconds)."""
     assert PODMAN is not None
     args = [
         PODMAN,

@@ -149,7 +149,8 @@ def test_image_adds_the_venv_and_nothing_of_the_build(image: str, base: str) -> 
     added = containers.image_size(image) - containers.image_size(base)
     # 14 MB (docs/deploy.md): gevent, greenlet, gunicorn, zope.interface, h2 and this package
     assert 0 < added < 20_000_000, added
-    config = yaml.safe_load(podman("image", "inspect", "--format", "{{json .Config}}", image).stdout)
+    inspected = podman("image", "inspect", "--format", "{{json .Config}}", image)
+    config = yaml.safe_load(inspected.stdout)
     assert config["User"] == f"{UID}:{GID}"
     assert config["Cmd"] == ["gunicorn", "-c", "conf/gunicorn.conf.py"]
 
@@ -294,9 +295,9 @@ def test_podman_stop_drains_and_exits_0(image: str, statsd: socket.socket) -> No
         busy.sendall(b"POST /busy HTTP/1.1\r\nHost: test\r\nContent-Length: 10\r\n\r\nhalf-")
         time.sleep(0.5)  # in the worker, mid-body
         started = time.monotonic()
+        patience = str(conf.graceful_timeout + 20)
         stop = subprocess.Popen(
-            [containers.PODMAN or "podman", "stop", "--time", str(conf.graceful_timeout + 20)]
-            + [box.name],
+            [containers.PODMAN or "podman", "stop", "--time", patience, box.name],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
