@@ -128,6 +128,11 @@ def ensure_base(log: Path) -> tuple[str | None, str]:
         podman("rmi", "--force", tag, check=False)
         tail = log.read_text(errors="replace")[-2000:]
         return None, f"cannot make a Debian base image with mmdebstrap here:\n{tail}"
+    # Bases of earlier recipes (or CA bundles) are of no more use.
+    repository = tag.rpartition(":")[0]
+    listed = podman("images", "--format", "{{.Repository}}:{{.Tag}}", repository, check=False)
+    for old in set(listed.stdout.split()) - {tag}:
+        podman("rmi", old, check=False)
     return tag, ""
 
 
