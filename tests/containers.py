@@ -59,9 +59,9 @@ IMPORT_CHANGES = (
     'CMD ["python3"]',
 )
 
-# runc, not crun: crun refuses hybrid cgroup hierarchies. The limits: podman's default nofile
-# (1048576) is over the hard limit of some hosts, which runc then cannot set. Host network: no
-# CNI plugin or port mapping needed, and 127.0.0.1 inside is the host's, as in a pod.
+# runc, not crun: crun refused hosts with hybrid cgroups (issue 26). The limits: podman's nofile
+# default (1048576) is over the hard limit of some hosts, which runc then cannot set. Host
+# network: no CNI plugin or port mapping needed, and 127.0.0.1 inside is the host's, as in a pod.
 RUN = (
     "--runtime",
     "runc",
