@@ -622,8 +622,8 @@ def test_worker_count_is_gunicorns_own_else_the_serving_workers():
 def test_a_collector_not_listening_is_not_reported_but_a_bad_target_is():
     said: list[tuple] = []
     refused = ConnectionRefusedError(111, "Connection refused")
-    metrics._collector_problem(lambda *a: said.append(a), "127.0.0.1:8125", refused)
+    metrics.collector_problem(lambda *a: said.append(a), "127.0.0.1:8125", refused)
     assert said == []
     unresolvable = socket.gaierror(-2, "Name or service not known")
-    assert not metrics._not_listening(unresolvable)
-    assert not metrics._not_listening(FileNotFoundError(2, "No such file or directory"))
+    assert not metrics.not_listening(unresolvable)
+    assert not metrics.not_listening(FileNotFoundError(2, "No such file or directory"))
