@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import mmap
-import os
 import re
 import socket
 from collections.abc import Callable
@@ -17,21 +16,11 @@ from typing import Any
 from gunicorn import util
 from statsd.client.base import StatsClientBase
 
-DEFAULT_INTERVAL = 1.0
+from vrypt_worker.settings import DEFAULT_STATSD_INTERVAL, statsd_interval_from_env
 
-
-def interval_from_env() -> float:
-    """VRYPT_STATSD_INTERVAL: seconds between two sends of the pusher (default 1)."""
-    raw = os.environ.get("VRYPT_STATSD_INTERVAL", "").strip()
-    if not raw:
-        return DEFAULT_INTERVAL
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0.05 <= value <= 3600:
-        raise ValueError(f"VRYPT_STATSD_INTERVAL={raw!r}: expected seconds between 0.05 and 3600")
-    return value
+# The interval's parser and default live with the other VRYPT_* settings (settings.py).
+DEFAULT_INTERVAL = DEFAULT_STATSD_INTERVAL
+interval_from_env = statsd_interval_from_env
 
 
 def statsd_prefix(raw: str | None) -> str:
