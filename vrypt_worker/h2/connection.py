@@ -22,15 +22,27 @@ Limits, each a bound on what a peer can make us hold or do (docs/http2.md has th
   block being assembled (at most SETTINGS_MAX_HEADER_LIST_SIZE bytes, else ENHANCE_YOUR_CALM);
 - streams: at most SETTINGS_MAX_CONCURRENT_STREAMS open or holding an answer back (then
   REFUSED_STREAM); a held answer is a reference to the shared body and an offset;
-- output per call: answers beyond OUTPUT_BUDGET bytes in one call wait for `writable()`;
-- frames that cost work and carry no request (PING, SETTINGS, PRIORITY, empty DATA, empty
-  CONTINUATION, unknown types) and stream resets (the client's RST_STREAM, our REFUSED_STREAM):
-  token buckets refilled once a second by `tick`; empty → GOAWAY ENHANCE_YOUR_CALM.
+- output per call: answers beyond OUTPUT_BUDGET bytes in one call wait for `writable()`, and at
+  most _ANSWERS_PER_CALL streams are answered per call: the rest of the input waits, unparsed,
+  for `writable()` (HTTP/1's _BATCH), so a peer that never reads makes us hold one batch of
+  answers and the rest of one read, and one call's CPU is bounded;
+- every frame that is not a request, a body or a useful window counts against a per-connection
+  budget, as nginx's flood counters do: PING (and its ACK), SETTINGS (and its ACK; by its size),
+  PRIORITY, GOAWAY, WINDOW_UPDATE that lets no DATA go, DATA and CONTINUATION fragments of fewer
+  than _SMALL_FRAGMENT bytes that end nothing (padding-only DATA included), frames on streams
+  we reset or ignore, unknown types; answered requests give one back. Stream resets have their
+  own budget: the client's RST_STREAM and every stream we reset ourselves (REFUSED_STREAM and
+  every stream error: CVE-2023-44487 rapid reset, CVE-2025-8671 MadeYouReset). Both are token
+  buckets refilled once a second by `tick`; empty → GOAWAY ENHANCE_YOUR_CALM;
+- work per frame follows the frame: a WINDOW_UPDATE walks only the held streams whose own
+  window is open, and only until the connection's window or the call's budget is used; a
+  SETTINGS frame moves the open windows once, whatever its number of entries.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vrypt_worker.framing import FramingRules
@@ -63,6 +75,21 @@ _HOT_FLAGS = FLAG_END_STREAM | FLAG_END_HEADERS | FLAG_PRIORITY
 # Output that one call may produce from answers (DATA); more waits for writable(). A peer can
 # make a 1 MiB body leave once per 10-byte HEADERS frame: this keeps one call's output bounded.
 OUTPUT_BUDGET = 256 * 1024
+# Streams answered per call (receive or writable); the frames after the one that used the last
+# wait, unparsed, for writable(). One 64 KiB read holds 5,000 13-byte HEAD requests: without
+# this bound they made 338 KB of answers in one call, held as long as a peer that never reads
+# keeps the connection (HTTP/1's _BATCH bounds the same thing). 128 answers are about 9 KB of
+# the default answer and 0.1 ms of CPU.
+ANSWERS_PER_CALL = 128
+# DATA or CONTINUATION that carries fewer bytes than this and ends nothing (no END_STREAM, no
+# END_HEADERS) costs a token of the frame budget: 9 bytes of frame header for one byte of body
+# is work without content (nginx counts the same: its flood check is bytes read against payload).
+_SMALL_FRAGMENT = 128
+# A WINDOW_UPDATE is free when it lets at least this much held DATA go (or finishes an answer);
+# otherwise it costs a token: WINDOW_UPDATE(0, 1) with answers held makes one byte of DATA.
+_USEFUL_RELEASE = 1024
+# A SETTINGS frame costs one token, plus one per this many entries (a frame may hold 2,730).
+_SETTINGS_PER_TOKEN = 8
 # Streams we reset and remember, so that frames already in flight on them are dropped quietly
 # (RFC 9113 §5.1 "closed") instead of answered with another RST_STREAM.
 _RESET_MEMORY = 256
@@ -180,16 +207,19 @@ class H2Protocol:
         "_last_id",
         "_max_frame",
         "_out",
+        "_paused",
         "_peer_goaway",
         "_peer_initial",
         "_peer_max_frame",
         "_preface_left",
         "_quiet_since",
         "_reads",
+        "_ready",
         "_recv_unacked",
         "_recv_window",
         "_reset_by_us",
         "_resets",
+        "_room",
         "_seen_blocks",
         "_seen_reads",
         "_send_window",
@@ -208,6 +238,11 @@ class H2Protocol:
         "config",
         "rules",
     )
+
+    # The access log's seam (access_log.LoggingH2Protocol): a method `_report(block, verdict)`
+    # called for every stream the hot path answers (the general path is seen through _answer).
+    # None here: with the log off the hot path pays one test of a local per answer.
+    _report: Callable[[bytes, int], None] | None = None
 
     def __init__(self, config: H2Config, rules: FramingRules, answers: H2Answers) -> None:
         self.config = config
@@ -233,6 +268,9 @@ class H2Protocol:
         self._peer_goaway = False
         self._streams: dict[int, _Stream] = {}
         self._held: dict[int, _Stream] = {}  # streams with DATA waiting for flow control
+        # The held streams whose own window is open: they wait for the connection's window or
+        # the call's budget only. A connection WINDOW_UPDATE walks these, not every held stream.
+        self._ready: dict[int, _Stream] = {}
         self._reset_by_us: dict[int, None] = {}
         self._skipped: list[tuple[int, int]] = []  # (a, b): ids between a and b never opened
         # A header block in assembly (HEADERS without END_HEADERS, then CONTINUATION).
@@ -261,6 +299,8 @@ class H2Protocol:
         self._stuck_since = 0.0
         self._upgrade_head: bool | None = None  # after an upgrade: stream 1 is owed (HEAD?)
         self._starved = False  # held DATA stopped by OUTPUT_BUDGET, not by flow control
+        self._room = ANSWERS_PER_CALL  # streams this call may still answer
+        self._paused = False  # frames wait in _buf: the call's answers were used up
 
     # -- constructors -----------------------------------------------------------------------
 
@@ -321,6 +361,7 @@ class H2Protocol:
         out.clear()
         out.append(frames.settings(values))
         self._budget = OUTPUT_BUDGET
+        self._room = ANSWERS_PER_CALL
         if self._upgrade_head is not None:
             head = self._upgrade_head
             self._upgrade_head = None
@@ -341,6 +382,8 @@ class H2Protocol:
         if prefix:
             out.append(prefix)
         self._budget = OUTPUT_BUDGET
+        self._room = ANSWERS_PER_CALL
+        self._paused = False
         buf = self._buf + data if self._buf else data
         try:
             if self._preface_left:
@@ -362,6 +405,7 @@ class H2Protocol:
         self.closing = True
         self.clean = True
         self._held.clear()
+        self._ready.clear()
         return b""
 
     def idle(self) -> bool:
@@ -408,6 +452,7 @@ class H2Protocol:
         out = self._out
         out.clear()
         self._held.clear()
+        self._ready.clear()
         self._goaway(frames.NO_ERROR)
         self.closing = True
         result = b"".join(out)
@@ -416,18 +461,30 @@ class H2Protocol:
 
     @property
     def wants_writable(self) -> bool:
-        """Answers wait for nothing but `writable()` (a call's output budget was used up): a
-        transport whose writes did not block should call it after writing."""
-        return self._starved and not self.closing
+        """Answers wait for nothing but `writable()` (a call's output budget or its answers
+        were used up): a transport whose writes did not block should call it after writing."""
+        return (self._starved or self._paused) and not self.closing
 
     def writable(self) -> bytes:
-        if self.closing or not self._held:
+        """The transport's writes have gone: held DATA, then the frames a call left unparsed
+        when its answers were used up (ANSWERS_PER_CALL), another call's worth."""
+        if self.closing or not (self._held or self._paused):
             return b""
         out = self._out
         out.clear()
         self._budget = OUTPUT_BUDGET
+        self._room = ANSWERS_PER_CALL
         self._starved = False
-        self._flush()
+        try:
+            if self._ready:
+                self._flush()
+            if self._paused:
+                self._paused = False
+                buf = self._buf
+                self._buf = b""
+                self._frames(buf)
+        except _ConnectionError as exc:
+            self._fail(exc)
         self._check_drain()
         result = b"".join(out)
         out.clear()
@@ -444,14 +501,17 @@ class H2Protocol:
         return buf[take:]
 
     def _frames(self, buf: bytes) -> None:
-        """Every complete frame in buf; the partial rest is kept for the next call."""
+        """Every complete frame in buf until the call's answers are used up (then `_paused`);
+        the rest is kept for the next call."""
         out = self._out
         answers = self.answers
+        report = self._report
+        room = self._room
         pos = 0
         end = len(buf)
         max_frame = self._max_frame
         try:
-            while end - pos >= 9:
+            while room and end - pos >= 9:
                 hi, lo, kind, flags, sid = _UNPACK_HEADER(buf, pos)
                 length = hi << 16 | lo
                 if length > max_frame:
@@ -505,12 +565,21 @@ class H2Protocol:
                         rules.answered += 1
                         if rules.answered >= rules.open_until and not self._goaway_sent:
                             self._goaway(frames.NO_ERROR)
+                        room -= 1
+                        if report is not None:
+                            report(block, verdict)  # type: ignore[arg-type]
                         continue
+                self._room = room
                 self._frame(kind, flags, sid, buf, start, pos)
+                room = self._room
                 if self.closing:
                     pos = end
                     break
+            else:
+                if not room and end - pos >= 9:
+                    self._paused = True  # the rest waits for writable()
         finally:
+            self._room = room
             self._buf = buf[pos:] if pos < end else b""
 
     def _frame(self, kind: int, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
@@ -543,15 +612,16 @@ class H2Protocol:
         elif kind == PRIORITY:
             self._on_priority(sid, buf[start:end])
         elif kind == GOAWAY:
+            self._control()
             self._on_goaway(sid, buf[start:end])
         elif kind == PUSH_PROMISE:
             raise _ConnectionError(frames.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         else:
             self._control()  # unknown frame types are ignored (§4.1, §5.5), but not for free
 
-    def _control(self) -> None:
+    def _control(self, tokens: int = 1) -> None:
         """A frame that costs work and carries no request."""
-        self._controls -= 1
+        self._controls -= tokens
         if self._controls < 0:
             raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "control frame flood")
 
@@ -584,7 +654,7 @@ class H2Protocol:
             return
         if len(fragment) > self._block_limit:
             raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header block too large")
-        if not fragment:
+        if len(fragment) < _SMALL_FRAGMENT:
             self._control()
         self._cont_sid = sid
         self._cont_flags = flags
@@ -600,7 +670,7 @@ class H2Protocol:
             raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header block too large")
         block += buf[start:end]
         if not flags & FLAG_END_HEADERS:
-            if start == end:
+            if end - start < _SMALL_FRAGMENT:
                 self._control()
             self._blocks -= 1
             return
@@ -640,6 +710,7 @@ class H2Protocol:
                     del self._skipped[0]
             self._last_id = sid
             if sid > self._accept_until:
+                self._control()
                 return  # after our GOAWAY: ignored (§6.8)
             if bad_priority:
                 self._stream_error(sid, frames.PROTOCOL_ERROR)  # depends on itself (§5.3.1)
@@ -648,8 +719,7 @@ class H2Protocol:
                 self._stream_error(sid, frames.PROTOCOL_ERROR)  # §8.1.1
                 return
             if len(self._streams) >= self.config.max_concurrent_streams:
-                self._count_reset()
-                self._stream_error(sid, frames.REFUSED_STREAM)  # §5.1.2
+                self._stream_error(sid, frames.REFUSED_STREAM)  # §5.1.2 (a reset: counted)
                 return
             if verdict & (hd.TOO_LARGE | hd.URI_TOO_LONG):
                 # §10.5.1: our choice is a 431 (or 414) answer on the stream, as HTTP/1 answers;
@@ -660,6 +730,7 @@ class H2Protocol:
                 self._answer(sid, variant, False, None)
                 self._answered()
                 if not end_stream:
+                    self._count_reset()
                     self._reset(sid, frames.NO_ERROR)  # §8.1: the body is not needed
                 return
             length = verdict >> hd.LENGTH_SHIFT if verdict & hd.HAS_LENGTH else -1
@@ -698,6 +769,7 @@ class H2Protocol:
         # Half-closed (remote) or closed: decode for the table, then refuse (§5.1).
         self._decode_trailers(block)
         if sid in self._reset_by_us:
+            self._control()  # dropped quietly, not for free
             return
         if stream is not None:
             self._stream_error(sid, frames.STREAM_CLOSED)
@@ -729,6 +801,8 @@ class H2Protocol:
                 raise _ConnectionError(frames.PROTOCOL_ERROR, "DATA on an idle stream")
             if sid not in self._reset_by_us and sid <= self._accept_until:
                 self._stream_error(sid, frames.STREAM_CLOSED)  # §6.1
+            else:
+                self._control()  # dropped quietly, not for free
             return
         if size > stream.recv_window:
             self._stream_error(sid, frames.FLOW_CONTROL_ERROR)
@@ -741,8 +815,8 @@ class H2Protocol:
         if flags & FLAG_END_STREAM:
             self._end_of_request(sid, stream)
             return
-        if not size:
-            self._control()
+        if data < _SMALL_FRAGMENT:
+            self._control()  # an empty or padding-only frame, or a trickle of bytes
         stream.recv_unacked += size
         if stream.recv_unacked >= self._stream_credit_at:
             self._out.append(frames.window_update(sid, stream.recv_unacked))
@@ -777,16 +851,24 @@ class H2Protocol:
         if flags & FLAG_ACK:
             if payload:
                 raise _ConnectionError(frames.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            self._control()
             return
         if len(payload) % 6:
             raise _ConnectionError(frames.FRAME_SIZE_ERROR, "SETTINGS length")
-        self._control()
+        self._control(1 + len(payload) // (6 * _SETTINGS_PER_TOKEN))
         self._apply_settings(payload)
         self._out.append(frames.SETTINGS_ACK)
-        if self._held:
+        if self._ready:
             self._flush()  # a larger INITIAL_WINDOW_SIZE or MAX_FRAME_SIZE lets DATA go
 
     def _apply_settings(self, payload: bytes) -> None:
+        """The entries in order (§6.5.3); the open windows move once, by the last
+        INITIAL_WINDOW_SIZE, so a frame of 2,730 entries walks the streams once, not 2,730
+        times. A value that would take an open window past 2^31-1 is an error even if a later
+        entry brings it back (§6.9.2): checked against the largest open window."""
+        old = self._peer_initial
+        initial = old
+        largest: int | None = None  # the largest open send window, computed at most once
         for ident, value in frames.parse_settings(payload):
             if ident == frames.SETTINGS_ENABLE_PUSH:
                 if value > 1:
@@ -794,20 +876,34 @@ class H2Protocol:
             elif ident == frames.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE")
-                delta = value - self._peer_initial
-                self._peer_initial = value
-                for stream in self._streams.values():  # §6.9.2: open windows move too
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
+                if value > old and self._streams:
+                    if largest is None:
+                        largest = max(stream.send_window for stream in self._streams.values())
+                    if largest + value - old > MAX_WINDOW:
                         raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "window overflow")
+                initial = value
             elif ident == frames.SETTINGS_MAX_FRAME_SIZE:
                 if not frames.MIN_MAX_FRAME_SIZE <= value <= frames.MAX_MAX_FRAME_SIZE:
                     raise _ConnectionError(frames.PROTOCOL_ERROR, "MAX_FRAME_SIZE")
                 self._peer_max_frame = value
             # HEADER_TABLE_SIZE: our blocks never use the client's table. MAX_CONCURRENT_STREAMS:
             # we open none. MAX_HEADER_LIST_SIZE: advisory. Unknown ids: ignored (§6.5.2).
+        if initial != old:
+            self._peer_initial = initial
+            delta = initial - old
+            held = self._held
+            ready = self._ready
+            for sid, stream in self._streams.items():  # §6.9.2: open windows move too
+                stream.send_window += delta
+                if sid in held:
+                    if stream.send_window > 0:
+                        ready[sid] = stream
+                    else:
+                        ready.pop(sid, None)
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
+        """Free when it lets DATA go (at least _USEFUL_RELEASE bytes, or an answer's end);
+        otherwise a token of the frame budget."""
         if len(payload) != 4:
             raise _ConnectionError(frames.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
@@ -817,13 +913,14 @@ class H2Protocol:
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "connection window overflow")
-            if self._held:
-                self._flush()
+            if not self._ready or self._flush() < _USEFUL_RELEASE:
+                self._control()
             return
         if sid > self._last_id or not sid & 1:
             raise _ConnectionError(frames.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
         stream = self._streams.get(sid)
         if stream is None:
+            self._control()
             return  # closed: updates may cross our END_STREAM (§5.1)
         if not increment:
             self._stream_error(sid, frames.PROTOCOL_ERROR)
@@ -831,8 +928,12 @@ class H2Protocol:
         stream.send_window += increment
         if stream.send_window > MAX_WINDOW:
             self._stream_error(sid, frames.FLOW_CONTROL_ERROR)
-        elif sid in self._held:
-            self._flush()
+            return
+        if sid in self._held and stream.send_window > 0:
+            self._ready[sid] = stream
+            if self._flush() >= _USEFUL_RELEASE:
+                return
+        self._control()
 
     def _on_rst_stream(self, sid: int, payload: bytes) -> None:
         if sid == 0:
@@ -844,12 +945,13 @@ class H2Protocol:
         self._count_reset()  # CVE-2023-44487: opening and resetting streams costs us work
         self._streams.pop(sid, None)
         self._held.pop(sid, None)
+        self._ready.pop(sid, None)
 
     def _on_priority(self, sid: int, payload: bytes) -> None:
         if sid == 0:
             raise _ConnectionError(frames.PROTOCOL_ERROR, "PRIORITY on stream 0")
         if len(payload) != 5:
-            self._stream_error(sid, frames.FRAME_SIZE_ERROR)  # §6.3
+            self._stream_error(sid, frames.FRAME_SIZE_ERROR)  # §6.3 (a reset: counted)
             return
         self._control()
         if int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
@@ -863,6 +965,7 @@ class H2Protocol:
         self._peer_goaway = True
         if int.from_bytes(payload[4:8], "big") != frames.NO_ERROR:
             self._held.clear()
+            self._ready.clear()
             self._streams.clear()
             self.closing = True  # the client gave up: nothing more to say
 
@@ -900,18 +1003,26 @@ class H2Protocol:
         stream.body = body
         stream.offset = 0
         self._held[sid] = stream
-        self._flush()
+        if stream.send_window > 0:
+            self._ready[sid] = stream
+            self._flush()
 
-    def _flush(self) -> None:
-        """Send held DATA as far as the windows, the peer's frame size and the budget allow."""
+    def _flush(self) -> int:
+        """Send held DATA as far as the windows, the peer's frame size and the budget allow,
+        first come first served. Only streams whose own window is open are walked, and the walk
+        stops at the first that cannot finish: the work is what is sent. Returns the DATA
+        bytes sent, plus _USEFUL_RELEASE for each answer finished."""
         out = self._out
+        held = self._held
+        ready = self._ready
         # Never above 16384, whatever the peer allows: every peer takes that size, and a larger
         # SETTINGS_MAX_FRAME_SIZE is not always applied by a client in the read that brings our
         # ACK (the `h2` package checks frame sizes per read). 9 bytes per 16 KiB is nothing.
         max_frame = min(self._peer_max_frame, frames.MIN_MAX_FRAME_SIZE)
-        for sid, stream in list(self._held.items()):
-            if self._send_window <= 0 or self._budget <= 0:
-                break
+        released = 0
+        while ready and self._send_window > 0 and self._budget > 0:
+            sid = next(iter(ready))
+            stream = ready[sid]
             body = stream.body
             size = len(body)
             while True:
@@ -929,6 +1040,7 @@ class H2Protocol:
                 stream.send_window -= count
                 self._send_window -= count
                 self._budget -= count
+                released += count
                 done = stream.offset == size
                 out.append(
                     frames.frame(
@@ -936,14 +1048,26 @@ class H2Protocol:
                     )
                 )
                 if done:
-                    del self._held[sid]
+                    released += _USEFUL_RELEASE
+                    del held[sid]
+                    del ready[sid]
                     stream.body = b""
                     if stream.remote_closed:
                         self._streams.pop(sid, None)
                     break
-        self._starved = bool(self._held) and self._budget <= 0
+            if sid in ready:
+                if stream.send_window > 0:
+                    break  # the connection's window or the budget: the next stream waits too
+                del ready[sid]  # its own window: it waits for a WINDOW_UPDATE on it
+        self._starved = bool(ready) and self._budget <= 0
+        return released
 
     def _answered(self) -> None:
+        """A stream answered off the hot path: counted (the call's room, max_requests), and a
+        token of the frame budget given back (a request's frames are what a client is for)."""
+        self._room -= 1
+        if self._controls < self.config.control_burst:
+            self._controls += 1
         rules = self.rules
         rules.answered += 1
         if rules.answered >= rules.open_until and not self._goaway_sent:
@@ -968,13 +1092,18 @@ class H2Protocol:
         self._out.append(frames.rst_stream(sid, code))
         self._streams.pop(sid, None)
         self._held.pop(sid, None)
+        self._ready.pop(sid, None)
         reset = self._reset_by_us
         reset[sid] = None
         if len(reset) > _RESET_MEMORY:
             del reset[next(iter(reset))]
 
     def _stream_error(self, sid: int, code: int) -> None:
-        """A stream error (§5.4.2): RST_STREAM, the stream is closed, the connection lives."""
+        """A stream error (§5.4.2): RST_STREAM, the stream is closed, the connection lives.
+        Counted against the reset budget like the client's own resets: a client can make us
+        reset streams (a WINDOW_UPDATE of 0, a bad PRIORITY, a self-dependency) as cheaply as
+        it can reset them itself (CVE-2025-8671, MadeYouReset)."""
+        self._count_reset()
         self.rules.rejected += 1
         self._reset(sid, code)
 
@@ -983,6 +1112,7 @@ class H2Protocol:
         self.rules.rejected += 1
         self._goaway(exc.code, str(exc).encode()[:64])
         self._held.clear()
+        self._ready.clear()
         self._streams.clear()
         self._cont_block = bytearray()
         self._buf = b""
