@@ -902,18 +902,22 @@ class H2Protocol:
                         ready.pop(sid, None)
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
-        """Free when it lets DATA go (at least _USEFUL_RELEASE bytes, or an answer's end);
-        otherwise a token of the frame budget."""
+        """Free when it lets DATA go (at least _USEFUL_RELEASE bytes, or an answer's end), or
+        when it gives back at least _USEFUL_RELEASE of a window our DATA used (flow control as
+        meant); otherwise a token of the frame budget."""
         if len(payload) != 4:
             raise _ConnectionError(frames.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
         if sid == 0:
             if not increment:
                 raise _ConnectionError(frames.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            before = self._send_window
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "connection window overflow")
-            if not self._ready or self._flush() < _USEFUL_RELEASE:
+            if self._ready and self._flush() >= _USEFUL_RELEASE:
+                return
+            if increment < _USEFUL_RELEASE or before >= frames.DEFAULT_WINDOW:
                 self._control()
             return
         if sid > self._last_id or not sid & 1:
@@ -925,6 +929,7 @@ class H2Protocol:
         if not increment:
             self._stream_error(sid, frames.PROTOCOL_ERROR)
             return
+        before = stream.send_window
         stream.send_window += increment
         if stream.send_window > MAX_WINDOW:
             self._stream_error(sid, frames.FLOW_CONTROL_ERROR)
@@ -933,7 +938,8 @@ class H2Protocol:
             self._ready[sid] = stream
             if self._flush() >= _USEFUL_RELEASE:
                 return
-        self._control()
+        if increment < _USEFUL_RELEASE or before >= self._peer_initial:
+            self._control()
 
     def _on_rst_stream(self, sid: int, payload: bytes) -> None:
         if sid == 0:
