@@ -193,6 +193,7 @@ class H2Protocol:
 
     __slots__ = (
         "_accept_until",
+        "_answer_limit",
         "_block_limit",
         "_blocks",
         "_budget",
@@ -219,7 +220,6 @@ class H2Protocol:
         "_recv_window",
         "_reset_by_us",
         "_resets",
-        "_room",
         "_seen_blocks",
         "_seen_reads",
         "_send_window",
@@ -299,7 +299,7 @@ class H2Protocol:
         self._stuck_since = 0.0
         self._upgrade_head: bool | None = None  # after an upgrade: stream 1 is owed (HEAD?)
         self._starved = False  # held DATA stopped by OUTPUT_BUDGET, not by flow control
-        self._room = ANSWERS_PER_CALL  # streams this call may still answer
+        self._answer_limit = 0  # rules.answered at which this call stops (ANSWERS_PER_CALL)
         self._paused = False  # frames wait in _buf: the call's answers were used up
 
     # -- constructors -----------------------------------------------------------------------
@@ -361,7 +361,7 @@ class H2Protocol:
         out.clear()
         out.append(frames.settings(values))
         self._budget = OUTPUT_BUDGET
-        self._room = ANSWERS_PER_CALL
+        self._answer_limit = self.rules.answered + ANSWERS_PER_CALL
         if self._upgrade_head is not None:
             head = self._upgrade_head
             self._upgrade_head = None
@@ -382,7 +382,7 @@ class H2Protocol:
         if prefix:
             out.append(prefix)
         self._budget = OUTPUT_BUDGET
-        self._room = ANSWERS_PER_CALL
+        self._answer_limit = self.rules.answered + ANSWERS_PER_CALL
         self._paused = False
         buf = self._buf + data if self._buf else data
         try:
@@ -473,7 +473,7 @@ class H2Protocol:
         out = self._out
         out.clear()
         self._budget = OUTPUT_BUDGET
-        self._room = ANSWERS_PER_CALL
+        self._answer_limit = self.rules.answered + ANSWERS_PER_CALL
         self._starved = False
         try:
             if self._ready:
@@ -505,13 +505,15 @@ class H2Protocol:
         the rest is kept for the next call."""
         out = self._out
         answers = self.answers
+        rules = self.rules
         report = self._report
-        room = self._room
+        limit = self._answer_limit  # the call's answers end at this count (ANSWERS_PER_CALL)
+        stop_at = min(limit, rules.open_until)  # one test per answer for both bounds
         pos = 0
         end = len(buf)
         max_frame = self._max_frame
         try:
-            while room and end - pos >= 9:
+            while end - pos >= 9:
                 hi, lo, kind, flags, sid = _UNPACK_HEADER(buf, pos)
                 length = hi << 16 | lo
                 if length > max_frame:
@@ -561,26 +563,28 @@ class H2Protocol:
                                 out.append(variant.body)
                             else:
                                 self._answer(sid, variant, False, None)
-                        rules = self.rules
                         rules.answered += 1
-                        if rules.answered >= rules.open_until and not self._goaway_sent:
-                            self._goaway(frames.NO_ERROR)
-                        room -= 1
                         if report is not None:
                             report(block, verdict)  # type: ignore[arg-type]
+                        if rules.answered >= stop_at:
+                            if rules.answered >= rules.open_until and not self._goaway_sent:
+                                self._goaway(frames.NO_ERROR)
+                            if rules.answered >= limit:
+                                break
                         continue
-                self._room = room
                 self._frame(kind, flags, sid, buf, start, pos)
-                room = self._room
                 if self.closing:
                     pos = end
                     break
-            else:
-                if not room and end - pos >= 9:
-                    self._paused = True  # the rest waits for writable()
+                if rules.answered >= limit:
+                    break
         finally:
-            self._room = room
-            self._buf = buf[pos:] if pos < end else b""
+            if pos < end:
+                self._buf = buf[pos:]
+                if rules.answered >= limit:
+                    self._paused = True  # the rest waits for writable()
+            else:
+                self._buf = b""
 
     def _frame(self, kind: int, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
         if self._cont_sid and kind != CONTINUATION:
@@ -1069,9 +1073,8 @@ class H2Protocol:
         return released
 
     def _answered(self) -> None:
-        """A stream answered off the hot path: counted (the call's room, max_requests), and a
-        token of the frame budget given back (a request's frames are what a client is for)."""
-        self._room -= 1
+        """A stream answered off the hot path: counted (the call's answers, max_requests), and
+        a token of the frame budget given back (a request's frames are what a client is for)."""
         if self._controls < self.config.control_burst:
             self._controls += 1
         rules = self.rules
