@@ -101,8 +101,9 @@ class Outcome:
 
 
 class Drain:
-    """Reads (and drops) what the server sends, acknowledging its SETTINGS; notes a GOAWAY and
-    the moment the connection ended."""
+    """Reads (and drops) what the server sends, acknowledging its SETTINGS and giving back the
+    connection window its DATA used (as any client would, so that answers keep coming); notes a
+    GOAWAY and the moment the connection ended."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -116,6 +117,7 @@ class Drain:
 
     def _run(self) -> None:
         buf = b""
+        owed = 0
         try:
             while True:
                 chunk = self.sock.recv(262144)
@@ -132,6 +134,11 @@ class Drain:
                         self.goaway = int.from_bytes(buf[13:17], "big")
                     if kind == SETTINGS and not flags & ACK:
                         self.send(frame(SETTINGS, ACK, 0))
+                    elif kind == DATA:
+                        owed += length
+                        if owed >= 32768:
+                            self.send(window_update(0, owed))
+                            owed = 0
                     buf = buf[9 + length :]
         except (OSError, ValueError):
             pass
@@ -279,9 +286,14 @@ def rapid_reset(port: int, tls: bool, seconds: float) -> Outcome:
     return flood(port, tls, seconds, b"", batch, 2000)
 
 
+def header_references_4k(port: int, tls: bool, seconds: float) -> Outcome:
+    return header_references(port, tls, seconds, entry=3960)
+
+
 FLOODS: dict[str, Callable[[int, bool, float], Outcome]] = {
     "wu-held": window_update_with_held_answers,
     "references": header_references,
+    "references-4k": header_references_4k,
     "settings-large": large_settings,
     "wu-alone": window_updates_alone,
     "padded-data": padded_empty_data,
