@@ -193,7 +193,6 @@ class H2Protocol:
 
     __slots__ = (
         "_accept_until",
-        "_answer_limit",
         "_block_limit",
         "_blocks",
         "_budget",
@@ -241,7 +240,8 @@ class H2Protocol:
 
     # The access log's seam (access_log.LoggingH2Protocol): a method `_report(block, verdict)`
     # called for every stream the hot path answers (the general path is seen through _answer).
-    # None here: with the log off the hot path pays one test of a local per answer.
+    # None here: with the log off the hot path pays nothing per answer (the test is folded into
+    # the max_requests comparison it makes anyway) and one attribute read per call.
     _report: Callable[[bytes, int], None] | None = None
 
     def __init__(self, config: H2Config, rules: FramingRules, answers: H2Answers) -> None:
@@ -299,7 +299,6 @@ class H2Protocol:
         self._stuck_since = 0.0
         self._upgrade_head: bool | None = None  # after an upgrade: stream 1 is owed (HEAD?)
         self._starved = False  # held DATA stopped by OUTPUT_BUDGET, not by flow control
-        self._answer_limit = 0  # rules.answered at which this call stops (ANSWERS_PER_CALL)
         self._paused = False  # frames wait in _buf: the call's answers were used up
 
     # -- constructors -----------------------------------------------------------------------
@@ -361,7 +360,6 @@ class H2Protocol:
         out.clear()
         out.append(frames.settings(values))
         self._budget = OUTPUT_BUDGET
-        self._answer_limit = self.rules.answered + ANSWERS_PER_CALL
         if self._upgrade_head is not None:
             head = self._upgrade_head
             self._upgrade_head = None
@@ -382,9 +380,11 @@ class H2Protocol:
         if prefix:
             out.append(prefix)
         self._budget = OUTPUT_BUDGET
-        self._answer_limit = self.rules.answered + ANSWERS_PER_CALL
-        self._paused = False
-        buf = self._buf + data if self._buf else data
+        if self._buf:
+            buf = self._buf + data
+            self._paused = False  # what waited is parsed now, before the new bytes
+        else:
+            buf = data
         try:
             if self._preface_left:
                 buf = self._match_preface(buf)
@@ -473,7 +473,6 @@ class H2Protocol:
         out = self._out
         out.clear()
         self._budget = OUTPUT_BUDGET
-        self._answer_limit = self.rules.answered + ANSWERS_PER_CALL
         self._starved = False
         try:
             if self._ready:
@@ -507,8 +506,12 @@ class H2Protocol:
         answers = self.answers
         rules = self.rules
         report = self._report
-        limit = self._answer_limit  # the call's answers end at this count (ANSWERS_PER_CALL)
-        stop_at = min(limit, rules.open_until)  # one test per answer for both bounds
+        limit = rules.answered + ANSWERS_PER_CALL  # this call's answers end at this count
+        # One comparison per answer serves this bound, max_requests and the access log's seam.
+        if report is not None:
+            stop_at = -1
+        else:
+            stop_at = limit if limit < rules.open_until else rules.open_until
         pos = 0
         end = len(buf)
         max_frame = self._max_frame
@@ -564,9 +567,9 @@ class H2Protocol:
                             else:
                                 self._answer(sid, variant, False, None)
                         rules.answered += 1
-                        if report is not None:
-                            report(block, verdict)  # type: ignore[arg-type]
                         if rules.answered >= stop_at:
+                            if report is not None:
+                                report(block, verdict)  # type: ignore[arg-type]
                             if rules.answered >= rules.open_until and not self._goaway_sent:
                                 self._goaway(frames.NO_ERROR)
                             if rules.answered >= limit:
