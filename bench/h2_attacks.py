@@ -125,21 +125,24 @@ class Drain:
                     break
                 self.received += len(chunk)
                 buf += chunk
-                while len(buf) >= 9:
-                    length = int.from_bytes(buf[:3], "big")
-                    if len(buf) < 9 + length:
+                pos = 0
+                end = len(buf)
+                while end - pos >= 9:
+                    length = int.from_bytes(buf[pos : pos + 3], "big")
+                    if end - pos < 9 + length:
                         break
-                    kind, flags = buf[3], buf[4]
+                    kind, flags = buf[pos + 3], buf[pos + 4]
                     if kind == GOAWAY and self.goaway is None:
-                        self.goaway = int.from_bytes(buf[13:17], "big")
+                        self.goaway = int.from_bytes(buf[pos + 13 : pos + 17], "big")
                     if kind == SETTINGS and not flags & ACK:
                         self.send(frame(SETTINGS, ACK, 0))
                     elif kind == DATA:
                         owed += length
-                        if owed >= 32768:
-                            self.send(window_update(0, owed))
-                            owed = 0
-                    buf = buf[9 + length :]
+                    pos += 9 + length
+                buf = buf[pos:]
+                if owed >= 32768:
+                    self.send(window_update(0, owed))
+                    owed = 0
         except (OSError, ValueError):
             pass
         self.ended = time.monotonic()
