@@ -112,6 +112,7 @@ class Drain:
         self.goaway: int | None = None
         self.received = 0
         self.lock = threading.Lock()
+        self.replies: list[bytes] = []  # SETTINGS ACKs and WINDOW_UPDATEs for the writer to send
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -135,22 +136,30 @@ class Drain:
                     if kind == GOAWAY and self.goaway is None:
                         self.goaway = int.from_bytes(buf[pos + 13 : pos + 17], "big")
                     if kind == SETTINGS and not flags & ACK:
-                        self.send(frame(SETTINGS, ACK, 0))
+                        self.reply(frame(SETTINGS, ACK, 0))
                     elif kind == DATA:
                         owed += length
                     pos += 9 + length
                 buf = buf[pos:]
                 if owed >= 32768:
-                    self.send(window_update(0, owed))
+                    self.reply(window_update(0, owed))
                     owed = 0
         except (OSError, ValueError):
             pass
         self.ended = time.monotonic()
 
+    def reply(self, data: bytes) -> None:
+        """Queued for the writer (this thread never writes: the writer may be blocked in a
+        sendall that waits for this thread to read)."""
+        with self.lock:
+            self.replies.append(data)
+
     def send(self, data: bytes) -> bool:
+        with self.lock:
+            replies = b"".join(self.replies)
+            self.replies.clear()
         try:
-            with self.lock:
-                self.sock.sendall(data)
+            self.sock.sendall(replies + data)
             return True
         except (OSError, ValueError):
             return False
