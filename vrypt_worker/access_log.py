@@ -1041,8 +1041,8 @@ class LoggingH2Protocol(H2Protocol):
 
     Chosen once per connection by cleartext.ProtocolFactory when the log is on, so the HTTP/2 core
     stays unaware of logging and its hot path as it is. Two ways in, as in the core:
-    - the core's seam `_report(block, verdict)`, called by its hot path for every stream it
-      answers (None in the core: a test of a local per answer with the log off): the stream is
+    - the core's seam `_report` (here `_log_hot`), called by its hot path for every stream it
+      answers (None in the core: nothing per answer with the log off): the stream is
       logged with the template cached for (HPACK table state, header block, verdict), shared by
       every connection whose client sends the same blocks (the core shares table states alike).
     - the general path (bodies, CONTINUATION, 431/414, CONNECT, trailers, the upgraded stream 1)
@@ -1074,6 +1074,7 @@ class LoggingH2Protocol(H2Protocol):
         tls: bool = False,
     ) -> None:
         super().__init__(config, rules, answers)
+        self._report = LoggingH2Protocol._log_hot  # the core's seam (a function: no cycle)
         self._log_requests: dict[int, _H2Request] = {}  # streams opened, not yet answered
         self._log_sid = 0  # the stream whose header block is being decoded
         self._log_start = time.perf_counter()
@@ -1084,6 +1085,8 @@ class LoggingH2Protocol(H2Protocol):
         """Where this connection's lines go (`H2Protocol.upgraded` builds the protocol without
         it); `upgrade`: the head of the `Upgrade: h2c` request that is stream 1."""
         self.access = access
+        if access.timed:  # the format asks for a duration: a clock read per call, not per line
+            self.__class__ = _TimedLoggingH2Protocol
         self._log_tls = tls
         self._log_templates = access.h2_templates[tls]
         try:
@@ -1105,18 +1108,10 @@ class LoggingH2Protocol(H2Protocol):
         request = access.h2_request(self._table, block, self._log_tls)
         return access.h2_template(request, kind, self.answers, self._log_tls)
 
-    def receive(self, data: bytes) -> bytes:
-        self._log_start = time.perf_counter() if self.access.timed else 0.0
-        return super().receive(data)
-
-    def writable(self) -> bytes:
-        # frames a call left unparsed (the call's answers were used up) are answered here
-        self._log_start = time.perf_counter() if self.access.timed else 0.0
-        return super().writable()
-
-    def _report(self, block: bytes, verdict: int) -> None:
-        """The core's seam: the hot path answered a stream whose header block `block` the
-        table state decodes, without inserting, to `verdict` (the kind: _H2_OK, _H2_HEAD)."""
+    def _log_hot(self, block: bytes, verdict: int) -> None:
+        """The core's seam (`_report`): the hot path answered a stream whose header block
+        `block` the table state decodes, without inserting, to `verdict` (the kind: _H2_OK,
+        _H2_HEAD)."""
         access = self.access
         template = self._log_templates.get((self._table.key, block, verdict))
         if template is None:
@@ -1166,6 +1161,23 @@ class LoggingH2Protocol(H2Protocol):
             template = access.h2_template(request, kind, answers, self._log_tls)
             access.lines.append(access.fresh_line(self, template, self._log_start))
         super()._answer(sid, variant, head, stream)
+
+
+class _TimedLoggingH2Protocol(LoggingH2Protocol):
+    """A LoggingH2Protocol whose format has a duration (T D M L): the time each call began,
+    which its lines measure from. A class of its own (`log_to` switches to it), so that the
+    other formats pay no wrapper per call."""
+
+    __slots__ = ()
+
+    def receive(self, data: bytes) -> bytes:
+        self._log_start = time.perf_counter()
+        return super().receive(data)
+
+    def writable(self) -> bytes:
+        # frames a call left unparsed (the call's answers were used up) are answered here
+        self._log_start = time.perf_counter()
+        return super().writable()
 
 
 def start(worker: Any) -> AccessLog | None:

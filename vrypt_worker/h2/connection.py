@@ -217,6 +217,7 @@ class H2Protocol:
         "_ready",
         "_recv_unacked",
         "_recv_window",
+        "_report",
         "_reset_by_us",
         "_resets",
         "_seen_blocks",
@@ -238,13 +239,12 @@ class H2Protocol:
         "rules",
     )
 
-    # The access log's seam (access_log.LoggingH2Protocol): a method `_report(block, verdict)`
-    # called for every stream the hot path answers (the general path is seen through _answer).
-    # None here: with the log off the hot path pays nothing per answer (the test is folded into
-    # the max_requests comparison it makes anyway) and one attribute read per call.
-    _report: Callable[[bytes, int], None] | None = None
-
     def __init__(self, config: H2Config, rules: FramingRules, answers: H2Answers) -> None:
+        # The access log's seam (access_log.LoggingH2Protocol): a function called as
+        # `_report(protocol, block, verdict)` for every stream the hot path answers (the general
+        # path is seen through _answer). None: with the log off the hot path pays nothing per
+        # answer (the test is folded into the max_requests comparison it makes anyway).
+        self._report: Callable[[H2Protocol, bytes, int], None] | None = None
         self.config = config
         self.rules = rules
         self.answers = answers
@@ -569,7 +569,7 @@ class H2Protocol:
                         rules.answered += 1
                         if rules.answered >= stop_at:
                             if report is not None:
-                                report(block, verdict)  # type: ignore[arg-type]
+                                report(self, block, verdict)  # type: ignore[arg-type]
                             if rules.answered >= rules.open_until and not self._goaway_sent:
                                 self._goaway(frames.NO_ERROR)
                             if rules.answered >= limit:
