@@ -505,13 +505,13 @@ class H2Protocol:
         out = self._out
         answers = self.answers
         rules = self.rules
-        report = self._report
         limit = rules.answered + ANSWERS_PER_CALL  # this call's answers end at this count
         # One comparison per answer serves this bound, max_requests and the access log's seam.
-        if report is not None:
+        stop_at = rules.open_until
+        if limit < stop_at:
+            stop_at = limit
+        if self._report is not None:
             stop_at = -1
-        else:
-            stop_at = limit if limit < rules.open_until else rules.open_until
         pos = 0
         end = len(buf)
         max_frame = self._max_frame
@@ -568,6 +568,7 @@ class H2Protocol:
                                 self._answer(sid, variant, False, None)
                         rules.answered += 1
                         if rules.answered >= stop_at:
+                            report = self._report
                             if report is not None:
                                 report(self, block, verdict)  # type: ignore[arg-type]
                             if rules.answered >= rules.open_until and not self._goaway_sent:
