@@ -23,7 +23,7 @@ Limits, each a bound on what a peer can make us hold or do (docs/http2.md has th
 - streams: at most SETTINGS_MAX_CONCURRENT_STREAMS open or holding an answer back (then
   REFUSED_STREAM); a held answer is a reference to the shared body and an offset;
 - output per call: answers beyond OUTPUT_BUDGET bytes in one call wait for `writable()`, and at
-  most _ANSWERS_PER_CALL streams are answered per call: the rest of the input waits, unparsed,
+  most ANSWERS_PER_CALL streams are answered per call: the rest of the input waits, unparsed,
   for `writable()` (HTTP/1's _BATCH), so a peer that never reads makes us hold one batch of
   answers and the rest of one read, and one call's CPU is bounded;
 - every frame that is not a request, a body or a useful window counts against a per-connection
