@@ -401,7 +401,7 @@ class AccessLog:
         """An HTTP/2 request's log record: its cache key and its request atoms. The block is
         decoded again, in full, from the table state it was decoded from (a pure function: the
         connection's table is not touched), unless these atoms are cached."""
-        key = (table.key, block) if len(block) <= hd._CACHE_BLOCK_MAX else None
+        key = (table.key, block) if len(block) <= hd.CACHE_BLOCK_MAX else None
         cache = self.h2_requests[tls]
         atoms = cache.get(key) if key is not None else None
         if atoms is None:

@@ -58,7 +58,7 @@ _READS_BLOCK_MAX = 512
 _READS_BYTES = 1024
 _ROOT_READS_BYTES = _READS_MAX * _READS_BLOCK_MAX
 _TRANSITIONS_MAX = 512
-_CACHE_BLOCK_MAX = 1024
+CACHE_BLOCK_MAX = 1024  # public: the access log caches its request atoms by the same rule
 # Field checks remembered by field (name, value): a 1-byte indexed reference to a 4 KB entry is
 # checked once, not byte by byte at every reference (RFC 9113 §8.2 rules, Content-Length,
 # Expect). Only fields that can sit in a table (at most MAX_TABLE_SIZE) and are long enough
@@ -165,7 +165,7 @@ def request_verdict(table: Table, block: bytes) -> tuple[int, Table]:
                 )
             table.reads[block] = verdict
             table.reads_room -= len(block)
-    elif len(block) <= _CACHE_BLOCK_MAX:
+    elif len(block) <= CACHE_BLOCK_MAX:
         if len(_transitions) >= _TRANSITIONS_MAX:
             _transitions.clear()
         _transitions[(table.key, block)] = (verdict, after)
