@@ -78,18 +78,7 @@ from vrypt_worker.framing import (
 from vrypt_worker.h1_protocol import H1Protocol
 from vrypt_worker.h2 import hpack_decoder as hd
 from vrypt_worker.h2.answers import H2Answers, Variant
-from vrypt_worker.h2.connection import (
-    _HOT_FLAGS,
-    _UNPACK_HEADER,
-    _UNPACK_U32,
-    FLAG_PRIORITY,
-    HEADERS,
-    H2Config,
-    H2Protocol,
-    _ConnectionError,
-    _Stream,
-    frames,
-)
+from vrypt_worker.h2.connection import H2Config, H2Protocol
 from vrypt_worker.plain import UNCACHED, Connection
 
 # Characters of lines waiting for the writer thread beyond which new lines are dropped: a disk
@@ -414,7 +403,7 @@ class AccessLog:
         """An HTTP/2 request's log record: its cache key and its request atoms. The block is
         decoded again, in full, from the table state it was decoded from (a pure function: the
         connection's table is not touched), unless these atoms are cached."""
-        key = (table.key, block) if len(block) <= hd._CACHE_BLOCK_MAX else None
+        key = (table.key, block) if len(block) <= hd.CACHE_BLOCK_MAX else None
         cache = self.h2_requests[tls]
         atoms = cache.get(key) if key is not None else None
         if atoms is None:
@@ -1054,10 +1043,10 @@ class LoggingH2Protocol(H2Protocol):
 
     Chosen once per connection by cleartext.ProtocolFactory when the log is on, so the HTTP/2 core
     stays unaware of logging and its hot path as it is. Two ways in, as in the core:
-    - `_frames` is H2Protocol._frames plus the lines marked `# log` (tests/test_access_log.py
-      checks that the two are the same code without them): a request on the hot path is logged
-      with the template cached for (HPACK table state, header block, verdict), shared by every
-      connection whose client sends the same blocks (the core shares table states the same way).
+    - the core's seam `_report` (here `_log_hot`), called by its hot path for every stream it
+      answers (None in the core: nothing per answer with the log off): the stream is
+      logged with the template cached for (HPACK table state, header block, verdict), shared by
+      every connection whose client sends the same blocks (the core shares table states alike).
     - the general path (bodies, CONTINUATION, 431/414, CONNECT, trailers, the upgraded stream 1)
       goes through methods the core already has: `_decode_request` keeps the request's log
       record (its block decoded in full from the table state before it, the atoms cached) for
@@ -1087,6 +1076,7 @@ class LoggingH2Protocol(H2Protocol):
         tls: bool = False,
     ) -> None:
         super().__init__(config, rules, answers)
+        self._report = LoggingH2Protocol._log_hot  # the core's seam (a function: no cycle)
         self._log_requests: dict[int, _H2Request] = {}  # streams opened, not yet answered
         self._log_sid = 0  # the stream whose header block is being decoded
         self._log_start = time.perf_counter()
@@ -1097,6 +1087,8 @@ class LoggingH2Protocol(H2Protocol):
         """Where this connection's lines go (`H2Protocol.upgraded` builds the protocol without
         it); `upgrade`: the head of the `Upgrade: h2c` request that is stream 1."""
         self.access = access
+        if access.timed:  # the format asks for a duration: a clock read per call, not per line
+            self.__class__ = _TimedLoggingH2Protocol
         self._log_tls = tls
         self._log_templates = access.h2_templates[tls]
         try:
@@ -1118,87 +1110,18 @@ class LoggingH2Protocol(H2Protocol):
         request = access.h2_request(self._table, block, self._log_tls)
         return access.h2_template(request, kind, self.answers, self._log_tls)
 
-    def _frames(self, buf: bytes) -> None:
-        """Every complete frame in buf; the partial rest is kept for the next call."""
-        access = self.access  # log
-        began = self._log_start = time.perf_counter() if access.timed else 0.0  # log
-        templates = self._log_templates  # log
-        out = self._out
-        answers = self.answers
-        pos = 0
-        end = len(buf)
-        max_frame = self._max_frame
-        try:
-            while end - pos >= 9:
-                hi, lo, kind, flags, sid = _UNPACK_HEADER(buf, pos)
-                length = hi << 16 | lo
-                if length > max_frame:
-                    raise _ConnectionError(frames.FRAME_SIZE_ERROR, "frame larger than allowed")
-                start = pos + 9
-                if end - start < length:
-                    break
-                pos = start + length
-                sid &= 0x7FFFFFFF
-                self._blocks += 1
-                if (
-                    kind == HEADERS
-                    and flags | FLAG_PRIORITY == _HOT_FLAGS  # browsers add PRIORITY
-                    and not self._streams
-                    and not self._cont_sid
-                    and sid == self._last_id + 2  # the next id: odd and new
-                    and self._settings_seen
-                    and not self._goaway_sent
-                ):
-                    # The hot path: a complete GET/HEAD-like request on a new stream.
-                    if flags & FLAG_PRIORITY:
-                        # 5 bytes of (deprecated) priority; depending on itself is an error
-                        # that the general path reports.
-                        depends = _UNPACK_U32(buf, start)[0] & 0x7FFFFFFF
-                        block = buf[start + 5 : pos] if depends != sid else None
-                    else:
-                        block = buf[start:pos]
-                    verdict = self._table.reads.get(block)  # type: ignore[arg-type]
-                    if verdict is not None and verdict <= hd.HEAD:
-                        self._last_id = sid
-                        # The verdict is the kind (_H2_OK, _H2_HEAD); same block, same line.
-                        template = templates.get((self._table.key, block, verdict))  # log
-                        if template is None:  # log
-                            template = self._log_template(block, verdict)  # log
-                        same = template is access.line_template  # log
-                        if same and self.log_addr == access.line_addr:  # log
-                            access.lines.append(access.last_line)  # log
-                        else:  # log
-                            access.lines.append(access.fresh_line(self, template, began))  # log
-                        variant = answers.ok
-                        if verdict:
-                            sid4 = sid.to_bytes(4, "big")
-                            out.append(variant.headers_for(sid4, True))
-                        else:
-                            body_size = len(variant.body)
-                            if (
-                                variant.one_frame
-                                and body_size <= self._send_window
-                                and body_size <= self._peer_initial
-                                and body_size <= self._budget
-                            ):
-                                self._send_window -= body_size
-                                self._budget -= body_size
-                                sid4 = sid.to_bytes(4, "big")
-                                out += (variant.get_prefix, sid4, variant.get_middle, sid4)
-                                out.append(variant.body)
-                            else:
-                                self._answer(sid, variant, False, None)
-                        rules = self.rules
-                        rules.answered += 1
-                        if rules.answered >= rules.open_until and not self._goaway_sent:
-                            self._goaway(frames.NO_ERROR)
-                        continue
-                self._frame(kind, flags, sid, buf, start, pos)
-                if self.closing:
-                    pos = end
-                    break
-        finally:
-            self._buf = buf[pos:] if pos < end else b""
+    def _log_hot(self, block: bytes, verdict: int) -> None:
+        """The core's seam (`_report`): the hot path answered a stream whose header block
+        `block` the table state decodes, without inserting, to `verdict` (the kind: _H2_OK,
+        _H2_HEAD)."""
+        access = self.access
+        template = self._log_templates.get((self._table.key, block, verdict))
+        if template is None:
+            template = self._log_template(block, verdict)
+        if template is access.line_template and self.log_addr == access.line_addr:
+            access.lines.append(access.last_line)  # same block, same address, same second
+        else:
+            access.lines.append(access.fresh_line(self, template, self._log_start))
 
     def _header_block(self, sid: int, flags: int, block: bytes, bad_priority: bool) -> None:
         if sid <= self._last_id:  # trailers, or a closed stream: no request is opened
@@ -1224,7 +1147,7 @@ class LoggingH2Protocol(H2Protocol):
             self._log_requests[self._log_sid] = self.access.h2_request(table, block, self._log_tls)
         return verdict
 
-    def _answer(self, sid: int, variant: Variant, head: bool, stream: _Stream | None) -> None:
+    def _answer(self, sid: int, variant: Variant, head: bool, stream: Any) -> None:
         request = self._log_requests.pop(sid, None)
         if request is not None:  # None: the hot path, which logged the stream itself
             answers = self.answers
@@ -1240,6 +1163,23 @@ class LoggingH2Protocol(H2Protocol):
             template = access.h2_template(request, kind, answers, self._log_tls)
             access.lines.append(access.fresh_line(self, template, self._log_start))
         super()._answer(sid, variant, head, stream)
+
+
+class _TimedLoggingH2Protocol(LoggingH2Protocol):
+    """A LoggingH2Protocol whose format has a duration (T D M L): the time each call began,
+    which its lines measure from. A class of its own (`log_to` switches to it), so that the
+    other formats pay no wrapper per call."""
+
+    __slots__ = ()
+
+    def receive(self, data: bytes) -> bytes:
+        self._log_start = time.perf_counter()
+        return super().receive(data)
+
+    def writable(self) -> bytes:
+        # frames a call left unparsed (the call's answers were used up) are answered here
+        self._log_start = time.perf_counter()
+        return super().writable()
 
 
 def start(worker: Any) -> AccessLog | None:

@@ -37,6 +37,9 @@ _READ_SIZE = 16384
 # CPython's small-object allocator, where 16 KiB would be malloc'd and shrunk with realloc on
 # every request (as worker._FIRST_RECV_SIZE). A read that fills it continues with _READ_SIZE.
 _FIRST_READ_SIZE = 512 - 33
+# Ciphertext fed to OpenSSL, and plaintext encrypted, at most this much at a time (a record and
+# its overhead): the memory BIOs never grow past it.
+_PIECE = 16384 + 512
 
 
 class TLSError(Exception):
@@ -147,6 +150,8 @@ class TLSSession:
     def receive(self, data: bytes) -> bytes:
         """Ciphertext in; the plaintext it completes out (all of it: read until OpenSSL has
         nothing left, since what it holds decrypted will not wake the socket again)."""
+        if len(data) > _PIECE and self.handshaken:
+            return self._receive_pieces(data)
         self.incoming.write(data)
         if not self.handshaken and not self._handshake():
             return b""
@@ -168,6 +173,18 @@ class TLSSession:
             # `incoming` can hold more.)
             return plain
         return self._read_rest(plain)
+
+    def _receive_pieces(self, data: bytes) -> bytes:
+        """A large read fed a record's worth at a time: a memory BIO keeps the largest buffer
+        it ever held (64 KiB per connection that once read 64 KiB, for its whole life)."""
+        chunks = []
+        for start in range(0, len(data), _PIECE):
+            plain = self.receive(data[start : start + _PIECE])
+            if plain:
+                chunks.append(plain)
+            if self.peer_closed:
+                break
+        return b"".join(chunks)
 
     def _read_rest(self, plain: bytes) -> bytes:
         chunks = [plain]
@@ -200,11 +217,21 @@ class TLSSession:
 
     def send(self, plain: bytes) -> bytes:
         """Plaintext in, the ciphertext to write out (with anything OpenSSL had queued)."""
+        if len(plain) <= _PIECE:
+            try:
+                self.write(plain)
+            except ssl.SSLError as exc:
+                raise TLSError(str(exc)) from exc
+            return self.outgoing.read()
+        chunks = []
+        view = memoryview(plain)
         try:
-            self.write(plain)
+            for start in range(0, len(plain), _PIECE):
+                self.write(view[start : start + _PIECE])
+                chunks.append(self.outgoing.read())
         except ssl.SSLError as exc:
             raise TLSError(str(exc)) from exc
-        return self.outgoing.read()
+        return b"".join(chunks)
 
     def output(self) -> bytes:
         """What OpenSSL wrote by itself: handshake records, alerts, session tickets."""

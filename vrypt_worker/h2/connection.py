@@ -22,15 +22,27 @@ Limits, each a bound on what a peer can make us hold or do (docs/http2.md has th
   block being assembled (at most SETTINGS_MAX_HEADER_LIST_SIZE bytes, else ENHANCE_YOUR_CALM);
 - streams: at most SETTINGS_MAX_CONCURRENT_STREAMS open or holding an answer back (then
   REFUSED_STREAM); a held answer is a reference to the shared body and an offset;
-- output per call: answers beyond OUTPUT_BUDGET bytes in one call wait for `writable()`;
-- frames that cost work and carry no request (PING, SETTINGS, PRIORITY, empty DATA, empty
-  CONTINUATION, unknown types) and stream resets (the client's RST_STREAM, our REFUSED_STREAM):
-  token buckets refilled once a second by `tick`; empty → GOAWAY ENHANCE_YOUR_CALM.
+- output per call: answers beyond OUTPUT_BUDGET bytes in one call wait for `writable()`, and at
+  most ANSWERS_PER_CALL streams are answered per call: the rest of the input waits, unparsed,
+  for `writable()` (HTTP/1's _BATCH), so a peer that never reads makes us hold one batch of
+  answers and the rest of one read, and one call's CPU is bounded;
+- every frame that is not a request, a body or a useful window counts against a per-connection
+  budget, as nginx's flood counters do: PING (and its ACK), SETTINGS (and its ACK; by its size),
+  PRIORITY, GOAWAY, WINDOW_UPDATE that lets no DATA go, DATA and CONTINUATION fragments of fewer
+  than _SMALL_FRAGMENT bytes that end nothing (padding-only DATA included), frames on streams
+  we reset or ignore, unknown types; answered requests give one back. Stream resets have their
+  own budget: the client's RST_STREAM and every stream we reset ourselves (REFUSED_STREAM and
+  every stream error: CVE-2023-44487 rapid reset, CVE-2025-8671 MadeYouReset). Both are token
+  buckets refilled once a second by `tick`; empty → GOAWAY ENHANCE_YOUR_CALM;
+- work per frame follows the frame: a WINDOW_UPDATE walks only the held streams whose own
+  window is open, and only until the connection's window or the call's budget is used; a
+  SETTINGS frame moves the open windows once, whatever its number of entries.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vrypt_worker.framing import FramingRules
@@ -63,6 +75,21 @@ _HOT_FLAGS = FLAG_END_STREAM | FLAG_END_HEADERS | FLAG_PRIORITY
 # Output that one call may produce from answers (DATA); more waits for writable(). A peer can
 # make a 1 MiB body leave once per 10-byte HEADERS frame: this keeps one call's output bounded.
 OUTPUT_BUDGET = 256 * 1024
+# Streams answered per call (receive or writable); the frames after the one that used the last
+# wait, unparsed, for writable(). One 64 KiB read holds 5,000 13-byte HEAD requests: without
+# this bound they made 338 KB of answers in one call, held as long as a peer that never reads
+# keeps the connection (HTTP/1's _BATCH bounds the same thing). 128 answers are about 9 KB of
+# the default answer and 0.1 ms of CPU.
+ANSWERS_PER_CALL = 128
+# DATA or CONTINUATION that carries fewer bytes than this and ends nothing (no END_STREAM, no
+# END_HEADERS) costs a token of the frame budget: 9 bytes of frame header for one byte of body
+# is work without content (nginx counts the same: its flood check is bytes read against payload).
+_SMALL_FRAGMENT = 128
+# A WINDOW_UPDATE is free when it lets at least this much held DATA go (or finishes an answer);
+# otherwise it costs a token: WINDOW_UPDATE(0, 1) with answers held makes one byte of DATA.
+_USEFUL_RELEASE = 1024
+# A SETTINGS frame costs one token, plus one per this many entries (a frame may hold 2,730).
+_SETTINGS_PER_TOKEN = 8
 # Streams we reset and remember, so that frames already in flight on them are dropped quietly
 # (RFC 9113 §5.1 "closed") instead of answered with another RST_STREAM.
 _RESET_MEMORY = 256
@@ -180,15 +207,18 @@ class H2Protocol:
         "_last_id",
         "_max_frame",
         "_out",
+        "_paused",
         "_peer_goaway",
         "_peer_initial",
         "_peer_max_frame",
         "_preface_left",
         "_quiet_since",
         "_reads",
+        "_ready",
         "_recv_unacked",
         "_recv_window",
         "_refilled_at",
+        "_report",
         "_reset_by_us",
         "_resets",
         "_seen_blocks",
@@ -211,6 +241,11 @@ class H2Protocol:
     )
 
     def __init__(self, config: H2Config, rules: FramingRules, answers: H2Answers) -> None:
+        # The access log's seam (access_log.LoggingH2Protocol): a function called as
+        # `_report(protocol, block, verdict)` for every stream the hot path answers (the general
+        # path is seen through _answer). None: with the log off the hot path pays nothing per
+        # answer (the test is folded into the max_requests comparison it makes anyway).
+        self._report: Callable[[H2Protocol, bytes, int], None] | None = None
         self.config = config
         self.rules = rules
         self.answers = answers
@@ -234,6 +269,9 @@ class H2Protocol:
         self._peer_goaway = False
         self._streams: dict[int, _Stream] = {}
         self._held: dict[int, _Stream] = {}  # streams with DATA waiting for flow control
+        # The held streams whose own window is open: they wait for the connection's window or
+        # the call's budget only. A connection WINDOW_UPDATE walks these, not every held stream.
+        self._ready: dict[int, _Stream] = {}
         self._reset_by_us: dict[int, None] = {}
         self._skipped: list[tuple[int, int]] = []  # (a, b): ids between a and b never opened
         # A header block in assembly (HEADERS without END_HEADERS, then CONTINUATION).
@@ -263,6 +301,7 @@ class H2Protocol:
         self._stuck_since = 0.0
         self._upgrade_head: bool | None = None  # after an upgrade: stream 1 is owed (HEAD?)
         self._starved = False  # held DATA stopped by OUTPUT_BUDGET, not by flow control
+        self._paused = False  # frames wait in _buf: the call's answers were used up
 
     # -- constructors -----------------------------------------------------------------------
 
@@ -343,7 +382,11 @@ class H2Protocol:
         if prefix:
             out.append(prefix)
         self._budget = OUTPUT_BUDGET
-        buf = self._buf + data if self._buf else data
+        if self._buf:
+            buf = self._buf + data
+            self._paused = False  # what waited is parsed now, before the new bytes
+        else:
+            buf = data
         try:
             if self._preface_left:
                 buf = self._match_preface(buf)
@@ -364,6 +407,7 @@ class H2Protocol:
         self.closing = True
         self.clean = True
         self._held.clear()
+        self._ready.clear()
         return b""
 
     def idle(self) -> bool:
@@ -417,6 +461,7 @@ class H2Protocol:
         out = self._out
         out.clear()
         self._held.clear()
+        self._ready.clear()
         self._goaway(frames.NO_ERROR)
         self.closing = True
         result = b"".join(out)
@@ -425,18 +470,29 @@ class H2Protocol:
 
     @property
     def wants_writable(self) -> bool:
-        """Answers wait for nothing but `writable()` (a call's output budget was used up): a
-        transport whose writes did not block should call it after writing."""
-        return self._starved and not self.closing
+        """Answers wait for nothing but `writable()` (a call's output budget or its answers
+        were used up): a transport whose writes did not block should call it after writing."""
+        return (self._starved or self._paused) and not self.closing
 
     def writable(self) -> bytes:
-        if self.closing or not self._held:
+        """The transport's writes have gone: held DATA, then the frames a call left unparsed
+        when its answers were used up (ANSWERS_PER_CALL), another call's worth."""
+        if self.closing or not (self._held or self._paused):
             return b""
         out = self._out
         out.clear()
         self._budget = OUTPUT_BUDGET
         self._starved = False
-        self._flush()
+        try:
+            if self._ready:
+                self._flush()
+            if self._paused:
+                self._paused = False
+                buf = self._buf
+                self._buf = b""
+                self._frames(buf)
+        except _ConnectionError as exc:
+            self._fail(exc)
         self._check_drain()
         result = b"".join(out)
         out.clear()
@@ -453,9 +509,18 @@ class H2Protocol:
         return buf[take:]
 
     def _frames(self, buf: bytes) -> None:
-        """Every complete frame in buf; the partial rest is kept for the next call."""
+        """Every complete frame in buf until the call's answers are used up (then `_paused`);
+        the rest is kept for the next call."""
         out = self._out
         answers = self.answers
+        rules = self.rules
+        limit = rules.answered + ANSWERS_PER_CALL  # this call's answers end at this count
+        # One comparison per answer serves this bound, max_requests and the access log's seam.
+        stop_at = rules.open_until
+        if limit < stop_at:
+            stop_at = limit
+        if self._report is not None:
+            stop_at = -1
         pos = 0
         end = len(buf)
         max_frame = self._max_frame
@@ -510,17 +575,29 @@ class H2Protocol:
                                 out.append(variant.body)
                             else:
                                 self._answer(sid, variant, False, None)
-                        rules = self.rules
                         rules.answered += 1
-                        if rules.answered >= rules.open_until and not self._goaway_sent:
-                            self._goaway(frames.NO_ERROR)
+                        if rules.answered >= stop_at:
+                            report = self._report
+                            if report is not None:
+                                report(self, block, verdict)  # type: ignore[arg-type]
+                            if rules.answered >= rules.open_until and not self._goaway_sent:
+                                self._goaway(frames.NO_ERROR)
+                            if rules.answered >= limit:
+                                break
                         continue
                 self._frame(kind, flags, sid, buf, start, pos)
                 if self.closing:
                     pos = end
                     break
+                if rules.answered >= limit:
+                    break
         finally:
-            self._buf = buf[pos:] if pos < end else b""
+            if pos < end:
+                self._buf = buf[pos:]
+                if rules.answered >= limit:
+                    self._paused = True  # the rest waits for writable()
+            else:
+                self._buf = b""
 
     def _frame(self, kind: int, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
         if self._cont_sid and kind != CONTINUATION:
@@ -552,15 +629,16 @@ class H2Protocol:
         elif kind == PRIORITY:
             self._on_priority(sid, buf[start:end])
         elif kind == GOAWAY:
+            self._control()
             self._on_goaway(sid, buf[start:end])
         elif kind == PUSH_PROMISE:
             raise _ConnectionError(frames.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         else:
             self._control()  # unknown frame types are ignored (§4.1, §5.5), but not for free
 
-    def _control(self) -> None:
+    def _control(self, tokens: int = 1) -> None:
         """A frame that costs work and carries no request."""
-        self._controls -= 1
+        self._controls -= tokens
         if self._controls < 0:
             raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "control frame flood")
 
@@ -593,7 +671,7 @@ class H2Protocol:
             return
         if len(fragment) > self._block_limit:
             raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header block too large")
-        if not fragment:
+        if len(fragment) < _SMALL_FRAGMENT:
             self._control()
         self._cont_sid = sid
         self._cont_flags = flags
@@ -609,7 +687,7 @@ class H2Protocol:
             raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header block too large")
         block += buf[start:end]
         if not flags & FLAG_END_HEADERS:
-            if start == end:
+            if end - start < _SMALL_FRAGMENT:
                 self._control()
             self._blocks -= 1
             return
@@ -649,6 +727,7 @@ class H2Protocol:
                     del self._skipped[0]
             self._last_id = sid
             if sid > self._accept_until:
+                self._control()
                 return  # after our GOAWAY: ignored (§6.8)
             if bad_priority:
                 self._stream_error(sid, frames.PROTOCOL_ERROR)  # depends on itself (§5.3.1)
@@ -657,8 +736,7 @@ class H2Protocol:
                 self._stream_error(sid, frames.PROTOCOL_ERROR)  # §8.1.1
                 return
             if len(self._streams) >= self.config.max_concurrent_streams:
-                self._count_reset()
-                self._stream_error(sid, frames.REFUSED_STREAM)  # §5.1.2
+                self._stream_error(sid, frames.REFUSED_STREAM)  # §5.1.2 (a reset: counted)
                 return
             if verdict & (hd.TOO_LARGE | hd.URI_TOO_LONG):
                 # §10.5.1: our choice is a 431 (or 414) answer on the stream, as HTTP/1 answers;
@@ -669,6 +747,7 @@ class H2Protocol:
                 self._answer(sid, variant, False, None)
                 self._answered()
                 if not end_stream:
+                    self._count_reset()
                     self._reset(sid, frames.NO_ERROR)  # §8.1: the body is not needed
                 return
             length = verdict >> hd.LENGTH_SHIFT if verdict & hd.HAS_LENGTH else -1
@@ -707,6 +786,7 @@ class H2Protocol:
         # Half-closed (remote) or closed: decode for the table, then refuse (§5.1).
         self._decode_trailers(block)
         if sid in self._reset_by_us:
+            self._control()  # dropped quietly, not for free
             return
         if stream is not None:
             self._stream_error(sid, frames.STREAM_CLOSED)
@@ -738,6 +818,8 @@ class H2Protocol:
                 raise _ConnectionError(frames.PROTOCOL_ERROR, "DATA on an idle stream")
             if sid not in self._reset_by_us and sid <= self._accept_until:
                 self._stream_error(sid, frames.STREAM_CLOSED)  # §6.1
+            else:
+                self._control()  # dropped quietly, not for free
             return
         if size > stream.recv_window:
             self._stream_error(sid, frames.FLOW_CONTROL_ERROR)
@@ -750,8 +832,8 @@ class H2Protocol:
         if flags & FLAG_END_STREAM:
             self._end_of_request(sid, stream)
             return
-        if not size:
-            self._control()
+        if data < _SMALL_FRAGMENT:
+            self._control()  # an empty or padding-only frame, or a trickle of bytes
         stream.recv_unacked += size
         if stream.recv_unacked >= self._stream_credit_at:
             self._out.append(frames.window_update(sid, stream.recv_unacked))
@@ -786,16 +868,24 @@ class H2Protocol:
         if flags & FLAG_ACK:
             if payload:
                 raise _ConnectionError(frames.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            self._control()
             return
         if len(payload) % 6:
             raise _ConnectionError(frames.FRAME_SIZE_ERROR, "SETTINGS length")
-        self._control()
+        self._control(1 + len(payload) // (6 * _SETTINGS_PER_TOKEN))
         self._apply_settings(payload)
         self._out.append(frames.SETTINGS_ACK)
-        if self._held:
+        if self._ready:
             self._flush()  # a larger INITIAL_WINDOW_SIZE or MAX_FRAME_SIZE lets DATA go
 
     def _apply_settings(self, payload: bytes) -> None:
+        """The entries in order (§6.5.3); the open windows move once, by the last
+        INITIAL_WINDOW_SIZE, so a frame of 2,730 entries walks the streams once, not 2,730
+        times. A value that would take an open window past 2^31-1 is an error even if a later
+        entry brings it back (§6.9.2): checked against the largest open window."""
+        old = self._peer_initial
+        initial = old
+        largest: int | None = None  # the largest open send window, computed at most once
         for ident, value in frames.parse_settings(payload):
             if ident == frames.SETTINGS_ENABLE_PUSH:
                 if value > 1:
@@ -803,45 +893,70 @@ class H2Protocol:
             elif ident == frames.SETTINGS_INITIAL_WINDOW_SIZE:
                 if value > MAX_WINDOW:
                     raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE")
-                delta = value - self._peer_initial
-                self._peer_initial = value
-                for stream in self._streams.values():  # §6.9.2: open windows move too
-                    stream.send_window += delta
-                    if stream.send_window > MAX_WINDOW:
+                if value > old and self._streams:
+                    if largest is None:
+                        largest = max(stream.send_window for stream in self._streams.values())
+                    if largest + value - old > MAX_WINDOW:
                         raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "window overflow")
+                initial = value
             elif ident == frames.SETTINGS_MAX_FRAME_SIZE:
                 if not frames.MIN_MAX_FRAME_SIZE <= value <= frames.MAX_MAX_FRAME_SIZE:
                     raise _ConnectionError(frames.PROTOCOL_ERROR, "MAX_FRAME_SIZE")
                 self._peer_max_frame = value
             # HEADER_TABLE_SIZE: our blocks never use the client's table. MAX_CONCURRENT_STREAMS:
             # we open none. MAX_HEADER_LIST_SIZE: advisory. Unknown ids: ignored (§6.5.2).
+        if initial != old:
+            self._peer_initial = initial
+            delta = initial - old
+            held = self._held
+            ready = self._ready
+            for sid, stream in self._streams.items():  # §6.9.2: open windows move too
+                stream.send_window += delta
+                if sid in held:
+                    if stream.send_window > 0:
+                        ready[sid] = stream
+                    else:
+                        ready.pop(sid, None)
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
+        """Free when it lets DATA go (at least _USEFUL_RELEASE bytes, or an answer's end), or
+        when it gives back at least _USEFUL_RELEASE of a window our DATA used (flow control as
+        meant); otherwise a token of the frame budget."""
         if len(payload) != 4:
             raise _ConnectionError(frames.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
         increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
         if sid == 0:
             if not increment:
                 raise _ConnectionError(frames.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            before = self._send_window
             self._send_window += increment
             if self._send_window > MAX_WINDOW:
                 raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "connection window overflow")
-            if self._held:
-                self._flush()
+            if self._ready and self._flush() >= _USEFUL_RELEASE:
+                return
+            if increment < _USEFUL_RELEASE or before >= frames.DEFAULT_WINDOW:
+                self._control()
             return
         if sid > self._last_id or not sid & 1:
             raise _ConnectionError(frames.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
         stream = self._streams.get(sid)
         if stream is None:
+            self._control()
             return  # closed: updates may cross our END_STREAM (§5.1)
         if not increment:
             self._stream_error(sid, frames.PROTOCOL_ERROR)
             return
+        before = stream.send_window
         stream.send_window += increment
         if stream.send_window > MAX_WINDOW:
             self._stream_error(sid, frames.FLOW_CONTROL_ERROR)
-        elif sid in self._held:
-            self._flush()
+            return
+        if sid in self._held and stream.send_window > 0:
+            self._ready[sid] = stream
+            if self._flush() >= _USEFUL_RELEASE:
+                return
+        if increment < _USEFUL_RELEASE or before >= self._peer_initial:
+            self._control()
 
     def _on_rst_stream(self, sid: int, payload: bytes) -> None:
         if sid == 0:
@@ -853,12 +968,13 @@ class H2Protocol:
         self._count_reset()  # CVE-2023-44487: opening and resetting streams costs us work
         self._streams.pop(sid, None)
         self._held.pop(sid, None)
+        self._ready.pop(sid, None)
 
     def _on_priority(self, sid: int, payload: bytes) -> None:
         if sid == 0:
             raise _ConnectionError(frames.PROTOCOL_ERROR, "PRIORITY on stream 0")
         if len(payload) != 5:
-            self._stream_error(sid, frames.FRAME_SIZE_ERROR)  # §6.3
+            self._stream_error(sid, frames.FRAME_SIZE_ERROR)  # §6.3 (a reset: counted)
             return
         self._control()
         if int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
@@ -872,6 +988,7 @@ class H2Protocol:
         self._peer_goaway = True
         if int.from_bytes(payload[4:8], "big") != frames.NO_ERROR:
             self._held.clear()
+            self._ready.clear()
             self._streams.clear()
             self.closing = True  # the client gave up: nothing more to say
 
@@ -909,18 +1026,26 @@ class H2Protocol:
         stream.body = body
         stream.offset = 0
         self._held[sid] = stream
-        self._flush()
+        if stream.send_window > 0:
+            self._ready[sid] = stream
+            self._flush()
 
-    def _flush(self) -> None:
-        """Send held DATA as far as the windows, the peer's frame size and the budget allow."""
+    def _flush(self) -> int:
+        """Send held DATA as far as the windows, the peer's frame size and the budget allow,
+        first come first served. Only streams whose own window is open are walked, and the walk
+        stops at the first that cannot finish: the work is what is sent. Returns the DATA
+        bytes sent, plus _USEFUL_RELEASE for each answer finished."""
         out = self._out
+        held = self._held
+        ready = self._ready
         # Never above 16384, whatever the peer allows: every peer takes that size, and a larger
         # SETTINGS_MAX_FRAME_SIZE is not always applied by a client in the read that brings our
         # ACK (the `h2` package checks frame sizes per read). 9 bytes per 16 KiB is nothing.
         max_frame = min(self._peer_max_frame, frames.MIN_MAX_FRAME_SIZE)
-        for sid, stream in list(self._held.items()):
-            if self._send_window <= 0 or self._budget <= 0:
-                break
+        released = 0
+        while ready and self._send_window > 0 and self._budget > 0:
+            sid = next(iter(ready))
+            stream = ready[sid]
             body = stream.body
             size = len(body)
             while True:
@@ -938,6 +1063,7 @@ class H2Protocol:
                 stream.send_window -= count
                 self._send_window -= count
                 self._budget -= count
+                released += count
                 done = stream.offset == size
                 out.append(
                     frames.frame(
@@ -945,14 +1071,25 @@ class H2Protocol:
                     )
                 )
                 if done:
-                    del self._held[sid]
+                    released += _USEFUL_RELEASE
+                    del held[sid]
+                    del ready[sid]
                     stream.body = b""
                     if stream.remote_closed:
                         self._streams.pop(sid, None)
                     break
-        self._starved = bool(self._held) and self._budget <= 0
+            if sid in ready:
+                if stream.send_window > 0:
+                    break  # the connection's window or the budget: the next stream waits too
+                del ready[sid]  # its own window: it waits for a WINDOW_UPDATE on it
+        self._starved = bool(ready) and self._budget <= 0
+        return released
 
     def _answered(self) -> None:
+        """A stream answered off the hot path: counted (the call's answers, max_requests), and
+        a token of the frame budget given back (a request's frames are what a client is for)."""
+        if self._controls < self.config.control_burst:
+            self._controls += 1
         rules = self.rules
         rules.answered += 1
         if rules.answered >= rules.open_until and not self._goaway_sent:
@@ -977,13 +1114,18 @@ class H2Protocol:
         self._out.append(frames.rst_stream(sid, code))
         self._streams.pop(sid, None)
         self._held.pop(sid, None)
+        self._ready.pop(sid, None)
         reset = self._reset_by_us
         reset[sid] = None
         if len(reset) > _RESET_MEMORY:
             del reset[next(iter(reset))]
 
     def _stream_error(self, sid: int, code: int) -> None:
-        """A stream error (§5.4.2): RST_STREAM, the stream is closed, the connection lives."""
+        """A stream error (§5.4.2): RST_STREAM, the stream is closed, the connection lives.
+        Counted against the reset budget like the client's own resets: a client can make us
+        reset streams (a WINDOW_UPDATE of 0, a bad PRIORITY, a self-dependency) as cheaply as
+        it can reset them itself (CVE-2025-8671, MadeYouReset)."""
+        self._count_reset()
         self.rules.rejected += 1
         self._reset(sid, code)
 
@@ -992,6 +1134,7 @@ class H2Protocol:
         self.rules.rejected += 1
         self._goaway(exc.code, str(exc).encode()[:64])
         self._held.clear()
+        self._ready.clear()
         self._streams.clear()
         self._cont_block = bytearray()
         self._buf = b""

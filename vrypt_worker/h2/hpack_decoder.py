@@ -47,13 +47,25 @@ URI_TOO_LONG = 32  # 414: :path longer than gunicorn's limit_request_line
 EXPECT_CONTINUE = 64  # `expect: 100-continue`: the client may wait for a 100 before its body
 LENGTH_SHIFT = 8
 
-# Cache bounds. Per table, blocks that insert nothing (at most 32 of at most 512 bytes: 16 KiB
-# per table state, which a connection with its own table can make us hold); globally, blocks
-# that insert (512 of at most 1 KiB, and the table states they lead to, each at most 4 KiB).
+# Cache bounds. Per table, blocks that insert nothing: at most 32 of at most 512 bytes, and at
+# most _READS_BYTES of them in all on a table other than the empty one (a client that fills its
+# table with fields of its own has a table state of its own: what it makes us hold stays within
+# nginx's 12 KB per idle connection; the empty table is shared by every connection and keeps
+# 16 KiB). Globally, blocks that insert (512 of at most 1 KiB, and the table states they lead
+# to, each at most 4 KiB).
 _READS_MAX = 32
 _READS_BLOCK_MAX = 512
+_READS_BYTES = 1024
+_ROOT_READS_BYTES = _READS_MAX * _READS_BLOCK_MAX
 _TRANSITIONS_MAX = 512
-_CACHE_BLOCK_MAX = 1024
+CACHE_BLOCK_MAX = 1024  # public: the access log caches its request atoms by the same rule
+# Field checks remembered by field (name, value): a 1-byte indexed reference to a 4 KB entry is
+# checked once, not byte by byte at every reference (RFC 9113 §8.2 rules, Content-Length,
+# Expect). Only fields that can sit in a table (at most MAX_TABLE_SIZE) and are long enough
+# that a lookup costs less than the check; at most _FACTS_MAX of them (the references to the
+# strings are shared with the table states that hold them).
+_FACTS_MIN = 64
+_FACTS_MAX = 256
 
 # RFC 9113 §8.2.1: names without 0x00-0x20, uppercase, 0x7f-0xff, and a colon only as the first
 # byte of a pseudo-header; values without NUL, CR, LF, and not starting or ending with SP/HTAB.
@@ -96,7 +108,7 @@ _keys = itertools.count()
 class Table:
     """One state of a decoder's dynamic table: entries newest first (index 62 is entries[0])."""
 
-    __slots__ = ("entries", "key", "limits", "max_size", "reads", "size")
+    __slots__ = ("entries", "key", "limits", "max_size", "reads", "reads_room", "size")
 
     def __init__(
         self, entries: tuple[tuple[bytes, bytes], ...], size: int, max_size: int, limits: Limits
@@ -107,6 +119,7 @@ class Table:
         self.limits = limits  # part of what a verdict means: shared by a root's descendants
         self.key = next(_keys)
         self.reads: dict[bytes, int] = {}
+        self.reads_room = _READS_BYTES  # bytes of blocks `reads` may still take
 
 
 _roots: dict[Limits, Table] = {}
@@ -118,14 +131,17 @@ def empty_table(limits: Limits) -> Table:
     root = _roots.get(limits)
     if root is None:
         root = _roots[limits] = Table((), 0, MAX_TABLE_SIZE, limits)
+        root.reads_room = _ROOT_READS_BYTES
     return root
 
 
 def clear_caches() -> None:
     """Forget every memoised verdict (tests, and measurements of the uncached path)."""
     _transitions.clear()
+    _facts.clear()
     for root in _roots.values():
         root.reads.clear()
+        root.reads_room = _ROOT_READS_BYTES
 
 
 def request_verdict(table: Table, block: bytes) -> tuple[int, Table]:
@@ -142,10 +158,14 @@ def request_verdict(table: Table, block: bytes) -> tuple[int, Table]:
     )
     if after is table:
         if len(block) <= _READS_BLOCK_MAX:
-            if len(table.reads) >= _READS_MAX:
+            if len(table.reads) >= _READS_MAX or len(block) > table.reads_room:
                 table.reads.clear()
+                table.reads_room = (
+                    _ROOT_READS_BYTES if table is _roots.get(table.limits) else _READS_BYTES
+                )
             table.reads[block] = verdict
-    elif len(block) <= _CACHE_BLOCK_MAX:
+            table.reads_room -= len(block)
+    elif len(block) <= CACHE_BLOCK_MAX:
         if len(_transitions) >= _TRANSITIONS_MAX:
             _transitions.clear()
         _transitions[(table.key, block)] = (verdict, after)
@@ -157,8 +177,8 @@ def trailers_verdict(table: Table, block: bytes) -> tuple[int, Table]:
     fields, after, size = decode(table, block)
     if size > table.limits.header_list:
         return TOO_LARGE, after
-    for name, value in fields:
-        if name[:1] == b":" or not _regular_field_ok(name, value):
+    for field in fields:
+        if field[0][:1] == b":" or _facts_of(field) & _FIELD_BAD:
             return MALFORMED, after
     return 0, after
 
@@ -288,6 +308,49 @@ def _regular_field_ok(name: bytes, value: bytes) -> bool:
     return not (name == b"te" and value != b"trailers")
 
 
+# What a request's verdict needs of one field, found once per field (`_facts_of`): bad (§8.2:
+# malformed name or value, connection-specific), `expect: 100-continue`, a Content-Length (its
+# value from bit 8). For a pseudo-header only whether its value is well formed.
+_FIELD_BAD = 1
+_FIELD_EXPECT = 2
+_FIELD_LENGTH = 4
+_facts: dict[tuple[bytes, bytes], int] = {}
+
+
+def _field_facts(name: bytes, value: bytes) -> int:
+    if name[:1] == b":":
+        return 0 if _VALUE.fullmatch(value) else _FIELD_BAD
+    if not _regular_field_ok(name, value):
+        return _FIELD_BAD
+    if name == b"expect" and value.lower() == b"100-continue":
+        return _FIELD_EXPECT
+    if name == b"content-length":
+        # A list of equal values is one value (RFC 9110 §8.6); anything else is malformed.
+        parts = {part.strip(b" \t") for part in value.split(b",")}
+        if len(parts) != 1:
+            return _FIELD_BAD
+        (part,) = parts
+        if not part.isdigit() or len(part) > 18:
+            return _FIELD_BAD
+        return _FIELD_LENGTH | int(part) << LENGTH_SHIFT
+    return 0
+
+
+def _facts_of(field: tuple[bytes, bytes]) -> int:
+    """`_field_facts`, remembered for the long fields a table can hold: a table entry is the
+    same tuple at every reference, so the lookup hashes nothing again."""
+    name, value = field
+    if not _FACTS_MIN <= len(name) + len(value) <= MAX_TABLE_SIZE:
+        return _field_facts(name, value)
+    facts = _facts.get(field)
+    if facts is None:
+        facts = _field_facts(name, value)
+        if len(_facts) >= _FACTS_MAX:
+            _facts.clear()
+        _facts[field] = facts
+    return facts
+
+
 def _judge_request(fields: list[tuple[bytes, bytes]], limits: Limits) -> int:
     """RFC 9113 §8.2-8.3 for a request header section, then gunicorn's limits: the verdict."""
     pseudo: dict[bytes, bytes] = {}
@@ -297,32 +360,30 @@ def _judge_request(fields: list[tuple[bytes, bytes]], limits: Limits) -> int:
     length = -1
     expect = 0
     field_size = limits.field_size
-    for name, value in fields:
+    for field in fields:
+        name, value = field
         if name[:1] == b":":
             # Only the request pseudo-headers, each once, all before the regular fields.
             if regular or name not in _REQUEST_PSEUDO or name in pseudo:
                 return MALFORMED
-            if not _VALUE.fullmatch(value):
+            if _facts_of(field):
                 return MALFORMED
             pseudo[name] = value
             continue
         regular = True
         count += 1
-        if not _regular_field_ok(name, value):
+        facts = _facts_of(field)
+        if facts & _FIELD_BAD:
             return MALFORMED
         if len(name) + len(value) + 2 > field_size:
             too_large = True
-        if name == b"expect" and value.lower() == b"100-continue":
+        if facts & _FIELD_EXPECT:
             expect = EXPECT_CONTINUE
-        if name == b"content-length":
-            # A list of equal values is one value (RFC 9110 §8.6); anything else is malformed.
-            parts = {part.strip(b" \t") for part in value.split(b",")}
-            if len(parts) != 1:
+        elif facts & _FIELD_LENGTH:
+            value_length = facts >> LENGTH_SHIFT
+            if length >= 0 and value_length != length:
                 return MALFORMED
-            (part,) = parts
-            if not part.isdigit() or len(part) > 18 or (length >= 0 and int(part) != length):
-                return MALFORMED
-            length = int(part)
+            length = value_length
     method = pseudo.get(b":method")
     if not method or not _TOKEN.fullmatch(method):
         return MALFORMED
