@@ -4,7 +4,14 @@ Selected once, at worker start, when gunicorn's logger says the access log is on
 (`Logger.access_log_enabled`): the worker then accepts `LoggingConnection`s instead of
 `Connection`s, and its protocol factory (cleartext.py) builds `LoggingH1Protocol` (HTTP/1 in TLS
 or on an h2c port) and `LoggingH2Protocol` (every HTTP/2 stream: h2c, upgrade, TLS) instead of
-their originals, so with the log off the request path is exactly what it was, not one check more.
+their originals.
+
+HTTP/1 reaches the log through one seam, `AccessLog.answered` / `framed` / `refused` (and
+`accepted`, for an answer given at the accept, worker.py): each path reports the head it
+answered, the answer kind and when the read began, and the lines are built here only. The
+HTTP/1 classes below are thin layers that call the originals: the framer records the heads it
+finds when given a list (RequestFramer.feed; off, one test per new head), and the only copied
+code is the keep-alive branch of Connection.on_readable (LoggingConnection says why).
 
 The cost with the log on is kept near nginx's (docs/performance.md):
 - A line is `template % dynamic`. The template is the format rendered once per (request head,
@@ -38,6 +45,7 @@ import binascii
 import logging
 import os
 import select
+import socket
 import stat
 import threading
 import time
@@ -546,10 +554,17 @@ class AccessLog:
         """The server's own final answer (408, 431) to the request `head` began."""
         self.lines.append(self.line(client, head, kind, 0.0))
 
-    def accepted(self, address: Any, head: bytes, kind: int, start: float) -> None:
-        """An answer given at the accept, before the connection has an object (worker.py,
-        `_read_at_accept`): `address` is the client's, as accept returned it."""
-        self.answered(Client(address), head, kind, start)
+    def accepted(self, fd: int, family: int, head: bytes, kind: int) -> None:
+        """An answer given at the accept, on the bare descriptor `fd` (worker.py,
+        `_read_at_accept`), in the same turn as its read: its durations (about 0) run from
+        here. The client's address is asked here, so that the accept path pays nothing for it
+        with the log off."""
+        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        try:
+            client = Client.of(sock)
+        finally:
+            sock.detach()  # the descriptor stays the worker's to close
+        self.answered(client, head, kind, time.perf_counter())
 
     def turn(self, force: bool = False) -> None:
         """Once per loop turn (a prepare watcher): the second's atoms, and the lines collected

@@ -536,7 +536,7 @@ class VryptWorker(Worker):
                     return False  # closed under us (a drain that began in this batch)
                 continue  # ECONNABORTED and the like: that client is gone, the next one is not
             if self.read_at_accept:
-                self._read_at_accept(fd, family, _addr)
+                self._read_at_accept(fd, family)
                 return True
             sock = RawSocket(family, _STREAM, 0, fd)
             try:
@@ -559,17 +559,14 @@ class VryptWorker(Worker):
         if self.draining:
             self._late[conn] = time.monotonic()
 
-    def _read_at_accept(self, fd: int, family: int, address: Any) -> None:
+    def _read_at_accept(self, fd: int, family: int) -> None:
         """A plain HTTP/1 connection, just accepted: with TCP_DEFER_ACCEPT its request is
         usually here already. Read it now; a whole cached head whose answer closes the connection
         (`Connection: close`, HTTP/1.0, draining: what health checks and probes send) is
         answered and closed on the descriptor, without a socket object, a watcher or a
         Connection (the hot path of Connection.on_readable and answer_and_close, for a
-        connection that never reaches the loop), and reported to the access log when it is on
-        (`address`: the client's, from the accept). Anything else becomes a Connection, given
-        what was read."""
-        access = self.access_log
-        start = time.perf_counter() if access is not None else 0.0
+        connection that never reaches the loop), and reported to the access log when it is on.
+        Anything else becomes a Connection, given what was read."""
         try:
             # os.set_blocking is one ioctl; fcntl.fcntl(fd, F_SETFL, O_NONBLOCK) would first try
             # its third argument as a buffer and format the TypeError it then drops (a tenth
@@ -603,8 +600,8 @@ class VryptWorker(Worker):
                     sent = 0
                 except OSError:
                     sent = len(payload)  # the client is gone: nothing more to send it
-                if access is not None:
-                    access.accepted(address, data, kind, start)
+                if self.access_log is not None:  # its one test on this path, where it is used
+                    self.access_log.accepted(fd, family, data, kind)
                 if sent == len(payload):
                     os.close(fd)
                     if rules.answered >= self.max_requests:  # as in Connection.linger
