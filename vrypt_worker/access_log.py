@@ -304,6 +304,10 @@ class AccessLog:
         self.line_template: str | None = None
         self.line_addr = ""
         self.last_line = ""
+        # ...and for HTTP/1, the head and answer kind of that line while it may be reused: the
+        # keep-alive read probes these (LoggingConnection.on_readable) before calling `answered`.
+        self.line_head: bytes | None = None
+        self.line_kind = -1
         self.handed = 0.0
         self.second = -1
         self.t = ""
@@ -330,6 +334,7 @@ class AccessLog:
             self.t = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second))
             self.date = formatdate(second, usegmt=True)
             self.line_template = None  # the cached line names the second
+            self.line_head = None
 
     def template(self, head: bytes, kind: int) -> str:
         """The line for this head and answer kind with its static atoms in, `%s` for the rest."""
@@ -498,6 +503,7 @@ class AccessLog:
 
     def fresh_line(self, conn: Any, template: str, start: float) -> str:
         """A line formatted now (the keep-alive path's cached one did not fit)."""
+        self.line_head = None  # (set again by `answered` when this line is an HTTP/1 one)
         fill = self.fill
         if fill is None:
             return template
@@ -529,6 +535,9 @@ class AccessLog:
             line = self.last_line
         else:
             line = self.fresh_line(client, template, start)
+            if self.line_template is template:  # reusable within the second
+                self.line_head = head
+                self.line_kind = kind
         if count == 1:
             self.lines.append(line)
         else:
@@ -787,7 +796,17 @@ class LoggingConnection(Connection):
                 except OSError:
                     self.close()
                     return
-                access.answered(self.client, data, kind, start)
+                # The line of the last answer, again (AccessLog.answered says when it may be):
+                # probed here, since a call costs about as much as the rest of the request's log.
+                client = self.client
+                if (
+                    data == access.line_head
+                    and kind == access.line_kind
+                    and client.log_addr == access.line_addr
+                ):
+                    access.lines.append(access.last_line)
+                else:
+                    access.answered(client, data, kind, start)
                 if sent != len(payload):
                     self.wait_writable(payload[sent:])
                 return
