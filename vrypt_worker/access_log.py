@@ -713,6 +713,7 @@ class LoggingFramer(RequestFramer):
         self.client = client
 
     def feed(self, data: bytes, heads: list[tuple[int, bytes]] | None = None) -> list[int]:
+        """RequestFramer.feed, reported (`heads` is ignored: this framer records its own)."""
         client = self.client
         if client is not None:
             client.fed = True
