@@ -49,6 +49,7 @@ import socket
 import stat
 import threading
 import time
+from _socket import socket as RawSocket
 from collections import deque
 from email.utils import formatdate
 from typing import Any
@@ -568,7 +569,7 @@ class AccessLog:
         `_read_at_accept`), in the same turn as its read: its durations (about 0) run from
         here. The client's address is asked here, so that the accept path pays nothing for it
         with the log off."""
-        sock = socket.socket(family, socket.SOCK_STREAM, 0, fd)
+        sock = RawSocket(family, socket.SOCK_STREAM, 0, fd)  # (C-level: no socket.py __init__)
         try:
             client = Client.of(sock)
         finally:
