@@ -611,15 +611,6 @@ def test_the_access_log_covers_tls(certs, tmp_path: Path) -> None:
     assert sum('"GET /two HTTP/1.1" 200 5' in line for line in lines) == 3
 
 
-def test_the_logging_protocol_follows_h1protocol() -> None:
-    from tests.test_access_log import _code_without_log_lines
-    from vrypt_worker.access_log import LoggingH1Protocol
-    from vrypt_worker.h1_protocol import H1Protocol
-
-    copy = _code_without_log_lines(LoggingH1Protocol.receive).replace("_H1_BATCH", "_BATCH")
-    assert copy == _code_without_log_lines(H1Protocol.receive)
-
-
 @pytest.mark.timeout(60)
 def test_requests_split_into_tiny_records_and_bodies(server: Server, certs) -> None:
     rng = random.Random(11)

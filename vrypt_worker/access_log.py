@@ -4,7 +4,14 @@ Selected once, at worker start, when gunicorn's logger says the access log is on
 (`Logger.access_log_enabled`): the worker then accepts `LoggingConnection`s instead of
 `Connection`s, and its protocol factory (cleartext.py) builds `LoggingH1Protocol` (HTTP/1 in TLS
 or on an h2c port) and `LoggingH2Protocol` (every HTTP/2 stream: h2c, upgrade, TLS) instead of
-their originals, so with the log off the request path is exactly what it was, not one check more.
+their originals.
+
+HTTP/1 reaches the log through one seam, `AccessLog.answered` / `framed` / `refused` (and
+`accepted`, for an answer given at the accept, worker.py): each path reports the head it
+answered, the answer kind and when the read began, and the lines are built here only. The
+HTTP/1 classes below are thin layers that call the originals: the framer records the heads it
+finds when given a list (RequestFramer.feed; off, one test per new head), and the only copied
+code is the keep-alive branch of Connection.on_readable (LoggingConnection says why).
 
 The cost with the log on is kept near nginx's (docs/performance.md):
 - A line is `template % dynamic`. The template is the format rendered once per (request head,
@@ -38,48 +45,22 @@ import binascii
 import logging
 import os
 import select
+import socket
 import stat
 import threading
 import time
+from _socket import socket as RawSocket
 from collections import deque
 from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
-from vrypt_worker import framing
-from vrypt_worker.connection import FIRST_RECV_SIZE, RECV_SIZE
-from vrypt_worker.framing import (
-    _BODY,
-    _BODY_CHUNKED,
-    _CHUNK_DATA,
-    _CHUNK_END,
-    _CHUNK_SIZE,
-    _DONE,
-    _EXPECT_CONTINUE,
-    _GROW_IN_PLACE,
-    _HEAD,
-    _LENGTH_SHIFT,
-    _SKIP,
-    _SMALL_CHUNKS,
-    _TRAILERS,
-    BAD_REQUEST,
-    BATCH,
-    CLOSING,
-    CONTINUE,
-    FIELDS_TOO_LARGE,
-    OK_CLOSE,
-    OK_CLOSE_HEAD,
-    OK_HEAD,
-    REQUEST_TIMEOUT,
-    FramingRules,
-    RequestFramer,
-    _chunk_size,
-)
+from vrypt_worker.framing import CLOSING, CONTINUE, OK, FramingRules, RequestFramer
 from vrypt_worker.h1_protocol import H1Protocol
 from vrypt_worker.h2 import hpack_decoder as hd
 from vrypt_worker.h2.answers import H2Answers, Variant
 from vrypt_worker.h2.connection import H2Config, H2Protocol
-from vrypt_worker.plain import UNCACHED, Connection
+from vrypt_worker.plain import Connection
 
 # Characters of lines waiting for the writer thread beyond which new lines are dropped: a disk
 # that stalls for seconds under 100k requests/s costs at most this much memory (x4 as str).
@@ -91,6 +72,7 @@ _MAX_LINE = 2048
 _HAND_OFF = 0.1
 _HAND_OFF_LINES = 1024
 _TEMPLATES = 1024  # cached templates (heads x kinds) before the cache starts over
+_TEMPLATE_HEAD_MAX = 2048  # longer heads get a template each time (as the framer's cache)
 
 # Atoms filled per request, each from (connection, log, duration in seconds).
 _DYNAMIC = {
@@ -237,6 +219,34 @@ def _h2_answer_atoms(answers: Any, kind: int) -> dict[str, str]:
     return atoms
 
 
+class Client:
+    """Who a line is about, one per connection: the client's address and port as logged (`h`,
+    `{remote_addr}e`, `{remote_port}e`), when the read being answered began (`log_start`, for
+    the durations), and whether a framer answered that read (`fed`)."""
+
+    __slots__ = ("fed", "log_addr", "log_port", "log_start")
+
+    def __init__(self, name: Any) -> None:
+        if isinstance(name, tuple):
+            self.log_addr = escape(str(name[0]).encode("latin-1", "replace"))
+            self.log_port = str(name[1])
+        else:  # a unix socket: gunicorn's REMOTE_ADDR is empty there too
+            self.log_addr = "-"
+            self.log_port = "-"
+        # (set by each read; this for a read made before the connection was: at its accept)
+        self.log_start = time.perf_counter()
+        self.fed = False
+
+    @classmethod
+    def of(cls, sock: Any) -> Client:
+        """The client at the other end of a connected socket (None: unknown)."""
+        try:
+            name = sock.getpeername() if sock is not None else None
+        except OSError:
+            name = None
+        return cls(name)
+
+
 class AccessLog:
     """One worker's access log: templates, the per-second atoms, and the writer thread."""
 
@@ -273,14 +283,22 @@ class AccessLog:
         self.h2_templates: tuple[dict[Any, str], dict[Any, str]] = ({}, {})
         self.h2_requests: tuple[dict[Any, dict[str, str]], dict[Any, dict[str, str]]] = ({}, {})
         self.h2_answers: dict[int, dict[str, str]] = {}
+        # The head and answer kind of the last HTTP/1 line, and its template: a keep-alive
+        # client repeats its request (`answered`).
         self.recent_head = b""
+        self.recent_kind = -1
         self.recent_template = ""
+        self.heads: list[bytes | None] = []  # what LoggingFramer.feed answered, shared
         # Atoms that are the same for every request from one address within a second: then
         # the keep-alive path reuses the last line (wrk, health checkers, load balancers).
         self.per_second = not self.dynamic & (_TIMED | {"{remote_port}e"})
         self.line_template: str | None = None
         self.line_addr = ""
         self.last_line = ""
+        # ...and for HTTP/1, the head and answer kind of that line while it may be reused: the
+        # keep-alive read probes these (LoggingConnection.on_readable) before calling `answered`.
+        self.line_head: bytes | None = None
+        self.line_kind = -1
         self.handed = 0.0
         self.second = -1
         self.t = ""
@@ -307,6 +325,7 @@ class AccessLog:
             self.t = time.strftime("[%d/%b/%Y:%H:%M:%S %z]", time.localtime(second))
             self.date = formatdate(second, usegmt=True)
             self.line_template = None  # the cached line names the second
+            self.line_head = None
 
     def template(self, head: bytes, kind: int) -> str:
         """The line for this head and answer kind with its static atoms in, `%s` for the rest."""
@@ -315,7 +334,7 @@ class AccessLog:
         if found is not None:
             return found
         found = self.render(self._static(head, kind))
-        if len(head) <= framing._CACHE_HEAD_MAX:
+        if len(head) <= _TEMPLATE_HEAD_MAX:
             if len(self.templates) >= _TEMPLATES:
                 self.templates.clear()
             self.templates[key] = found
@@ -475,6 +494,7 @@ class AccessLog:
 
     def fresh_line(self, conn: Any, template: str, start: float) -> str:
         """A line formatted now (the keep-alive path's cached one did not fit)."""
+        self.line_head = None  # (set again by `answered` when this line is an HTTP/1 one)
         fill = self.fill
         if fill is None:
             return template
@@ -485,6 +505,66 @@ class AccessLog:
             self.line_addr = conn.log_addr
             self.last_line = line
         return line
+
+    # The seam: what the HTTP/1 paths report --------------------------------------------------
+
+    def answered(
+        self, client: Client, head: bytes, kind: int, start: float, count: int = 1
+    ) -> None:
+        """`count` answers of `kind` to the whole head `head` (one: a keep-alive read; more:
+        pipelined copies of it), whose read began at `start`. The head answered last reuses its
+        template without hashing the head, and its line while the second and the client's
+        address are the same (the usual keep-alive client)."""
+        if head == self.recent_head and kind == self.recent_kind:
+            template = self.recent_template
+        else:
+            template = self.template(head, kind)
+            self.recent_head = head
+            self.recent_kind = kind
+            self.recent_template = template
+        if template is self.line_template and client.log_addr == self.line_addr:
+            line = self.last_line
+        else:
+            line = self.fresh_line(client, template, start)
+            if self.line_template is template:  # reusable within the second
+                self.line_head = head
+                self.line_kind = kind
+        if count == 1:
+            self.lines.append(line)
+        else:
+            self.lines.extend([line] * count)
+
+    def framed(self, client: Client, out: list[int], heads: list[bytes | None]) -> None:
+        """The answers of one framer read (`out`, RequestFramer.feed) and their heads (None: an
+        interim 100, not an answer), the read having begun at `client.log_start`."""
+        duration = time.perf_counter() - client.log_start if self.timed else 0.0
+        lines = self.lines
+        previous: tuple[bytes, int] | None = None
+        line = ""
+        for kind, head in zip(out, heads, strict=True):
+            if head is None:
+                continue
+            # Pipelined requests are often the same bytes again: the same line again.
+            if previous is None or previous[0] is not head or previous[1] != kind:
+                line = self.line(client, head, kind, duration)
+                previous = (head, kind)
+            lines.append(line)
+
+    def refused(self, client: Client, head: bytes, kind: int) -> None:
+        """The server's own final answer (408, 431) to the request `head` began."""
+        self.lines.append(self.line(client, head, kind, 0.0))
+
+    def accepted(self, fd: int, family: int, head: bytes, kind: int) -> None:
+        """An answer given at the accept, on the bare descriptor `fd` (worker.py,
+        `_read_at_accept`), in the same turn as its read: its durations (about 0) run from
+        here. The client's address is asked here, so that the accept path pays nothing for it
+        with the log off."""
+        sock = RawSocket(family, socket.SOCK_STREAM, 0, fd)  # (C-level: no socket.py __init__)
+        try:
+            client = Client.of(sock)
+        finally:
+            sock.detach()  # the descriptor stays the worker's to close
+        self.answered(client, head, kind, time.perf_counter())
 
     def turn(self, force: bool = False) -> None:
         """Once per loop turn (a prepare watcher): the second's atoms, and the lines collected
@@ -598,200 +678,86 @@ class AccessLog:
 
 
 class LoggingFramer(RequestFramer):
-    """RequestFramer.feed, with the head of each answer noted in `heads` (in step with `out`).
+    """A RequestFramer that reports every answer it gives, with the head it answers.
 
-    A copy of the base class's feed plus the lines marked `# log`, kept apart so that with the
-    log off the framing path is untouched; test_access_log checks that both agree on every byte
-    stream of the framing tests' corpus."""
+    The framing is the base class's own `feed` (not a copy): given a list, it records each head
+    it finds with the index of its first answer (RequestFramer.feed). Here those records become
+    `heads`, one per answer in step with `out` (None for an interim 100), and the answers go to
+    the access log (`AccessLog.framed`) at once, before the connection sends them or anything
+    else can feed the worker's shared `out`. `body_head` is the head of a request whose body is
+    still arriving: the head of an answer that a later read completes."""
 
-    __slots__ = ("_head", "heads")
+    __slots__ = ("access", "body_head", "client", "heads", "records")
 
-    def __init__(self, rules: FramingRules, heads: list[bytes | None]) -> None:
+    def __init__(
+        self,
+        rules: FramingRules,
+        heads: list[bytes | None],
+        access: AccessLog | None = None,
+        client: Client | None = None,
+    ) -> None:
         super().__init__(rules)
-        self._head = b""  # the head of the request whose body is being read
-        self.heads = heads
+        self.heads = heads  # (shared by a worker's framers: read it before the next feed)
+        self.records: list[tuple[int, bytes]] = []
+        self.body_head = b""
+        self.access = access
+        self.client = client
 
-    def feed(self, data: bytes) -> list[int]:
-        rules = self._rules
-        cache = rules.cache
-        out = rules.out
-        out.clear()
-        heads = self.heads  # log
-        heads.clear()  # log
-        state = self._state
-        held = self._buf
-        if not held:
-            if state == _DONE:
-                return out
-            buf = data
-        elif len(held) < _GROW_IN_PLACE:
-            buf = held + data
-        elif state == _HEAD:
-            if type(held) is bytes:
-                held = bytearray(held)
-            scan = len(held) - 3
-            held += data
-            if held.find(b"\r\n\r\n", scan) < 0 and not self._check_partial_head(held, 0):
-                self._buf = held
-                return out
-            buf = bytes(held)
-        else:
-            buf = held + data
-
-        answered = rules.answered
-        open_until = rules.open_until
-        pos = 0
-        end = len(buf)
-        last_head = None
-        head = self._head  # log
-        owed = -1
-        while pos < end:
-            if state == _HEAD:
-                if last_head is not None and buf.startswith(last_head, pos):
-                    pos += len(last_head)
-                    head = last_head  # log
-                else:
-                    head_end = buf.find(b"\r\n\r\n", pos)
-                    if head_end < 0:
-                        owed = self._check_partial_head(buf, pos) or -1
-                        if owed < 0:
-                            break
-                        head = bytes(buf[pos : pos + _MAX_LINE])  # log
-                    else:
-                        head_end += 4
-                        last_head = buf[pos:head_end]
-                        head = last_head  # log
-                        verdict = cache.get(last_head)
-                        if verdict is None:
-                            verdict = rules.parse_and_cache(last_head)
-                        pos = head_end
-                if owed < 0:
-                    self._checked = self._fields = 0
-                    if verdict < 16:
-                        if verdict == _SKIP:
-                            continue
-                        owed = verdict
-                    else:
-                        self._kind = verdict & 0xF
-                        if verdict & _EXPECT_CONTINUE:
-                            out.append(CONTINUE)
-                            heads.append(None)  # log
-                        if verdict & _BODY_CHUNKED:
-                            state = _CHUNK_SIZE
-                        else:
-                            state = _BODY
-                            self._remaining = verdict >> _LENGTH_SHIFT
-                        continue
-            elif state in (_BODY, _CHUNK_DATA):
-                take = min(self._remaining, end - pos)
-                pos += take
-                self._remaining -= take
-                if self._remaining:
-                    continue
-                if state == _CHUNK_DATA:
-                    state = _CHUNK_END
-                    continue
-                owed = self._kind
-            elif state == _CHUNK_END:
-                if end - pos < 2:
-                    break
-                if buf[pos : pos + 2] != b"\r\n":
-                    owed = BAD_REQUEST
-                else:
-                    pos += 2
-                    state = _CHUNK_SIZE
-                    continue
-            else:
-                limit = rules.limits.field_size
-                if state == _CHUNK_SIZE:
-                    pos = _SMALL_CHUNKS.match(buf, pos).end()  # type: ignore[union-attr]
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    if end - pos <= limit:
-                        break
-                    owed = BAD_REQUEST if state == _CHUNK_SIZE else FIELDS_TOO_LARGE
-                else:
-                    line = buf[pos:eol]
-                    pos = eol + 2
-                    if state == _CHUNK_SIZE:
-                        size = _chunk_size(line, limit)
-                        if size > 0:
-                            self.chunk_lines += 1
-                            self._remaining = size
-                            state = _CHUNK_DATA
-                            continue
-                        if size < 0:
-                            owed = BAD_REQUEST
-                        else:
-                            state = _TRAILERS
-                            self._fields = 0
-                            continue
-                    elif line:
-                        owed = self._check_trailer(line)
-                        if not owed:
-                            owed = -1
-                            continue
-                    else:
-                        self._fields = 0
-                        owed = self._kind
-
-            if owed < CLOSING and answered >= open_until:
-                owed = OK_CLOSE | (owed & OK_HEAD)
-            out.append(owed)
-            heads.append(head)  # log
-            answered += 1
-            if owed >= CLOSING:
-                if BAD_REQUEST <= owed <= REQUEST_TIMEOUT:
-                    rules.rejected += 1
-                state = _DONE
-                break
-            state = _HEAD
-            owed = -1
-
-        rules.answered = answered
-        self._state = state
-        self._head = head if state != _HEAD else b""  # log
-        if state == _DONE:
-            self._buf = b""
-            self.closed = True
-            self.clean = not BAD_REQUEST <= owed <= REQUEST_TIMEOUT and pos == end
-            self.fresh = False
-        else:
-            self._buf = buf[pos:] if pos < end else b""
-            self.fresh = state == _HEAD and not self._buf
+    def feed(self, data: bytes, heads: list[tuple[int, bytes]] | None = None) -> list[int]:
+        """RequestFramer.feed, reported (`heads` is ignored: this framer records its own)."""
+        client = self.client
+        if client is not None:
+            client.fed = True
+        records = self.records
+        out = RequestFramer.feed(self, data, records)
+        answered = self.heads
+        answered.clear()
+        if out:
+            head = self.body_head
+            count = len(records)
+            at = 0
+            for index, kind in enumerate(out):
+                while at < count and records[at][0] <= index:
+                    head = records[at][1]
+                    at += 1
+                answered.append(None if kind == CONTINUE else head)
+            if self.access is not None:
+                self.access.framed(client, out, answered)
+        if records:
+            self.body_head = records[-1][1]  # (kept only while a body follows it)
+            records.clear()
         return out
+
+    def request_head(self) -> bytes:
+        """The head of the request in progress, for the server's own 408 or 431: what a head
+        still arriving has sent, or the head of a body still arriving."""
+        return self.partial_head() if self.in_head else self.body_head
 
 
 class LoggingConnection(Connection):
-    """A Connection that logs every answer it gives.
+    """A Connection that reports every answer it gives to the access log.
 
-    `on_readable` and `frame` are Connection's plus the lines marked `# log` (inlined: a call
-    per request costs about as much as the rest of the logging); test_access_log checks that
-    each pair is the same code without those lines, so a change to one that is not made to the
-    other fails the tests. `log_start` carries the read's start time from one to the other."""
+    Everything but the keep-alive read is Connection's own code: the framer reports what it
+    answers (LoggingFramer), `frame` reports the pipelined copies it answers without a framer,
+    `refuse` the server's own 408 and 431. `on_readable` is the one copy: the read and the
+    branch that answers a read that is exactly one cached keep-alive head, plus the report; a
+    call around Connection's could not see the head it answered (docs/performance.md, "Access
+    log", has the figures). Every other read goes to `frame`, a cached `Connection: close`
+    head included (answered by the framer, as Connection.answer_and_close would)."""
 
-    __slots__ = ("access", "log_addr", "log_port", "log_start")
+    __slots__ = ("access", "client")
 
     def __init__(self, state: Any, sock: Any) -> None:
         super().__init__(state, sock)
         self.access: AccessLog = state.access_log
-        try:
-            peer = sock.getpeername()
-        except OSError:
-            peer = None
-        if isinstance(peer, tuple):
-            self.log_addr = escape(str(peer[0]).encode("latin-1", "replace"))
-            self.log_port = str(peer[1])
-        else:  # a unix socket: gunicorn's REMOTE_ADDR is empty there too
-            self.log_addr = "-"
-            self.log_port = "-"
+        self.client = Client.of(sock)
 
     def new_framer(self) -> RequestFramer:
-        return LoggingFramer(self.rules, self.access.heads)
+        return LoggingFramer(self.rules, self.access.heads, self.access, self.client)
 
     def on_readable(self) -> None:
-        access = self.access  # log
-        start = time.perf_counter() if access.timed else 0.0  # log
+        access = self.access
+        start = time.perf_counter() if access.timed else 0.0
         try:
             data = self.sock.recv(self.recv_size)
         except (BlockingIOError, InterruptedError):
@@ -804,12 +770,11 @@ class LoggingConnection(Connection):
             return
         rules = self.rules
         self.seen = rules.tick
-        framer = self.framer
-        if framer is None:
+        if self.framer is None:  # Connection.on_readable's keep-alive branch, and the report
             if data == rules.recent_head:
                 kind = rules.recent_kind
             else:
-                kind = rules.cache.get(data, UNCACHED)
+                kind = rules.cache.get(data, CLOSING)
                 if kind < CLOSING:
                     rules.recent_head = data
                     rules.recent_kind = kind
@@ -823,116 +788,59 @@ class LoggingConnection(Connection):
                 except OSError:
                     self.close()
                     return
-                # The template of the head answered last, again, without hashing it; and the
-                # line itself while the second and the client's address are the same.
-                if data == access.recent_head:  # log
-                    template = access.recent_template  # log
-                else:  # log
-                    template = access.template(data, kind)  # log
-                    access.recent_head = data  # log
-                    access.recent_template = template  # log
-                if template is access.line_template and self.log_addr == access.line_addr:  # log
-                    access.lines.append(access.last_line)  # log
-                else:  # log
-                    access.lines.append(access.fresh_line(self, template, start))  # log
+                # The line of the last answer, again (AccessLog.answered says when it may be):
+                # probed here, since a call costs about as much as the rest of the request's log.
+                client = self.client
+                if (
+                    data == access.line_head
+                    and kind == access.line_kind
+                    and client.log_addr == access.line_addr
+                ):
+                    access.lines.append(access.last_line)
+                else:
+                    access.answered(client, data, kind, start)
                 if sent != len(payload):
                     self.wait_writable(payload[sent:])
                 return
-            if kind <= OK_CLOSE_HEAD:
-                self._log_close(data, CLOSING | (kind & OK_HEAD), start)  # log
-                self.answer_and_close(CLOSING | (kind & OK_HEAD))
-                return
-        self.log_start = start  # log
+        self.client.log_start = start
         self.frame(data)
 
     __call__ = on_readable
 
     def frame(self, data: bytes) -> None:
-        start = self.log_start  # log
-        framer = self.framer
-        try:
-            if len(data) == self.recv_size == FIRST_RECV_SIZE:
-                self.recv_size = RECV_SIZE
-            if framer is None:
-                rules = self.rules
-                count = rules.copies(data, BATCH)
-                if count:
-                    self.send(self.table[rules.recent_kind] * count)
-                    self._log_repeated(rules.recent_head, rules.recent_kind, count, start)  # log
-                    return
-                framer = self.framer = self.new_framer()
-            out = framer.feed(data)
-            if out:
-                table = self.table
-                first = out[0]
-                if len(out) == 1:
-                    payload = table[first]
-                elif len(out) > BATCH:
-                    self.owe(out)
-                    payload = b""
-                elif out.count(first) == len(out):
-                    payload = table[first] * len(out)
-                else:
-                    payload = b"".join(map(table.__getitem__, out))
-                if payload:
-                    self.send(payload)
-                self._log_answers(out, start)  # log
-            if not framer.fresh or self.held:
-                self.track_partial(bool(out))
-            if framer.closed:
-                if not self.pending:
-                    self.finish()
-            elif framer.fresh:
-                self.framer = None
-        except Exception:
-            self.state.log.exception("vrypt_worker: closing a connection after an internal error")
-            self.close()
-
-    def _log_close(self, head: bytes, kind: int, start: float) -> None:
-        access = self.access
-        duration = time.perf_counter() - start if access.timed else 0.0
-        access.lines.append(access.line(self, head, kind, duration))
-
-    def _log_repeated(self, head: bytes, kind: int, count: int, start: float) -> None:
-        access = self.access
-        duration = time.perf_counter() - start if access.timed else 0.0
-        access.lines.extend([access.line(self, head, kind, duration)] * count)
-
-    def _log_answers(self, out: list[int], start: float) -> None:
-        access = self.access
-        duration = time.perf_counter() - start if access.timed else 0.0
-        heads = self.framer.heads  # type: ignore[union-attr]  # right after its feed
-        lines = access.lines
-        previous = None
-        line = ""
-        for kind, head in zip(out, heads, strict=False):
-            if kind == CONTINUE or head is None:
-                continue  # an interim 100, not an answer
-            # Pipelined requests are often the same bytes again: the same line again.
-            if previous is None or previous[0] is not head or previous[1] != kind:
-                line = access.line(self, head, kind, duration)
-                previous = (head, kind)
-            lines.append(line)
+        if self.framer is not None:  # the framer reports what it answers
+            Connection.frame(self, data)
+            return
+        rules = self.rules
+        answered = rules.answered
+        client = self.client
+        client.fed = False
+        Connection.frame(self, data)
+        if not client.fed and rules.answered != answered:
+            # Answered without a framer: pipelined copies of one head (FramingRules.copies).
+            self.access.answered(
+                client, rules.recent_head, rules.recent_kind, client.log_start,
+                rules.answered - answered,
+            )  # fmt: skip
 
     def refuse(self, kind: int) -> None:
         framer = self.framer
-        # log: the worker's own 408/431, with what the request had sent of its head.
-        if framer is None:
-            head = b""
-        else:
-            head = bytes(framer._buf[:_MAX_LINE]) if framer.in_head else framer._head
-        self.access.lines.append(self.access.line(self, head, kind, 0.0))
+        head = framer.request_head() if isinstance(framer, LoggingFramer) else b""
+        self.access.refused(self.client, head, kind)
         super().refuse(kind)
 
 
 class LoggingH1Protocol(H1Protocol):
-    """An H1Protocol (HTTP/1.1 inside TLS, transport.py) that logs every answer it gives.
+    """An H1Protocol (HTTP/1.1 inside TLS or on an h2c port) that reports every answer it gives.
 
-    `receive` is H1Protocol.receive plus the lines marked `# log`, as LoggingConnection is to
-    Connection (tests/test_tls.py checks that the two are the same code without those lines).
-    `peer` is the connection's socket: the client's address and port, once."""
+    A call around H1Protocol.receive: its framer reports what it answers (LoggingFramer); an
+    answer given without the framer is the keep-alive shortcut (FramingRules' hot-path
+    contract), recognised after the call: the framer was fresh, an answer could keep the
+    connection open, and the read is now `rules.recent_head`, which only that shortcut sets.
+    `refuse` reports the server's own 408 and 431. `peer` is the connection's socket (the
+    client's address and port); `heads` is no longer used (kept for ProtocolFactory.h1)."""
 
-    __slots__ = ("access", "log_addr", "log_port")
+    __slots__ = ("access", "client")
 
     def __init__(
         self,
@@ -941,100 +849,27 @@ class LoggingH1Protocol(H1Protocol):
         head_timeout: float,
         body_timeout: float,
         access: AccessLog,
-        heads: list[bytes | None],
         peer: Any = None,
         budget: Any = None,
     ) -> None:
         super().__init__(rules, table, head_timeout, body_timeout, budget=budget)
-        self.framer = LoggingFramer(rules, heads)
         self.access = access
-        try:
-            name = peer.getpeername() if peer is not None else None
-        except OSError:
-            name = None
-        if isinstance(name, tuple):
-            self.log_addr = escape(str(name[0]).encode("latin-1", "replace"))
-            self.log_port = str(name[1])
-        else:
-            self.log_addr = "-"
-            self.log_port = "-"
+        self.client = Client.of(peer)
+        self.framer = LoggingFramer(rules, access.heads, access, self.client)
 
     def receive(self, data: bytes) -> bytes:
-        access = self.access  # log
-        start = time.perf_counter() if access.timed else 0.0  # log
-        framer = self.framer
+        access = self.access
+        client = self.client
+        start = client.log_start = time.perf_counter() if access.timed else 0.0
         rules = self.rules
-        if framer.fresh:
-            if data == rules.recent_head:
-                kind = rules.recent_kind
-            else:
-                kind = rules.cache.get(data, CLOSING)
-                if kind < CLOSING:
-                    rules.recent_head = data
-                    rules.recent_kind = kind
-            if kind < CLOSING and rules.answered < rules.open_until:
-                rules.answered += 1
-                if data == access.recent_head:  # log
-                    template = access.recent_template  # log
-                else:  # log
-                    template = access.template(data, kind)  # log
-                    access.recent_head = data  # log
-                    access.recent_template = template  # log
-                if template is access.line_template and self.log_addr == access.line_addr:  # log
-                    access.lines.append(access.last_line)  # log
-                else:  # log
-                    access.lines.append(access.fresh_line(self, template, start))  # log
-                return self.table[kind]
-        if self.closing or framer.closed:
-            return b""
-        self.fed = True
-        out = framer.feed(data)
-        payload = b""
-        if out:
-            self._log_answers(out, start)  # log
-            table = self.table
-            if len(out) > BATCH:
-                self.owed.extend(out[BATCH:])
-                out = out[:BATCH]
-            first = out[0]
-            if len(out) == 1:
-                payload = table[first]
-            elif out.count(first) == len(out):
-                payload = table[first] * len(out)
-            else:
-                payload = b"".join(map(table.__getitem__, out))
-        framer.chunk_lines = 0
-        if framer.in_head:
-            if out or not self.head_since:
-                self.head_since = self.clock()
-        else:
-            self.head_since = 0.0
-        if self.budget is not None and (self.held or not framer.fresh):
-            payload += self.account()
-        if framer.closed and not self.owed:
-            self.closing = True
-            self.clean = framer.clean
+        shortcut = self.framer.fresh and rules.answered < rules.open_until
+        payload = H1Protocol.receive(self, data)
+        if shortcut and data == rules.recent_head:
+            access.answered(client, data, rules.recent_kind, start)
         return payload
 
-    def _log_answers(self, out: list[int], start: float) -> None:
-        access = self.access
-        duration = time.perf_counter() - start if access.timed else 0.0
-        lines = access.lines
-        previous = None
-        line = ""
-        for kind, head in zip(out, self.framer.heads, strict=False):
-            if kind == CONTINUE or head is None:
-                continue  # an interim 100, not an answer
-            if previous is None or previous[0] is not head or previous[1] != kind:
-                line = access.line(self, head, kind, duration)
-                previous = (head, kind)
-            lines.append(line)
-
     def refuse(self, kind: int) -> bytes:
-        framer = self.framer
-        # the server's own 408, with what the request had sent of its head
-        head = bytes(framer._buf[:_MAX_LINE]) if framer.in_head else framer._head
-        self.access.lines.append(self.access.line(self, head, kind, 0.0))
+        self.access.refused(self.client, self.framer.request_head(), kind)  # type: ignore[attr-defined]
         return super().refuse(kind)
 
 
@@ -1195,7 +1030,7 @@ def start(worker: Any) -> AccessLog | None:
         return None
     access = AccessLog(worker)
     try:  # a format that cannot be rendered: said once here, not per request
-        access.template(b"GET / HTTP/1.1\r\n\r\n", framing.OK)
+        access.template(b"GET / HTTP/1.1\r\n\r\n", OK)
     except Exception as exc:
         access.close()
         log.error(
@@ -1203,7 +1038,6 @@ def start(worker: Any) -> AccessLog | None:
         )
         return None
     worker.access_log = access
-    worker.access_heads = access.heads
     worker.connection_class = LoggingConnection
     turn = worker.loop.prepare()
     turn.start(access.turn)

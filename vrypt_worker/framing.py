@@ -115,6 +115,9 @@ _CACHE_HEAD_MAX = 2048
 # in the bytes that arrived since: a head sent in small pieces costs time linear in its size.
 _GROW_IN_PLACE = 4096
 _CACHE_ENTRIES = 1024
+# A head refused before its end is recorded for the access log (`feed`'s `heads`) up to this many
+# bytes: its request line, not the megabyte a client may have sent of it.
+PARTIAL_HEAD_RECORDED = 2048
 
 
 @dataclass(frozen=True)
@@ -394,6 +397,11 @@ class RequestFramer:
     def buffered(self) -> int:
         return len(self._buf)
 
+    def partial_head(self) -> bytes:
+        """The bytes of a head still arriving (`in_head`), at most PARTIAL_HEAD_RECORDED of them:
+        what the access log shows of a request the server answers 408 or 431 before its end."""
+        return bytes(self._buf[:PARTIAL_HEAD_RECORDED]) if self.in_head else b""
+
     def finish(self) -> None:
         """The worker answered for us (a timeout): accept no more input on this connection."""
         self._state = _DONE
@@ -401,8 +409,14 @@ class RequestFramer:
         self.closed = True
         self.fresh = False
 
-    def feed(self, data: bytes) -> list[int]:
-        """Consume one read. Returns the answers owed, in order (the rules' shared list)."""
+    def feed(self, data: bytes, heads: list[tuple[int, bytes]] | None = None) -> list[int]:
+        """Consume one read. Returns the answers owed, in order (the rules' shared list).
+
+        `heads`, the access log's (access_log.LoggingFramer): each head this read completes is
+        appended as (the index in the returned list of the answer it gets, the head), and a head
+        refused before its end as what it had sent of it; an answer without an entry of its own
+        answers the entry before it (the same head again), or, when it comes first, the head
+        whose body an earlier read began. Without it, the cost is one test per new head."""
         rules = self._rules
         cache = rules.cache
         out = rules.out
@@ -447,9 +461,13 @@ class RequestFramer:
                         owed = self._check_partial_head(buf, pos) or -1
                         if owed < 0:
                             break
+                        if heads is not None:  # refused: what it sent, for the access log
+                            heads.append((len(out), bytes(buf[pos : pos + PARTIAL_HEAD_RECORDED])))
                     else:
                         head_end += 4
                         last_head = buf[pos:head_end]
+                        if heads is not None:
+                            heads.append((len(out), last_head))
                         verdict = cache.get(last_head)
                         if verdict is None:
                             verdict = rules.parse_and_cache(last_head)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vrypt_worker import access_log
 from vrypt_worker.framing import BAD_REQUEST, ERRORS
 from vrypt_worker.h1_protocol import H1Protocol
 from vrypt_worker.h2 import (
@@ -170,46 +171,41 @@ class Negotiation:
 class ProtocolFactory:
     """One worker's protocol constructors, for TLS (by ALPN) and for h2c (by first bytes)."""
 
-    def __init__(self, worker: Any, policy: H2cPolicy, h2_config: Any, h2_answers: Any) -> None:
-        self.worker = worker  # the partial-head budget (`held`, `head_budget`) HTTP/1 shares
-        self.rules = worker.rules
-        self.table = worker.responses.bytes_for
-        self.head_timeout = worker.head_timeout
-        self.body_timeout = worker.body_timeout
+    def __init__(self, shared: Any, policy: H2cPolicy, h2_config: Any, h2_answers: Any) -> None:
+        # `shared`: the worker's connection.WorkerState (its rules and answers, the timeouts, the
+        # partial-head budget HTTP/1 shares: `held`, `head_budget`, and the access log).
+        self.shared = shared
+        self.rules = shared.rules
+        self.table = shared.responses.bytes_for
+        self.head_timeout = shared.head_timeout
+        self.body_timeout = shared.body_timeout
         self.policy = policy
         self.h2_config = h2_config
         self.h2_answers = h2_answers
         # With gunicorn's access log on, every answer is logged: the Logging* protocols of
         # access_log.py are built instead, chosen here once per connection.
-        self.access = getattr(worker, "access_log", None)
-        self.access_heads = getattr(self.access, "heads", None)
-        self.logging: Any = None
-        if self.access is not None:
-            from vrypt_worker import access_log  # imports the worker, which imports this module
-
-            self.logging = access_log
+        self.access = getattr(shared, "access_log", None)
 
     def h1(self, sock: Any = None) -> H1Protocol:
         """`sock`: the connection's socket, read for the client's address by the access log."""
-        if self.logging is not None:
-            return self.logging.LoggingH1Protocol(
+        if self.access is not None:
+            return access_log.LoggingH1Protocol(
                 self.rules,
                 self.table,
                 self.head_timeout,
                 self.body_timeout,
                 self.access,
-                self.access_heads,  # type: ignore[arg-type]
                 sock,
-                self.worker,
+                self.shared,
             )
         return H1Protocol(
-            self.rules, self.table, self.head_timeout, self.body_timeout, budget=self.worker
+            self.rules, self.table, self.head_timeout, self.body_timeout, budget=self.shared
         )
 
     def h2(self, sock: Any = None, tls: bool = False) -> H2Protocol:
         """`sock` as for h1; `tls`: HTTP/2 by ALPN (the access log's scheme), else h2c."""
-        if self.logging is not None:
-            return self.logging.LoggingH2Protocol(
+        if self.access is not None:
+            return access_log.LoggingH2Protocol(
                 self.h2_config, self.rules, self.h2_answers, self.access, sock, tls
             )
         return H2Protocol(self.h2_config, self.rules, self.h2_answers)
@@ -218,8 +214,8 @@ class ProtocolFactory:
         self, settings: bytes, head: bool, sock: Any = None, request: bytes = b""
     ) -> H2Protocol:
         """`request`: the head of the `Upgrade: h2c` request (stream 1), for the access log."""
-        if self.logging is not None:
-            proto = self.logging.LoggingH2Protocol.upgraded(
+        if self.access is not None:
+            proto = access_log.LoggingH2Protocol.upgraded(
                 self.h2_config, self.rules, self.h2_answers, settings, head
             )
             proto.log_to(self.access, sock, False, request)  # type: ignore[attr-defined]

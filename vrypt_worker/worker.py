@@ -236,10 +236,9 @@ class VryptWorker(Worker):
         self.h2c = self.protocols if policy.available and policy.mode != "off" else None
         if self.tls_context is not None:
             self.connection_class = self._tls_connection  # type: ignore[assignment]
-        # Not with the access log: an answer given at the accept would not be logged.
-        self.read_at_accept = (
-            self.defer_accept and self.connection_class is Connection and self.h2c is None
-        )
+        # Plain HTTP/1 only (not TLS, not h2c); with the access log on too, which is told of an
+        # answer given there.
+        self.read_at_accept = self.defer_accept and self.tls_context is None and self.h2c is None
         self._done = gevent.event.Event()
         for listener in self.sockets:
             sock = _raw(listener)
@@ -386,8 +385,8 @@ class VryptWorker(Worker):
         (`Connection: close`, HTTP/1.0, draining: what health checks and probes send) is
         answered and closed on the descriptor, without a socket object, a watcher or a
         Connection (the hot path of Connection.on_readable and answer_and_close, for a
-        connection that never reaches the loop). Anything else becomes a Connection, given
-        what was read."""
+        connection that never reaches the loop), and reported to the access log when it is on.
+        Anything else becomes a Connection, given what was read."""
         try:
             # os.set_blocking is one ioctl; fcntl.fcntl(fd, F_SETFL, O_NONBLOCK) would first try
             # its third argument as a buffer and format the TypeError it then drops (a tenth
@@ -421,20 +420,23 @@ class VryptWorker(Worker):
                     sent = 0
                 except OSError:
                     sent = len(payload)  # the client is gone: nothing more to send it
+                if self.access_log is not None:  # its one test on this path, where it is used
+                    self.access_log.accepted(fd, family, data, kind)
                 if sent == len(payload):
                     os.close(fd)
                     if rules.answered >= self.max_requests:  # as in BaseConnection.linger
                         self.recycle()  # may close the listener under _accept_one's loop
                     return
-                conn = Connection(self.state, RawSocket(family, _NONBLOCKING_STREAM, 0, fd))
+                sock = RawSocket(family, _NONBLOCKING_STREAM, 0, fd)
+                conn = self.connection_class(self.state, sock)  # (plain: see run())
                 self._add(conn)
-                conn.close_after(payload[sent:])
+                conn.close_after(payload[sent:])  # type: ignore[attr-defined]
                 return
-        conn = Connection(self.state, RawSocket(family, _NONBLOCKING_STREAM, 0, fd))
+        conn = self.connection_class(self.state, RawSocket(family, _NONBLOCKING_STREAM, 0, fd))
         self._add(conn)
         if data is not None:
             conn.seen = self.rules.tick
-            conn.frame(data)
+            conn.frame(data)  # type: ignore[attr-defined]
 
     def _make_room(self) -> bool:
         """Close some idle keep-alive connections, least recently used first (at the sweep's
