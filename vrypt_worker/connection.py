@@ -37,8 +37,9 @@ later than a head timeout ahead instead.
 
 from __future__ import annotations
 
+import heapq
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from vrypt_worker.framing import FramingRules
@@ -63,6 +64,10 @@ LINGER_TICKS = 2
 # set, no new object, and no fcntl: gevent checks a descriptor with F_GETFD when it makes a
 # watcher); at most this many wait.
 SPARE_READERS = 256
+# At the connection cap or out of descriptors, idle keep-alive connections (least recently used
+# first) are closed to make room, as nginx's ngx_drain_connections does: an eighth of them, at
+# least one and at most this many.
+_EVICT = 32
 _TCP_INFO_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (u64) in struct tcp_info
 
 
@@ -75,6 +80,18 @@ def never_received(sock: Any) -> bool:
     if len(info) < _TCP_INFO_BYTES_RECEIVED + 8:
         return False
     return int.from_bytes(info[_TCP_INFO_BYTES_RECEIVED:], "little") == 0
+
+
+def evict(connections: Iterable[BaseConnection]) -> bool:
+    """Close some idle keep-alive connections, least recently used first (at the sweep's
+    one-second resolution), whatever their class. False when none is idle."""
+    idle = [conn for conn in connections if conn.evictable()]
+    if not idle:
+        return False
+    count = max(1, min(_EVICT, len(idle) // 8))
+    for conn in heapq.nlargest(count, idle, key=lambda conn: conn.idleness()):
+        conn.close()
+    return True
 
 
 class WorkerState:

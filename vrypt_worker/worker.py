@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import heapq
 import logging
 import os
 import pprint
@@ -28,10 +27,10 @@ import gevent.event
 from gunicorn.workers.base import Worker
 
 from vrypt_worker import arbiter, listeners, metrics, settings, tls
-from vrypt_worker.connection import FIRST_RECV_SIZE, BaseConnection, WorkerState
-from vrypt_worker.framing import CLOSING, OK_CLOSE_HEAD, OK_HEAD, FramingRules, Limits
+from vrypt_worker.connection import BaseConnection, WorkerState, evict
+from vrypt_worker.framing import FramingRules, Limits
 from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy
-from vrypt_worker.plain import UNCACHED, Connection
+from vrypt_worker.plain import Connection, FirstRead
 from vrypt_worker.protocols import ProtocolFactory
 from vrypt_worker.response import ResponseTable
 from vrypt_worker.settings import hostile_settings_from_env
@@ -44,10 +43,6 @@ from vrypt_worker.transport import PLAIN, SessionConnection
 _PRELOADED = (pprint,)
 _READ, _WRITE = 1, 2
 _STREAM = socket.SOCK_STREAM
-# A connection whose first bytes were read at its accept has O_NONBLOCK set already: with
-# SOCK_NONBLOCK in the type its socket object agrees (timeout 0) without the ioctl setblocking
-# makes.
-_NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 # Accepts per readable event on one listener. Several workers share the load through
 # SO_REUSEPORT or a shared queue, so a worker takes a batch and lets the loop serve its clients.
 _MAX_ACCEPT = 64
@@ -85,10 +80,6 @@ _HANDOVER = 0.2
 _DEFER_SETTLE = 0.3
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _NOT_LISTENING = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK))
-# At the connection cap or out of descriptors, idle keep-alive connections (least recently used
-# first) are closed to make room, as nginx's ngx_drain_connections does: an eighth of them, at
-# least one and at most 32.
-_EVICT = 32
 # The kernel's send buffer per connection (it doubles the value: 128 KiB, about 1,000 answers).
 # Left to autotuning, a client that pipelines and never reads makes the kernel hold megabytes of
 # our answers for it: with 3,000 such clients the machine's TCP memory went into pressure and a
@@ -166,7 +157,7 @@ class VryptWorker(Worker):
         self.connection_class: type[BaseConnection] = Connection
         # TCP_DEFER_ACCEPT: the kernel hands over a connection once its first bytes arrived (or
         # after a second without any), so plain HTTP/1 connections are read at their accept
-        # (_read_at_accept). Set in run(), once the connection class is known.
+        # (plain.FirstRead). Set in run(), once the connection class is known.
         self.defer_accept = settings.env_flag("VRYPT_DEFER_ACCEPT", True)
         self.read_at_accept = False
         self.access_log: Any = None
@@ -239,6 +230,7 @@ class VryptWorker(Worker):
         # Plain HTTP/1 only (not TLS, not h2c); with the access log on too, which is told of an
         # answer given there.
         self.read_at_accept = self.defer_accept and self.tls_context is None and self.h2c is None
+        self.first_read = FirstRead(state, self.connection_class, self._add)  # type: ignore[arg-type]
         self._done = gevent.event.Event()
         for listener in self.sockets:
             sock = _raw(listener)
@@ -356,7 +348,7 @@ class VryptWorker(Worker):
                     return False  # closed under us (a drain that began in this batch)
                 continue  # ECONNABORTED and the like: that client is gone, the next one is not
             if self.read_at_accept:
-                self._read_at_accept(fd, family)
+                self.first_read(fd, family)
                 return True
             sock = RawSocket(family, _STREAM, 0, fd)
             try:
@@ -379,75 +371,8 @@ class VryptWorker(Worker):
         if self.draining:
             self._late[conn] = time.monotonic()
 
-    def _read_at_accept(self, fd: int, family: int) -> None:
-        """A plain HTTP/1 connection, just accepted: with TCP_DEFER_ACCEPT its request is
-        usually here already. Read it now; a whole cached head whose answer closes the connection
-        (`Connection: close`, HTTP/1.0, draining: what health checks and probes send) is
-        answered and closed on the descriptor, without a socket object, a watcher or a
-        Connection (the hot path of Connection.on_readable and answer_and_close, for a
-        connection that never reaches the loop), and reported to the access log when it is on.
-        Anything else becomes a Connection, given what was read."""
-        try:
-            # os.set_blocking is one ioctl; fcntl.fcntl(fd, F_SETFL, O_NONBLOCK) would first try
-            # its third argument as a buffer and format the TypeError it then drops (a tenth
-            # of this path's instructions, measured with callgrind).
-            os.set_blocking(fd, False)
-            data: bytes | None = os.read(fd, FIRST_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            data = None  # nothing yet (a second passed, or the option is off for this listener)
-        except OSError:
-            os.close(fd)
-            return
-        if data is not None:
-            if not data:  # connected and closed without a request
-                os.close(fd)
-                return
-            rules = self.rules
-            if data == rules.recent_close_head:  # a probe's request again: no hashing
-                kind = rules.recent_close_kind
-            else:
-                kind = rules.cache.get(data, UNCACHED)
-                if CLOSING <= kind <= OK_CLOSE_HEAD:
-                    rules.recent_close_head = data
-                    rules.recent_close_kind = kind
-            if kind <= OK_CLOSE_HEAD and (kind >= CLOSING or rules.answered >= rules.open_until):
-                kind = CLOSING | (kind & OK_HEAD)
-                rules.answered += 1
-                payload = self.responses.bytes_for[kind]
-                try:
-                    sent = os.write(fd, payload)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    sent = len(payload)  # the client is gone: nothing more to send it
-                if self.access_log is not None:  # its one test on this path, where it is used
-                    self.access_log.accepted(fd, family, data, kind)
-                if sent == len(payload):
-                    os.close(fd)
-                    if rules.answered >= self.max_requests:  # as in BaseConnection.linger
-                        self.recycle()  # may close the listener under _accept_one's loop
-                    return
-                sock = RawSocket(family, _NONBLOCKING_STREAM, 0, fd)
-                conn = self.connection_class(self.state, sock)  # (plain: see run())
-                self._add(conn)
-                conn.close_after(payload[sent:])  # type: ignore[attr-defined]
-                return
-        conn = self.connection_class(self.state, RawSocket(family, _NONBLOCKING_STREAM, 0, fd))
-        self._add(conn)
-        if data is not None:
-            conn.seen = self.rules.tick
-            conn.frame(data)  # type: ignore[attr-defined]
-
     def _make_room(self) -> bool:
-        """Close some idle keep-alive connections, least recently used first (at the sweep's
-        one-second resolution). False when none is idle."""
-        idle = [conn for conn in self.connections if conn.evictable()]
-        if not idle:
-            return False
-        count = max(1, min(_EVICT, len(idle) // 8))
-        for conn in heapq.nlargest(count, idle, key=lambda conn: conn.idleness()):
-            conn.close()
-        return True
+        return evict(self.connections)
 
     def _pause_accepting(self) -> None:
         if not self._accept_paused:
