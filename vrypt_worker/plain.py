@@ -387,7 +387,7 @@ class FirstRead:
         self.new = new
         self.add = add
 
-    def __call__(self, fd: int, family: int) -> None:
+    def read(self, fd: int, family: int) -> None:
         """A plain HTTP/1 connection, just accepted: with TCP_DEFER_ACCEPT its request is
         usually here already. Read it now; a whole cached head whose answer closes the connection
         (`Connection: close`, HTTP/1.0, draining: what health checks and probes send) is
