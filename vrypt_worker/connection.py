@@ -148,7 +148,7 @@ class WorkerState:
         self.unread = -1
         self.max_requests = 0  # set by the worker (max_requests plus jitter, from its counts)
         self.spare_readers: list[Any] = []
-        self.access_log: Any = None  # access_log.AccessLog where gunicorn's access log is on
+        self.access_log: Any = None  # access_lines.AccessLog where gunicorn's access log is on
         self.closed = closed
         self.recycle = recycle
         self.publish = publish
