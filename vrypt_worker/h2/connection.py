@@ -29,7 +29,7 @@ Limits, each a bound on what a peer can make us hold or do (docs/http2.md has th
 - every frame that is not a request, a body or a useful window counts against a per-connection
   budget, as nginx's flood counters do: PING (and its ACK), SETTINGS (and its ACK; by its size),
   PRIORITY, GOAWAY, WINDOW_UPDATE that lets no DATA go, DATA and CONTINUATION fragments of fewer
-  than _SMALL_FRAGMENT bytes that end nothing (padding-only DATA included), frames on streams
+  than SMALL_FRAGMENT bytes that end nothing (padding-only DATA included), frames on streams
   we reset or ignore, unknown types; answered requests give one back. Stream resets have their
   own budget: the client's RST_STREAM and every stream we reset ourselves (REFUSED_STREAM and
   every stream error: CVE-2023-44487 rapid reset, CVE-2025-8671 MadeYouReset). Both are token
@@ -41,14 +41,13 @@ Limits, each a bound on what a peer can make us hold or do (docs/http2.md has th
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from vrypt_worker.framing import FramingRules
 from vrypt_worker.h2 import frames
 from vrypt_worker.h2 import hpack_decoder as hd
-from vrypt_worker.h2.answers import H2Answers, Variant
+from vrypt_worker.h2.answers import H2Answers
+from vrypt_worker.h2.control import ControlFrames
 from vrypt_worker.h2.frames import (
     CONTINUATION,
     DATA,
@@ -59,7 +58,6 @@ from vrypt_worker.h2.frames import (
     FLAG_PRIORITY,
     GOAWAY,
     HEADERS,
-    MAX_WINDOW,
     PING,
     PRIORITY,
     PUSH_PROMISE,
@@ -67,118 +65,24 @@ from vrypt_worker.h2.frames import (
     SETTINGS,
     WINDOW_UPDATE,
 )
+from vrypt_worker.h2.output import Output
+from vrypt_worker.h2.state import (
+    ANSWERS_PER_CALL,
+    CONNECTION_CREDIT_AT,
+    OUTPUT_BUDGET,
+    SKIP_MEMORY,
+    SMALL_FRAGMENT,
+    UNPACK_U32,
+    H2Config,
+    ProtocolError,
+    Stream,
+)
 
 _UNPACK_HEADER = frames.HEADER.unpack_from
-_UNPACK_U32 = struct.Struct(">L").unpack_from
 _HOT_FLAGS = FLAG_END_STREAM | FLAG_END_HEADERS | FLAG_PRIORITY
 
-# Output that one call may produce from answers (DATA); more waits for writable(). A peer can
-# make a 1 MiB body leave once per 10-byte HEADERS frame: this keeps one call's output bounded.
-OUTPUT_BUDGET = 256 * 1024
-# Streams answered per call (receive or writable); the frames after the one that used the last
-# wait, unparsed, for writable(). One 64 KiB read holds 5,000 13-byte HEAD requests: without
-# this bound they made 338 KB of answers in one call, held as long as a peer that never reads
-# keeps the connection (HTTP/1's _BATCH bounds the same thing). 128 answers are about 9 KB of
-# the default answer and 0.1 ms of CPU.
-ANSWERS_PER_CALL = 128
-# DATA or CONTINUATION that carries fewer bytes than this and ends nothing (no END_STREAM, no
-# END_HEADERS) costs a token of the frame budget: 9 bytes of frame header for one byte of body
-# is work without content (nginx counts the same: its flood check is bytes read against payload).
-_SMALL_FRAGMENT = 128
-# A WINDOW_UPDATE is free when it lets at least this much held DATA go (or finishes an answer);
-# otherwise it costs a token: WINDOW_UPDATE(0, 1) with answers held makes one byte of DATA.
-_USEFUL_RELEASE = 1024
-# A SETTINGS frame costs one token, plus one per this many entries (a frame may hold 2,730).
-_SETTINGS_PER_TOKEN = 8
-# Streams we reset and remember, so that frames already in flight on them are dropped quietly
-# (RFC 9113 §5.1 "closed") instead of answered with another RST_STREAM.
-_RESET_MEMORY = 256
-# Connection-level credit goes back once this much DATA is consumed (half the initial window).
-_CONNECTION_CREDIT_AT = frames.DEFAULT_WINDOW // 2 + 1
-# Gaps in the client's stream ids remembered, to tell a stream id that goes back (PROTOCOL_ERROR)
-# from HEADERS on a stream that was used and closed (STREAM_CLOSED). Clients count up by 2.
-_SKIP_MEMORY = 32
-# A mapped `http2_max_header_list_size = 0` ("unlimited" in gunicorn): still a bound here.
-UNLIMITED_HEADER_LIST = 256 * 1024
 
-
-@dataclass(frozen=True)
-class H2Config:
-    """gunicorn's HTTP/2 settings (`http2_max_concurrent_streams`, `http2_initial_window_size`,
-    `http2_max_frame_size`, `http2_max_header_list_size`), the timeouts in seconds and the
-    flood budgets (burst, refill per second: gunicorn 27 allows 200 RST_STREAM and 1000 control
-    frames per 10 s, the same average rates)."""
-
-    max_concurrent_streams: int = 100
-    initial_window_size: int = 65535
-    max_frame_size: int = 16384
-    max_header_list_size: int = 65536
-    idle_timeout: float = 5.0  # nothing in progress and nothing received: GOAWAY and close
-    head_timeout: float = 10.0  # something in progress (frame, header block, body) that stalls
-    reset_burst: int = 200
-    reset_rate: int = 20
-    control_burst: int = 1000
-    control_rate: int = 100
-
-    @classmethod
-    def from_gunicorn(cls, cfg: object, **overrides: float) -> H2Config:
-        """From a gunicorn Config (the `http2_*` settings, keepalive as the idle timeout)."""
-        values = {
-            "max_concurrent_streams": cfg.http2_max_concurrent_streams,  # type: ignore[attr-defined]
-            "initial_window_size": cfg.http2_initial_window_size,  # type: ignore[attr-defined]
-            "max_frame_size": cfg.http2_max_frame_size,  # type: ignore[attr-defined]
-            "max_header_list_size": cfg.http2_max_header_list_size,  # type: ignore[attr-defined]
-            "idle_timeout": max(getattr(cfg, "keepalive", 5) or 1, 1),
-        }
-        values.update(overrides)
-        return cls(**values)  # type: ignore[arg-type]
-
-    @property
-    def header_list_limit(self) -> int:
-        return self.max_header_list_size or UNLIMITED_HEADER_LIST
-
-
-class _ConnectionError(Exception):
-    """A connection error (RFC 9113 §5.4.1): GOAWAY with this code, then close."""
-
-    def __init__(self, code: int, debug: str = "") -> None:
-        super().__init__(debug)
-        self.code = code
-
-
-class _Stream:
-    """A stream that outlives the frame that opened it: still receiving a body, or holding back
-    DATA that flow control does not let go yet (or both, for CONNECT)."""
-
-    __slots__ = (
-        "answered",
-        "body",
-        "head",
-        "length",
-        "offset",
-        "received",
-        "recv_unacked",
-        "recv_window",
-        "remote_closed",
-        "send_window",
-        "variant",
-    )
-
-    def __init__(self, length: int, recv_window: int, send_window: int, head: bool) -> None:
-        self.length = length  # declared Content-Length, -1 when none
-        self.received = 0  # DATA bytes (padding excluded) received so far
-        self.recv_window = recv_window  # what the client may still send on this stream
-        self.recv_unacked = 0  # consumed and not yet given back by WINDOW_UPDATE
-        self.send_window = send_window
-        self.head = head
-        self.remote_closed = False
-        self.answered = False
-        self.body = b""  # DATA still owed: body[offset:]
-        self.offset = 0
-        self.variant: Variant | None = None
-
-
-class H2Protocol:
+class H2Protocol(ControlFrames, Output):
     """The server side of one HTTP/2 connection. See the module docstring; constructors:
 
     - `H2Protocol(config, rules, answers)`: TLS with ALPN `h2`, or h2c with prior knowledge
@@ -267,11 +171,11 @@ class H2Protocol:
         self._accept_until = frames.STREAM_MASK  # after our GOAWAY: its last stream id
         self._goaway_sent = False
         self._peer_goaway = False
-        self._streams: dict[int, _Stream] = {}
-        self._held: dict[int, _Stream] = {}  # streams with DATA waiting for flow control
+        self._streams: dict[int, Stream] = {}
+        self._held: dict[int, Stream] = {}  # streams with DATA waiting for flow control
         # The held streams whose own window is open: they wait for the connection's window or
         # the call's budget only. A connection WINDOW_UPDATE walks these, not every held stream.
-        self._ready: dict[int, _Stream] = {}
+        self._ready: dict[int, Stream] = {}
         self._reset_by_us: dict[int, None] = {}
         self._skipped: list[tuple[int, int]] = []  # (a, b): ids between a and b never opened
         # A header block in assembly (HEADERS without END_HEADERS, then CONTINUATION).
@@ -323,7 +227,7 @@ class H2Protocol:
             raise ValueError("HTTP2-Settings payload is not a list of settings")
         try:
             proto._apply_settings(settings)
-        except _ConnectionError as exc:
+        except ProtocolError as exc:
             raise ValueError(f"HTTP2-Settings rejected: {exc}") from None
         proto._last_id = 1
         proto._upgrade_head = head
@@ -394,7 +298,7 @@ class H2Protocol:
                 self._frames(buf)
             if self._starved:
                 self._flush()  # output held past last call's budget (if writable() never came)
-        except _ConnectionError as exc:
+        except ProtocolError as exc:
             self._fail(exc)
         if self._goaway_sent or self._peer_goaway:
             self._check_drain()
@@ -491,7 +395,7 @@ class H2Protocol:
                 buf = self._buf
                 self._buf = b""
                 self._frames(buf)
-        except _ConnectionError as exc:
+        except ProtocolError as exc:
             self._fail(exc)
         self._check_drain()
         result = b"".join(out)
@@ -504,7 +408,7 @@ class H2Protocol:
         done = len(frames.PREFACE) - self._preface_left
         take = min(self._preface_left, len(buf))
         if buf[:take] != frames.PREFACE[done : done + take]:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "invalid connection preface")
+            raise ProtocolError(frames.PROTOCOL_ERROR, "invalid connection preface")
         self._preface_left -= take
         return buf[take:]
 
@@ -529,7 +433,7 @@ class H2Protocol:
                 hi, lo, kind, flags, sid = _UNPACK_HEADER(buf, pos)
                 length = hi << 16 | lo
                 if length > max_frame:
-                    raise _ConnectionError(frames.FRAME_SIZE_ERROR, "frame larger than allowed")
+                    raise ProtocolError(frames.FRAME_SIZE_ERROR, "frame larger than allowed")
                 start = pos + 9
                 if end - start < length:
                     break
@@ -549,7 +453,7 @@ class H2Protocol:
                     if flags & FLAG_PRIORITY:
                         # 5 bytes of (deprecated) priority; depending on itself is an error
                         # that the general path reports.
-                        depends = _UNPACK_U32(buf, start)[0] & 0x7FFFFFFF
+                        depends = UNPACK_U32(buf, start)[0] & 0x7FFFFFFF
                         block = buf[start + 5 : pos] if depends != sid else None
                     else:
                         block = buf[start:pos]
@@ -601,10 +505,10 @@ class H2Protocol:
 
     def _frame(self, kind: int, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
         if self._cont_sid and kind != CONTINUATION:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "expected CONTINUATION")
+            raise ProtocolError(frames.PROTOCOL_ERROR, "expected CONTINUATION")
         if not self._settings_seen:
             if kind != SETTINGS or flags & FLAG_ACK:
-                raise _ConnectionError(frames.PROTOCOL_ERROR, "preface must be SETTINGS")
+                raise ProtocolError(frames.PROTOCOL_ERROR, "preface must be SETTINGS")
             self._settings_seen = True
         if kind == HEADERS:
             self._on_headers(flags, sid, buf, start, end)
@@ -618,9 +522,9 @@ class H2Protocol:
             self._on_window_update(sid, buf[start:end])
         elif kind == PING:
             if sid:
-                raise _ConnectionError(frames.PROTOCOL_ERROR, "PING on a stream")
+                raise ProtocolError(frames.PROTOCOL_ERROR, "PING on a stream")
             if end - start != 8:
-                raise _ConnectionError(frames.FRAME_SIZE_ERROR, "PING length")
+                raise ProtocolError(frames.FRAME_SIZE_ERROR, "PING length")
             self._control()
             if not flags & FLAG_ACK:
                 self._out.append(frames.ping_ack(buf[start:end]))
@@ -632,7 +536,7 @@ class H2Protocol:
             self._control()
             self._on_goaway(sid, buf[start:end])
         elif kind == PUSH_PROMISE:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+            raise ProtocolError(frames.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
         else:
             self._control()  # unknown frame types are ignored (§4.1, §5.5), but not for free
 
@@ -640,38 +544,38 @@ class H2Protocol:
         """A frame that costs work and carries no request."""
         self._controls -= tokens
         if self._controls < 0:
-            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "control frame flood")
+            raise ProtocolError(frames.ENHANCE_YOUR_CALM, "control frame flood")
 
     def _count_reset(self) -> None:
         self._resets -= 1
         if self._resets < 0:
-            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "stream reset flood")
+            raise ProtocolError(frames.ENHANCE_YOUR_CALM, "stream reset flood")
 
     def _on_headers(self, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
         if sid == 0:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "HEADERS on stream 0")
+            raise ProtocolError(frames.PROTOCOL_ERROR, "HEADERS on stream 0")
         pos = start
         pad = 0
         if flags & FLAG_PADDED:
             if end - pos < 1:
-                raise _ConnectionError(frames.FRAME_SIZE_ERROR, "HEADERS too short")
+                raise ProtocolError(frames.FRAME_SIZE_ERROR, "HEADERS too short")
             pad = buf[pos]
             pos += 1
         bad_priority = False
         if flags & FLAG_PRIORITY:
             if end - pos < 5:
-                raise _ConnectionError(frames.FRAME_SIZE_ERROR, "HEADERS too short")
+                raise ProtocolError(frames.FRAME_SIZE_ERROR, "HEADERS too short")
             bad_priority = int.from_bytes(buf[pos : pos + 4], "big") & 0x7FFFFFFF == sid
             pos += 5
         if pad > end - pos:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "padding longer than the payload")
+            raise ProtocolError(frames.PROTOCOL_ERROR, "padding longer than the payload")
         fragment = buf[pos : end - pad]
         if flags & FLAG_END_HEADERS:
             self._header_block(sid, flags, fragment, bad_priority)
             return
         if len(fragment) > self._block_limit:
-            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header block too large")
-        if len(fragment) < _SMALL_FRAGMENT:
+            raise ProtocolError(frames.ENHANCE_YOUR_CALM, "header block too large")
+        if len(fragment) < SMALL_FRAGMENT:
             self._control()
         self._cont_sid = sid
         self._cont_flags = flags
@@ -681,13 +585,13 @@ class H2Protocol:
 
     def _on_continuation(self, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
         if not self._cont_sid or sid != self._cont_sid:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "unexpected CONTINUATION")
+            raise ProtocolError(frames.PROTOCOL_ERROR, "unexpected CONTINUATION")
         block = self._cont_block
         if len(block) + end - start > self._block_limit:
-            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header block too large")
+            raise ProtocolError(frames.ENHANCE_YOUR_CALM, "header block too large")
         block += buf[start:end]
         if not flags & FLAG_END_HEADERS:
-            if end - start < _SMALL_FRAGMENT:
+            if end - start < SMALL_FRAGMENT:
                 self._control()
             self._blocks -= 1
             return
@@ -699,31 +603,31 @@ class H2Protocol:
         try:
             verdict, self._table = hd.request_verdict(self._table, block)
         except hd.CompressionError as exc:
-            raise _ConnectionError(frames.COMPRESSION_ERROR, str(exc)) from None
+            raise ProtocolError(frames.COMPRESSION_ERROR, str(exc)) from None
         except hd.HeaderBomb:
-            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header list bomb") from None
+            raise ProtocolError(frames.ENHANCE_YOUR_CALM, "header list bomb") from None
         return verdict
 
     def _decode_trailers(self, block: bytes) -> int:
         try:
             verdict, self._table = hd.trailers_verdict(self._table, block)
         except hd.CompressionError as exc:
-            raise _ConnectionError(frames.COMPRESSION_ERROR, str(exc)) from None
+            raise ProtocolError(frames.COMPRESSION_ERROR, str(exc)) from None
         except hd.HeaderBomb:
-            raise _ConnectionError(frames.ENHANCE_YOUR_CALM, "header list bomb") from None
+            raise ProtocolError(frames.ENHANCE_YOUR_CALM, "header list bomb") from None
         return verdict
 
     def _header_block(self, sid: int, flags: int, block: bytes, bad_priority: bool) -> None:
         """A complete header block: a new request, trailers, or a frame on a closed stream."""
         if not sid & 1:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "even stream id from a client")
+            raise ProtocolError(frames.PROTOCOL_ERROR, "even stream id from a client")
         end_stream = bool(flags & FLAG_END_STREAM)
         if sid > self._last_id:
             # A new stream (§5.1.1: ids only grow). Decoded first: the table must stay right.
             verdict = self._decode_request(block)
             if sid > self._last_id + 2:
                 self._skipped.append((self._last_id, sid))  # ids never used in between
-                if len(self._skipped) > _SKIP_MEMORY:
+                if len(self._skipped) > SKIP_MEMORY:
                     del self._skipped[0]
             self._last_id = sid
             if sid > self._accept_until:
@@ -759,7 +663,7 @@ class H2Protocol:
                 self._answer(sid, self.answers.ok, head, None)
                 self._answered()
                 return
-            stream = _Stream(length, self.config.initial_window_size, self._peer_initial, head)
+            stream = Stream(length, self.config.initial_window_size, self._peer_initial, head)
             self._streams[sid] = stream
             if verdict & hd.EXPECT_CONTINUE:
                 # RFC 9110 §10.1.1: a client may wait for the 100 before sending its body.
@@ -793,29 +697,29 @@ class H2Protocol:
             return
         if any(low < sid < high for low, high in self._skipped):
             # Never used: an attempt to open a stream below the last one (§5.1.1).
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "stream id lower than the last")
-        raise _ConnectionError(frames.STREAM_CLOSED, "HEADERS on a closed stream")
+            raise ProtocolError(frames.PROTOCOL_ERROR, "stream id lower than the last")
+        raise ProtocolError(frames.STREAM_CLOSED, "HEADERS on a closed stream")
 
     def _on_data(self, flags: int, sid: int, buf: bytes, start: int, end: int) -> None:
         if sid == 0:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "DATA on stream 0")
+            raise ProtocolError(frames.PROTOCOL_ERROR, "DATA on stream 0")
         size = end - start
         # Flow control counts the whole payload, padding included (§6.9.1).
         if size > self._recv_window:
-            raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "connection window exceeded")
+            raise ProtocolError(frames.FLOW_CONTROL_ERROR, "connection window exceeded")
         self._recv_window -= size
         self._recv_unacked += size
-        if self._recv_unacked >= _CONNECTION_CREDIT_AT:
+        if self._recv_unacked >= CONNECTION_CREDIT_AT:
             self._credit_connection()
         data = size
         if flags & FLAG_PADDED:
             if size < 1 or buf[start] >= size:
-                raise _ConnectionError(frames.PROTOCOL_ERROR, "padding longer than the payload")
+                raise ProtocolError(frames.PROTOCOL_ERROR, "padding longer than the payload")
             data = size - 1 - buf[start]
         stream = self._streams.get(sid)
         if stream is None or stream.remote_closed:
             if sid > self._last_id or not sid & 1:
-                raise _ConnectionError(frames.PROTOCOL_ERROR, "DATA on an idle stream")
+                raise ProtocolError(frames.PROTOCOL_ERROR, "DATA on an idle stream")
             if sid not in self._reset_by_us and sid <= self._accept_until:
                 self._stream_error(sid, frames.STREAM_CLOSED)  # §6.1
             else:
@@ -832,7 +736,7 @@ class H2Protocol:
         if flags & FLAG_END_STREAM:
             self._end_of_request(sid, stream)
             return
-        if data < _SMALL_FRAGMENT:
+        if data < SMALL_FRAGMENT:
             self._control()  # an empty or padding-only frame, or a trickle of bytes
         stream.recv_unacked += size
         if stream.recv_unacked >= self._stream_credit_at:
@@ -845,7 +749,7 @@ class H2Protocol:
         self._recv_window += self._recv_unacked
         self._recv_unacked = 0
 
-    def _end_of_request(self, sid: int, stream: _Stream, too_large: bool = False) -> None:
+    def _end_of_request(self, sid: int, stream: Stream, too_large: bool = False) -> None:
         """The client ended the stream: check the body's size, answer unless already done
         (431 when the trailer section was above the header list limit)."""
         if stream.length >= 0 and stream.received != stream.length and not stream.answered:
@@ -861,282 +765,3 @@ class H2Protocol:
             self._answered()
         if sid not in self._held:
             self._streams.pop(sid, None)
-
-    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
-        if sid:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & FLAG_ACK:
-            if payload:
-                raise _ConnectionError(frames.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
-            self._control()
-            return
-        if len(payload) % 6:
-            raise _ConnectionError(frames.FRAME_SIZE_ERROR, "SETTINGS length")
-        self._control(1 + len(payload) // (6 * _SETTINGS_PER_TOKEN))
-        self._apply_settings(payload)
-        self._out.append(frames.SETTINGS_ACK)
-        if self._ready:
-            self._flush()  # a larger INITIAL_WINDOW_SIZE or MAX_FRAME_SIZE lets DATA go
-
-    def _apply_settings(self, payload: bytes) -> None:
-        """The entries in order (§6.5.3); the open windows move once, by the last
-        INITIAL_WINDOW_SIZE, so a frame of 2,730 entries walks the streams once, not 2,730
-        times. A value that would take an open window past 2^31-1 is an error even if a later
-        entry brings it back (§6.9.2): checked against the largest open window."""
-        old = self._peer_initial
-        initial = old
-        largest: int | None = None  # the largest open send window, computed at most once
-        for ident, value in frames.parse_settings(payload):
-            if ident == frames.SETTINGS_ENABLE_PUSH:
-                if value > 1:
-                    raise _ConnectionError(frames.PROTOCOL_ERROR, "ENABLE_PUSH not 0 or 1")
-            elif ident == frames.SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > MAX_WINDOW:
-                    raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "INITIAL_WINDOW_SIZE")
-                if value > old and self._streams:
-                    if largest is None:
-                        largest = max(stream.send_window for stream in self._streams.values())
-                    if largest + value - old > MAX_WINDOW:
-                        raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "window overflow")
-                initial = value
-            elif ident == frames.SETTINGS_MAX_FRAME_SIZE:
-                if not frames.MIN_MAX_FRAME_SIZE <= value <= frames.MAX_MAX_FRAME_SIZE:
-                    raise _ConnectionError(frames.PROTOCOL_ERROR, "MAX_FRAME_SIZE")
-                self._peer_max_frame = value
-            # HEADER_TABLE_SIZE: our blocks never use the client's table. MAX_CONCURRENT_STREAMS:
-            # we open none. MAX_HEADER_LIST_SIZE: advisory. Unknown ids: ignored (§6.5.2).
-        if initial != old:
-            self._peer_initial = initial
-            delta = initial - old
-            held = self._held
-            ready = self._ready
-            for sid, stream in self._streams.items():  # §6.9.2: open windows move too
-                stream.send_window += delta
-                if sid in held:
-                    if stream.send_window > 0:
-                        ready[sid] = stream
-                    else:
-                        ready.pop(sid, None)
-
-    def _on_window_update(self, sid: int, payload: bytes) -> None:
-        """Free when it lets DATA go (at least _USEFUL_RELEASE bytes, or an answer's end), or
-        when it gives back at least _USEFUL_RELEASE of a window our DATA used (flow control as
-        meant); otherwise a token of the frame budget."""
-        if len(payload) != 4:
-            raise _ConnectionError(frames.FRAME_SIZE_ERROR, "WINDOW_UPDATE length")
-        increment = int.from_bytes(payload, "big") & 0x7FFFFFFF
-        if sid == 0:
-            if not increment:
-                raise _ConnectionError(frames.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
-            before = self._send_window
-            self._send_window += increment
-            if self._send_window > MAX_WINDOW:
-                raise _ConnectionError(frames.FLOW_CONTROL_ERROR, "connection window overflow")
-            if self._ready and self._flush() >= _USEFUL_RELEASE:
-                return
-            if increment < _USEFUL_RELEASE or before >= frames.DEFAULT_WINDOW:
-                self._control()
-            return
-        if sid > self._last_id or not sid & 1:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "WINDOW_UPDATE on an idle stream")
-        stream = self._streams.get(sid)
-        if stream is None:
-            self._control()
-            return  # closed: updates may cross our END_STREAM (§5.1)
-        if not increment:
-            self._stream_error(sid, frames.PROTOCOL_ERROR)
-            return
-        before = stream.send_window
-        stream.send_window += increment
-        if stream.send_window > MAX_WINDOW:
-            self._stream_error(sid, frames.FLOW_CONTROL_ERROR)
-            return
-        if sid in self._held and stream.send_window > 0:
-            self._ready[sid] = stream
-            if self._flush() >= _USEFUL_RELEASE:
-                return
-        if increment < _USEFUL_RELEASE or before >= self._peer_initial:
-            self._control()
-
-    def _on_rst_stream(self, sid: int, payload: bytes) -> None:
-        if sid == 0:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "RST_STREAM on stream 0")
-        if len(payload) != 4:
-            raise _ConnectionError(frames.FRAME_SIZE_ERROR, "RST_STREAM length")
-        if sid > self._last_id or not sid & 1:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "RST_STREAM on an idle stream")
-        self._count_reset()  # CVE-2023-44487: opening and resetting streams costs us work
-        self._streams.pop(sid, None)
-        self._held.pop(sid, None)
-        self._ready.pop(sid, None)
-
-    def _on_priority(self, sid: int, payload: bytes) -> None:
-        if sid == 0:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "PRIORITY on stream 0")
-        if len(payload) != 5:
-            self._stream_error(sid, frames.FRAME_SIZE_ERROR)  # §6.3 (a reset: counted)
-            return
-        self._control()
-        if int.from_bytes(payload[:4], "big") & 0x7FFFFFFF == sid:
-            self._stream_error(sid, frames.PROTOCOL_ERROR)  # §5.3.1
-
-    def _on_goaway(self, sid: int, payload: bytes) -> None:
-        if sid:
-            raise _ConnectionError(frames.PROTOCOL_ERROR, "GOAWAY on a stream")
-        if len(payload) < 8:
-            raise _ConnectionError(frames.FRAME_SIZE_ERROR, "GOAWAY length")
-        self._peer_goaway = True
-        if int.from_bytes(payload[4:8], "big") != frames.NO_ERROR:
-            self._held.clear()
-            self._ready.clear()
-            self._streams.clear()
-            self.closing = True  # the client gave up: nothing more to say
-
-    # -- output -----------------------------------------------------------------------------
-
-    def _answer(self, sid: int, variant: Variant, head: bool, stream: _Stream | None) -> None:
-        """Queue an answer's HEADERS and as much of its DATA as flow control allows."""
-        sid4 = sid.to_bytes(4, "big")
-        body = variant.body
-        if head or not body:
-            self._out.append(variant.headers_for(sid4, True))
-            if stream is not None:
-                stream.answered = True
-            return
-        size = len(body)
-        if (
-            variant.one_frame
-            and size <= self._send_window
-            and size <= (self._peer_initial if stream is None else stream.send_window)
-            and size <= self._budget
-        ):
-            # All of it fits: HEADERS and one DATA with END_STREAM, nothing held.
-            self._send_window -= size
-            self._budget -= size
-            self._out += (variant.get_prefix, sid4, variant.get_middle, sid4, body)
-            if stream is not None:
-                stream.answered = True
-            return
-        self._out.append(variant.headers_for(sid4, False))
-        if stream is None:
-            stream = _Stream(-1, 0, self._peer_initial, head)
-            stream.remote_closed = True
-            self._streams[sid] = stream
-        stream.answered = True
-        stream.body = body
-        stream.offset = 0
-        self._held[sid] = stream
-        if stream.send_window > 0:
-            self._ready[sid] = stream
-            self._flush()
-
-    def _flush(self) -> int:
-        """Send held DATA as far as the windows, the peer's frame size and the budget allow,
-        first come first served. Only streams whose own window is open are walked, and the walk
-        stops at the first that cannot finish: the work is what is sent. Returns the DATA
-        bytes sent, plus _USEFUL_RELEASE for each answer finished."""
-        out = self._out
-        held = self._held
-        ready = self._ready
-        # Never above 16384, whatever the peer allows: every peer takes that size, and a larger
-        # SETTINGS_MAX_FRAME_SIZE is not always applied by a client in the read that brings our
-        # ACK (the `h2` package checks frame sizes per read). 9 bytes per 16 KiB is nothing.
-        max_frame = min(self._peer_max_frame, frames.MIN_MAX_FRAME_SIZE)
-        released = 0
-        while ready and self._send_window > 0 and self._budget > 0:
-            sid = next(iter(ready))
-            stream = ready[sid]
-            body = stream.body
-            size = len(body)
-            while True:
-                count = min(
-                    size - stream.offset,
-                    stream.send_window,
-                    self._send_window,
-                    max_frame,
-                    self._budget,
-                )
-                if count <= 0:
-                    break
-                offset = stream.offset
-                stream.offset = offset + count
-                stream.send_window -= count
-                self._send_window -= count
-                self._budget -= count
-                released += count
-                done = stream.offset == size
-                out.append(
-                    frames.frame(
-                        DATA, FLAG_END_STREAM if done else 0, sid, body[offset : offset + count]
-                    )
-                )
-                if done:
-                    released += _USEFUL_RELEASE
-                    del held[sid]
-                    del ready[sid]
-                    stream.body = b""
-                    if stream.remote_closed:
-                        self._streams.pop(sid, None)
-                    break
-            if sid in ready:
-                if stream.send_window > 0:
-                    break  # the connection's window or the budget: the next stream waits too
-                del ready[sid]  # its own window: it waits for a WINDOW_UPDATE on it
-        self._starved = bool(ready) and self._budget <= 0
-        return released
-
-    def _answered(self) -> None:
-        """A stream answered off the hot path: counted (the call's answers, max_requests), and
-        a token of the frame budget given back (a request's frames are what a client is for)."""
-        if self._controls < self.config.control_burst:
-            self._controls += 1
-        rules = self.rules
-        rules.answered += 1
-        if rules.answered >= rules.open_until and not self._goaway_sent:
-            self._goaway(frames.NO_ERROR)  # max_requests reached, or the worker drains
-
-    def _goaway(self, code: int, debug: bytes = b"") -> None:
-        """GOAWAY with the last stream we process; a later GOAWAY never names a higher one."""
-        last = min(self._last_id, self._accept_until)
-        self._goaway_sent = True
-        self._accept_until = last
-        self._out.append(frames.goaway(last, code, debug))
-
-    def _check_drain(self) -> None:
-        """After our GOAWAY or the client's: close once every accepted stream is done."""
-        if self.closing or not (self._goaway_sent or self._peer_goaway):
-            return
-        if not self._streams and not self._cont_sid:
-            self.closing = True
-            self.clean = False
-
-    def _reset(self, sid: int, code: int) -> None:
-        self._out.append(frames.rst_stream(sid, code))
-        self._streams.pop(sid, None)
-        self._held.pop(sid, None)
-        self._ready.pop(sid, None)
-        reset = self._reset_by_us
-        reset[sid] = None
-        if len(reset) > _RESET_MEMORY:
-            del reset[next(iter(reset))]
-
-    def _stream_error(self, sid: int, code: int) -> None:
-        """A stream error (§5.4.2): RST_STREAM, the stream is closed, the connection lives.
-        Counted against the reset budget like the client's own resets: a client can make us
-        reset streams (a WINDOW_UPDATE of 0, a bad PRIORITY, a self-dependency) as cheaply as
-        it can reset them itself (CVE-2025-8671, MadeYouReset)."""
-        self._count_reset()
-        self.rules.rejected += 1
-        self._reset(sid, code)
-
-    def _fail(self, exc: _ConnectionError) -> None:
-        """A connection error (§5.4.1): GOAWAY with its code, nothing more is processed."""
-        self.rules.rejected += 1
-        self._goaway(exc.code, str(exc).encode()[:64])
-        self._held.clear()
-        self._ready.clear()
-        self._streams.clear()
-        self._cont_block = bytearray()
-        self._buf = b""
-        self.closing = True
-        self.clean = False
