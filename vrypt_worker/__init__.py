@@ -1,11 +1,14 @@
 """vrypt_worker: a gunicorn worker class that answers every HTTP request with `Vrypt`.
 
 Use it as `gunicorn -c conf/gunicorn.conf.py`, `gunicorn -k vrypt_worker.VryptWorker ...`, or the
-`vrypt-server` command. The modules, in the order one request meets them:
+`vrypt-server` command. The modules, in the order one plain HTTP/1 request meets them:
 
-  worker.py    VryptWorker: gunicorn lifecycle, the gevent hub, one Connection per client socket
+  worker.py    VryptWorker: gunicorn lifecycle, the gevent hub, accepting, the sweep
+  plain.py     Connection: one client socket, read, framed and answered in the loop
   framing.py   RequestFramer: bytes in, one answer per complete request out (no I/O)
   response.py  the precomputed answer bytes, re-rendered once a second for Date
+
+docs/architecture.md has every layer and the path on each transport (TLS, HTTP/2).
 """
 
 from vrypt_worker.worker import VryptWorker
