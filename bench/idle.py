@@ -71,7 +71,7 @@ from bench.idlehold import (
     raise_nofile,
 )
 from bench.load import run_wrk, wrk_command
-from bench.procstat import sample_tree, session_pids
+from bench.procstat import run_ns, sample_tree, session_pids
 from bench.scenarios import SCENARIOS, Placement, available_cpus
 from bench.servers import NGINX, NGINX_CONF, ServerSpec, nginx_available, probe, running
 from bench.tls import make_certificate
@@ -243,6 +243,7 @@ class BusyRun:
     rss_kb: int
     pss_kb: int
     other_load: float
+    quiet_ms_per_s: float  # the server's CPU with no busy load (only the idle ones open)
 
 
 def placement_for(idle: int, workers: int = 0) -> Placement:
@@ -251,7 +252,13 @@ def placement_for(idle: int, workers: int = 0) -> Placement:
 
 
 def busy_run(
-    spec: ServerSpec, idle: int, workers: int, round_no: int, seconds: float, kind: str = "plain"
+    spec: ServerSpec,
+    idle: int,
+    workers: int,
+    round_no: int,
+    seconds: float,
+    kind: str = "plain",
+    quiet: float = 5.0,
 ) -> BusyRun:
     where = placement_for(idle, workers)
     scenario = SCENARIOS["ka100"]
@@ -264,6 +271,10 @@ def busy_run(
             stack.enter_context(holding(server.port, idle, where.load_cpus, kind))
         time.sleep(2.0)  # a sweep or two over the idle connections
         rss, pss, _ = memory_kb(server.sid)
+        # What the idle connections cost with nothing else to do: the sweeps that walk them.
+        quiet_ns, quiet_at = run_ns(server.sid), time.monotonic()
+        time.sleep(quiet)
+        quiet_ns, quiet_s = run_ns(server.sid) - quiet_ns, time.monotonic() - quiet_at
         url = f"{'https' if kind in TLS_KINDS else 'http'}://127.0.0.1:{server.port}/"
         warm = wrk_command(scenario, where, server.port, 1, Path(tmp))
         run_wrk([*warm[:-1], url], 1)
@@ -289,6 +300,7 @@ def busy_run(
         rss,
         pss,
         max(0.0, (core_after - core_before - cpu) / wall),
+        quiet_ns / 1e6 / quiet_s,
     )
 
 
@@ -305,7 +317,12 @@ def median(values: list[float]) -> float:
 
 
 def busy_mode(
-    servers: list[ServerSpec], counts: list[int], rounds: int, seconds: float, kind: str
+    servers: list[ServerSpec],
+    counts: list[int],
+    rounds: int,
+    seconds: float,
+    kind: str,
+    quiet: float = 5.0,
 ) -> None:
     runs: list[BusyRun] = []
     plan = []  # (idle, workers): each count, and no idle connection with as many workers
@@ -321,20 +338,22 @@ def busy_mode(
                     f"round {round_no} · {idle:,} idle {kind} · {workers} worker(s) · {spec.name}",
                     file=sys.stderr,
                 )
-                run = busy_run(spec, idle, workers, round_no, seconds, kind)
+                run = busy_run(spec, idle, workers, round_no, seconds, kind, quiet)
                 print(
                     f"    {run.cpu_us_per_req:.2f} µs CPU/req ({run.user_us_per_req:.2f} / "
                     f"{run.sys_us_per_req:.2f}), {run.requests / seconds:,.0f} rps, RSS "
-                    f"{run.rss_kb:,} kB, PSS {run.pss_kb:,} kB, other load {run.other_load:.0%}",
+                    f"{run.rss_kb:,} kB, PSS {run.pss_kb:,} kB, other load {run.other_load:.0%}; "
+                    f"quiet: {run.quiet_ms_per_s:.2f} ms CPU/s",
                     file=sys.stderr,
                     flush=True,
                 )
                 runs.append(run)
     print(
         "| server | idle connections | workers | CPU µs per busy request (min-max) | user / sys "
-        "| vs 0 idle, same workers and round | vs nginx, same round | RSS MB | PSS MB |"
+        "| vs 0 idle, same workers and round | vs nginx, same round | RSS MB | PSS MB "
+        "| quiet: server CPU ms/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     by = {(r.server, r.idle, r.workers, r.round): r for r in runs}
     for spec in servers:
         for idle, workers in plan:
@@ -363,12 +382,16 @@ def busy_mode(
                 + " | "
                 + (f"{median(ref):.2f}x" if ref else "-")
                 + f" | {median([r.rss_kb for r in mine]) / 1024:.1f} | "
-                f"{median([r.pss_kb for r in mine]) / 1024:.1f} |"
+                f"{median([r.pss_kb for r in mine]) / 1024:.1f} | "
+                + " / ".join(f"{r.quiet_ms_per_s:.2f}" for r in mine)
+                + " |"
             )
     print(
         f"\n100 busy keep-alive connections (wrk, {seconds:g} s, "
         f"{'HTTP/1.1 over TLS' if kind in TLS_KINDS else 'HTTP/1.1'}) beside idle {kind} ones; "
-        f"{rounds} round(s); memory with the idle connections open, before the busy run."
+        f"{rounds} round(s); memory with the idle connections open, before the busy run; "
+        f"quiet: the server's CPU time (schedstat) over {quiet:g} s with only the idle "
+        "connections open, before the busy run (each round's)."
     )
 
 
@@ -445,6 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle", default=",".join(map(str, DEFAULT_IDLE)), help="idle counts")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--duration", type=float, default=5.0, help="seconds of wrk per run")
+    p.add_argument(
+        "--quiet", type=float, default=5.0, help="seconds of the quiet reading (default 5)"
+    )
     p.add_argument("--keepalive", type=int, default=0, help="seconds (default 600; 5 timeouts)")
     p.add_argument("--memory", action="store_true", help="bytes per idle connection")
     p.add_argument("--connections", type=int, default=5000, help="with --memory (default 5000)")
@@ -469,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         if 0 not in counts:
             counts.insert(0, 0)
-        busy_mode(servers, counts, args.rounds, args.duration, args.idle_kind)
+        busy_mode(servers, counts, args.rounds, args.duration, args.idle_kind, args.quiet)
     return 0
 
 
