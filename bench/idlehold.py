@@ -14,13 +14,13 @@ Kinds (what the connection speaks; the server must be started to match, bench/id
 A holder opens its connections `IN_FLIGHT` at a time on one epoll loop, without blocking: TLS
 handshakes proceed side by side, so the server's core (handshakes cost it most) never waits for
 the holder's. Every TLS handshake after a holder's first answered connection offers that
-connection's session (a TLS 1.3 ticket): the server skips the certificate and its signature,
-which makes opening 50,000 connections on a busy two-core machine about twice as fast and does
-not change what an idle connection is once open. Each connection counts as open once its answer
-(status 200, body `Vrypt`) is in; then the holder prints `ready COUNT SECONDS` and only reads:
-whatever the server sends later (an h2 PING, a GOAWAY) is answered or dropped, and its close is
-noted. On stdin's EOF it prints, as JSON, how many are still open and how long after its answer
-the server closed each of the others (`--timeouts`).
+connection's session (a TLS 1.3 ticket), so that the server may skip the certificate and its
+signature; what an idle connection is once open does not depend on how its handshake went. Each
+connection counts as open once its answer (status 200, body `Vrypt`) is in; then the holder
+prints `ready COUNT SECONDS s, N TLS sessions resumed` and only reads: whatever the server sends
+later (an h2 PING, a GOAWAY) is answered or dropped, and its close is noted. On stdin's EOF it
+prints, as JSON, how many are still open and how long after its answer the server closed each
+of the others (`--timeouts`).
 
 A process may hold at most as many descriptors as the hard RLIMIT_NOFILE allows (20,000 on the
 machine the figures come from), so a holder keeps at most `PER_PROCESS` connections, from a
@@ -156,7 +156,7 @@ def hold(port: int, count: int, source: int, kind: str) -> int:
     conns: dict[int, _Conn] = {}
     answered_at: dict[int, float] = {}
     closed_after: list[float] = []
-    opened = in_flight = 0
+    opened = in_flight = resumed = 0
     started = time.monotonic()
     ready = False
     port_no = FIRST_SOURCE_PORT - 1
@@ -176,7 +176,8 @@ def hold(port: int, count: int, source: int, kind: str) -> int:
             in_flight += 1
         if not ready and opened == count and in_flight == 0:
             ready = True
-            print(f"ready {count} {time.monotonic() - started:.2f}", flush=True)
+            took = time.monotonic() - started
+            print(f"ready {count} {took:.2f} s, {resumed} TLS sessions resumed", flush=True)
         for fd, _events in ep.poll(1.0):
             if fd == sys.stdin.fileno():
                 if not os.read(fd, 4096):
@@ -236,8 +237,9 @@ def hold(port: int, count: int, source: int, kind: str) -> int:
                 conn.state = _IDLE
                 answered_at[fd] = time.monotonic()
                 in_flight -= 1
-                if ctx is not None and session is None:
-                    session = conn.sock.session  # type: ignore[attr-defined]
+                if ctx is not None:
+                    resumed += conn.sock.session_reused  # type: ignore[attr-defined]
+                    session = session or conn.sock.session  # type: ignore[attr-defined]
             if not closed:
                 continue
             ep.unregister(fd)
