@@ -12,8 +12,12 @@ request on each and read its answer, then leave them open and idle; then wrk (CP
 busy keep-alive connections for `--duration` seconds while the server's CPU time is read from
 /proc around the run (bench.procstat), as in `python -m bench`. Reported per idle count: CPU per
 busy request, its ratio to the same server's run without idle connections (same round, same
-workers, same server flags), and the server's memory (RSS and PSS summed over its processes,
-from /proc/PID/smaps_rollup) with the idle connections.
+workers, same server flags), the server's memory (RSS and PSS summed over its processes,
+from /proc/PID/smaps_rollup) with the idle connections, and the quiet reading: the server's CPU
+time (every thread's schedstat, in ns) over `--quiet` seconds with only the idle connections
+open, before the busy run. The quiet reading is what the server's timers and sweeps cost and
+nothing else; a server that looks at an idle connection only when one of its timeouts is due
+reads there what it reads without idle connections.
 
 `--idle-kind` says what the idle connections speak (bench/idlehold.py): `plain` HTTP/1.1 (the
 default), `tls` (HTTP/1.1 over TLS), `h2c` (HTTP/2 by prior knowledge) or `h2-tls` (HTTP/2 over
