@@ -78,7 +78,9 @@ def drive_closing(port: int, connections: int, rounds: int, timeout: float = 60.
                 sock.close()
 
 
-def drive(port: int, connections: int, rounds: int, timeout: float = 60.0, depth: int = 1) -> None:
+def drive(
+    port: int, connections: int, rounds: int, timeout: float = 60.0, depth: int = 1
+) -> None:
     """`rounds` times: `depth` requests in one send on every connection (pipelined when more
     than one), then every answer read in full (each answer's body is `Vrypt`). Raises if a
     server closes or stalls."""

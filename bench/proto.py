@@ -249,17 +249,8 @@ def measure(
     if not result.requests:
         raise LoadError(f"no request completed in {seconds} s ({result.socket_error_kinds})")
     return record(
-        spec,
-        scenario,
-        where,
-        round_no,
-        result,
-        (before, after),
-        (core_before, core_after),
-        wall,
-        opens,
-        extra,
-        note,
+        spec, scenario, where, round_no, result, (before, after), (core_before, core_after), wall,
+        opens, extra, note,
     )
 
 

@@ -75,14 +75,7 @@ def measure(
             + (" (does it answer every pipelined request?)" if scenario.pipeline > 1 else "")
         )
     return record(
-        spec,
-        scenario,
-        where,
-        round_no,
-        result,
-        (before, after),
-        (core_before, core_after),
-        wall,
+        spec, scenario, where, round_no, result, (before, after), (core_before, core_after), wall,
         opens,
     )
 
