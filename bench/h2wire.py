@@ -95,7 +95,22 @@ class Reader:
         return kind, flags, stream, payload
 
 
-def _header_payload(flags: int, payload: bytes) -> bytes:
+def split_frames(buf: bytes) -> tuple[list[tuple[int, int, int, bytes]], bytes]:
+    """The whole frames at the start of ``buf`` as (type, flags, stream, payload), and the rest:
+    for a client that reads without blocking (bench/idlehold.py)."""
+    frames = []
+    while len(buf) >= 9:
+        length = int.from_bytes(buf[:3], "big")
+        if len(buf) < 9 + length:
+            break
+        stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+        frames.append((buf[3], buf[4], stream, buf[9 : 9 + length]))
+        buf = buf[9 + length :]
+    return frames, buf
+
+
+def header_payload(flags: int, payload: bytes) -> bytes:
+    """A HEADERS (or DATA, with PRIORITY masked off) payload without its padding and priority."""
     if flags & PADDED:
         pad = payload[0]
         payload = payload[1 : len(payload) - pad]
@@ -122,13 +137,13 @@ def get(sock: socket.socket, authority: str, scheme: str) -> tuple[int, bytes]:
         elif kind == RST_STREAM and stream == 1:
             raise H2Error(f"stream 1 reset (error code {int.from_bytes(payload, 'big')})")
         elif kind in (HEADERS, CONTINUATION) and stream == 1:
-            block += _header_payload(flags, payload) if kind == HEADERS else payload
+            block += header_payload(flags, payload) if kind == HEADERS else payload
             if flags & END_HEADERS and status is None:
                 status = status_of(block)
             if flags & END_STREAM:
                 break
         elif kind == DATA and stream == 1:
-            body += _header_payload(flags & PADDED, payload)
+            body += header_payload(flags & PADDED, payload)
             if flags & END_STREAM:
                 break
     if status is None:

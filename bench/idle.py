@@ -2,22 +2,42 @@
 
     python -m bench.idle                    # 100 busy connections beside 0, 10k, 50k, 100k idle
     python -m bench.idle --idle 0,10000 --servers vrypt,nginx --rounds 3
+    python -m bench.idle --idle-kind tls --idle 10000,50000 --keepalive 300   # idle TLS ones
     python -m bench.idle --memory           # bytes per idle connection, 5,000 answered once each
     python -m bench.idle --timeouts --idle 100000 --keepalive 5   # do keep-alive timeouts fire?
 
 Busy mode: for each count of idle connections, each server is started afresh (one worker on
-CPU 0), a holder process (on CPU 1) opens that many connections, sends one request on each and
-reads its answer, then leaves them open and idle; then wrk (CPU 1) drives 100 busy keep-alive
-connections for `--duration` seconds while the server's CPU time is read from /proc around the
-run (bench.procstat), as in `python -m bench`. Reported per idle count: CPU per busy request, its
-ratio to the same server's run without idle connections (same round), and the server's memory
-(RSS and PSS summed over its processes, from /proc/PID/smaps_rollup) with the idle connections.
+CPU 0), holder processes (on CPU 1, bench/idlehold.py) open that many connections, send one
+request on each and read its answer, then leave them open and idle; then wrk (CPU 1) drives 100
+busy keep-alive connections for `--duration` seconds while the server's CPU time is read from
+/proc around the run (bench.procstat), as in `python -m bench`. Reported per idle count: CPU per
+busy request, its ratio to the same server's run without idle connections (same round, same
+workers, same server flags), the server's memory (RSS and PSS summed over its processes,
+from /proc/PID/smaps_rollup) with the idle connections, and the quiet reading: the server's CPU
+time (every thread's schedstat, in ns) over `--quiet` seconds with only the idle connections
+open, before the busy run. The quiet reading is what the server's timers and sweeps cost and
+nothing else; a server that looks at an idle connection only when one of its timeouts is due
+reads there what it reads without idle connections.
+
+`--idle-kind` says what the idle connections speak (bench/idlehold.py): `plain` HTTP/1.1 (the
+default), `tls` (HTTP/1.1 over TLS), `h2c` (HTTP/2 by prior knowledge) or `h2-tls` (HTTP/2 over
+TLS, ALPN h2); the server is started to match (gunicorn: `--certfile/--keyfile`, `--http-protocols
+h2,h1`, `--http2-cleartext prior-knowledge`; nginx: `listen ... ssl [http2]`; nginx 1.22 cannot
+serve h2c and HTTP/1.1 on one port, so it sits out `h2c`). The busy load is always wrk's 100
+keep-alive HTTP/1.1 connections, over TLS when the server listens with TLS (`tls`, `h2-tls`: wrk
+offers no ALPN, so it gets HTTP/1.1) and in cleartext otherwise: for `h2c` the server trusts for
+h2c only the holders' addresses (127.0.0.2 and up, `--forwarded-allow-ips`), so wrk, from
+127.0.0.1, is served the plain HTTP/1.1 path. Why wrk and not h2load for the h2 kinds: what an
+idle connection costs a busy one is the server's time spent on it (walking it at each sweep,
+the memory it holds), which takes the same share of a saturated core whatever the busy
+connections speak; wrk keep-alive is the steadiest load there is (no calibration run, the least
+CPU per request on the load's core), and it keeps the busy path the same in both runs of a
+pair, so the ratio is the idle connections' cost alone.
 
 A process may hold at most as many descriptors as the hard RLIMIT_NOFILE allows (20,000 on the
 machine these figures come from; raising it needs CAP_SYS_RESOURCE, which that machine's root
 does not have). So each holder process keeps at most `PER_PROCESS` idle connections, from a
-loopback source address of its own (127.0.0.2, 127.0.0.3, ...: one source address has only
-~28k ports towards one destination), and a server gets one worker per `PER_PROCESS` idle
+loopback source address of its own, and a server gets one worker per `PER_PROCESS` idle
 connections (vrypt `--workers W`, nginx `worker_processes W` with `reuseport`), every worker on
 the same core. The busy run without idle connections that each count is compared with uses the
 same number of workers. The servers get `worker_connections` that fit the limit and a keep-alive
@@ -38,59 +58,81 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
-import json
-import os
-import resource
-import select
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from bench.idlehold import (
+    H2_KINDS,
+    KINDS,
+    PER_PROCESS,
+    TLS_KINDS,
+    finish,
+    holder_networks,
+    holding,
+    raise_nofile,
+)
 from bench.load import run_wrk, wrk_command
-from bench.procstat import sample_tree, session_pids
-from bench.scenarios import SCENARIOS, Placement, available_cpus, cpu_list
-from bench.servers import NGINX, NGINX_CONF, ROOT, ServerSpec, nginx_available, running
+from bench.procstat import run_ns, sample_tree, session_pids
+from bench.scenarios import SCENARIOS, Placement, available_cpus
+from bench.servers import NGINX, NGINX_CONF, ServerSpec, nginx_available, probe, running
+from bench.tls import make_certificate
+from bench.transports import TRANSPORTS
 
-PER_PROCESS = 18_000  # idle connections per holder process and per server worker
 PER_CONNS = PER_PROCESS + 1_500  # worker_connections of each server worker
-# Holders' source ports: below the ephemeral range (32768 and up here), so that they never take
-# a port that another program has just been given by the kernel and is about to bind.
-FIRST_SOURCE_PORT, LAST_SOURCE_PORT = 10_000, 32_767
-REQUEST = b"GET /idle HTTP/1.1\r\nHost: idle\r\n\r\n"
-IN_FLIGHT = 1_000  # connects (and first requests) outstanding at once
 DEFAULT_IDLE = (0, 10_000, 50_000, 100_000)
 
 
 # --- servers with room for the idle connections ---------------------------------------------------
 
 
-def _vrypt(keepalive: int, connections: int):
+def kind_flags(kind: str, cert: Path, key: Path) -> list[str]:
+    """gunicorn's flags for a server whose idle connections speak `kind`."""
+    flags = ["--certfile", str(cert), "--keyfile", str(key)] if kind in TLS_KINDS else []
+    if kind in H2_KINDS:
+        flags += ["--http-protocols", "h2,h1"]
+    if kind == "h2c":
+        flags += ["--http2-cleartext", "prior-knowledge"]
+        flags += ["--forwarded-allow-ips", holder_networks()]
+    return flags
+
+
+def _certificate(kind: str, tmp: Path) -> tuple[Path, Path]:
+    return make_certificate(tmp) if kind in TLS_KINDS else (Path(), Path())
+
+
+def _vrypt(keepalive: int, connections: int, kind: str):
     def build(port: int, workers: int, tmp: Path) -> list[str]:
         return [
             sys.executable, "-m", "gunicorn", "-c", "conf/gunicorn.conf.py",
             "--workers", str(workers), "--bind", f"127.0.0.1:{port}",
             "--worker-connections", str(connections), "--keep-alive", str(keepalive),
+            *kind_flags(kind, *_certificate(kind, tmp)),
         ]  # fmt: skip
 
     return build
 
 
-def _nginx(keepalive: int, connections: int):
+def _nginx(keepalive: int, connections: int, kind: str):
+    listen = {"plain": "", "tls": "ssl ", "h2-tls": "ssl http2 "}[kind]
+
     def build(port: int, workers: int, tmp: Path) -> list[str]:
         conf = tmp / "nginx.conf"
         text = NGINX_CONF.format(workers=workers, tmp=tmp, port=port, access_log="off")
+        extra = f"listen 127.0.0.1:{port} {listen}reuseport backlog=4096;"
+        if kind in TLS_KINDS:
+            cert, key = make_certificate(tmp)
+            extra += (
+                f" ssl_certificate {cert}; ssl_certificate_key {key};"
+                " ssl_protocols TLSv1.2 TLSv1.3;"
+            )
         text = (
             text.replace("keepalive_timeout 30s;", f"keepalive_timeout {keepalive}s;")
             .replace("worker_connections 10000;", f"worker_connections {connections};")
             .replace("worker_rlimit_nofile 20000;", f"worker_rlimit_nofile {connections + 300};")
-            .replace(
-                f"listen 127.0.0.1:{port};", f"listen 127.0.0.1:{port} reuseport backlog=4096;"
-            )
+            .replace(f"listen 127.0.0.1:{port};", extra)
         )
         conf.write_text(text)
         return [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
@@ -98,20 +140,41 @@ def _nginx(keepalive: int, connections: int):
     return build
 
 
-def _peer(command: str, keepalive: int, connections: int):
+def _peer(command: str, keepalive: int, connections: int, kind: str):
     def build(port: int, workers: int, tmp: Path) -> list[str]:
+        cert, key = _certificate(kind, tmp)
         text = (
             command.replace("{port}", str(port))
             .replace("{workers}", str(workers))
             .replace("{keepalive}", str(keepalive))
             .replace("{connections}", str(connections))
+            .replace("{kind_flags}", " ".join(kind_flags(kind, cert, key)))
+            .replace("{certfile}", str(cert))
+            .replace("{keyfile}", str(key))
         )
         return ["sh", "-c", text]
 
     return build
 
 
-def specs(names: list[str], peers: list[str], keepalive: int, connections: int) -> list[ServerSpec]:
+class _BusyLoad:
+    """For `running`: the server's command as its spec builds it, and the readiness probe in
+    the busy load's protocol (HTTP/1.1, over TLS when the server listens with TLS)."""
+
+    def __init__(self, kind: str) -> None:
+        self.tls = kind in TLS_KINDS
+
+    @staticmethod
+    def build(spec: ServerSpec, port: int, workers: int, tmp: Path) -> list[str]:
+        return spec.build(port, workers, tmp)
+
+    def probe(self, port: int, timeout: float = 1.0) -> bytes | None:
+        return TRANSPORTS["tls"].probe(port, timeout) if self.tls else probe(port, timeout)
+
+
+def specs(
+    names: list[str], peers: list[str], keepalive: int, connections: int, kind: str = "plain"
+) -> list[ServerSpec]:
     out = []
     for name in names:
         if name == "vrypt":
@@ -119,35 +182,31 @@ def specs(names: list[str], peers: list[str], keepalive: int, connections: int) 
                 ServerSpec(
                     "vrypt",
                     "gunicorn -c conf/gunicorn.conf.py --worker-connections N --keep-alive K",
-                    _vrypt(keepalive, connections),
+                    _vrypt(keepalive, connections, kind),
                     env=(("VRYPT_STATSD_HOST", ""),),
                 )
             )
+        elif name == "nginx" and kind == "h2c":
+            print("nginx sits out h2c: 1.22 serves h2c and HTTP/1.1 on two ports", file=sys.stderr)
         elif name == "nginx" and nginx_available():
             out.append(
                 ServerSpec(
                     "nginx",
                     "nginx as in bench, worker_connections N, keepalive_timeout K, backlog 4096",
-                    _nginx(keepalive, connections),
+                    _nginx(keepalive, connections, kind),
                 )
             )
     for arg in peers:
         name, _, command = arg.partition("=")
         out.append(
             ServerSpec(
-                name, "given with --peer", _peer(command, keepalive, connections), command=command
+                name,
+                "given with --peer",
+                _peer(command, keepalive, connections, kind),
+                command=command,
             )
         )
     return out
-
-
-def raise_nofile(need: int) -> None:
-    """The soft open-file limit up to `need` (within the hard limit, which children inherit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < need:
-        raise SystemExit(f"RLIMIT_NOFILE: hard limit {hard} < {need} needed per process")
-    if soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
 
 
 def workers_for(idle: int) -> int:
@@ -172,123 +231,6 @@ def memory_kb(sid: int) -> tuple[int, int, dict[int, tuple[int, int]]]:
     return sum(r for r, _ in per.values()), sum(p for _, p in per.values()), per
 
 
-# --- the holder: a process that keeps the idle connections -----------------------------------
-
-
-def hold(port: int, count: int, source: int) -> int:
-    """Open `count` connections, one request and its answer on each, print `ready`, then keep
-    them and note when the server closes each; on stdin's EOF print the closes as JSON."""
-    raise_nofile(count + 100)
-    ep = select.epoll()
-    socks: dict[int, socket.socket] = {}
-    answered_at: dict[int, float] = {}
-    buffers: dict[int, bytes] = {}
-    closed_after: list[float] = []
-    opened = 0
-    started = time.monotonic()
-    in_flight = 0
-    ready = False
-    port_no = FIRST_SOURCE_PORT - 1
-    ep.register(sys.stdin.fileno(), select.EPOLLIN)
-    while True:
-        while not ready and opened < count and in_flight < IN_FLIGHT:
-            sock = socket.socket()
-            sock.setblocking(False)
-            # A source port of our own choosing, below the ephemeral range: taking ~100k
-            # ephemeral ports would collide with other programs that bind 0.0.0.0:PORT (tests
-            # that pick a free port and bind it a moment later).
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            while True:
-                port_no += 1
-                if port_no > LAST_SOURCE_PORT:
-                    raise OSError(errno.EADDRNOTAVAIL, "no source port left")
-                try:
-                    sock.bind((f"127.0.0.{source}", port_no))
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EADDRINUSE:
-                        raise
-            err = sock.connect_ex(("127.0.0.1", port))
-            if err not in (0, errno.EINPROGRESS):
-                raise OSError(err, os.strerror(err))
-            socks[sock.fileno()] = sock
-            ep.register(sock.fileno(), select.EPOLLOUT)
-            opened += 1
-            in_flight += 1
-        if not ready and opened == count and in_flight == 0:
-            ready = True
-            print(f"ready {count} {time.monotonic() - started:.2f}", flush=True)
-        for fd, events in ep.poll(1.0):
-            if fd == sys.stdin.fileno():
-                if not os.read(fd, 4096):
-                    print(json.dumps({"open": len(socks), "closed_after": closed_after}))
-                    return 0
-                continue
-            sock = socks[fd]
-            if events & select.EPOLLOUT:
-                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-                if error:
-                    raise OSError(error, f"connect: {os.strerror(error)}")
-                sock.send(REQUEST)
-                ep.modify(fd, select.EPOLLIN)
-                continue
-            try:
-                data = sock.recv(4096)
-            except ConnectionError:
-                data = b""
-            if data:
-                buf = buffers.pop(fd, b"") + data
-                if buf.endswith(b"Vrypt"):
-                    answered_at[fd] = time.monotonic()
-                    in_flight -= 1
-                else:
-                    buffers[fd] = buf
-                continue
-            ep.unregister(fd)
-            sock.close()
-            del socks[fd]
-            if fd in answered_at:
-                closed_after.append(time.monotonic() - answered_at.pop(fd))
-            else:
-                raise RuntimeError("the server closed an idle connection before its answer")
-
-
-@contextlib.contextmanager
-def holding(port: int, count: int, cpus: tuple[int, ...]):
-    """Holder processes with `count` idle connections in all (at most PER_PROCESS each, one after
-    the other), pinned to `cpus`; yields them. `finish` collects the closes they saw."""
-    procs: list[subprocess.Popen] = []
-    try:
-        for index, start in enumerate(range(0, count, PER_PROCESS)):
-            argv = ["taskset", "-c", cpu_list(cpus), sys.executable, "-m", "bench.idle", "--hold"]
-            argv += [str(port), str(min(PER_PROCESS, count - start)), str(2 + index)]
-            proc = subprocess.Popen(
-                argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-            )
-            procs.append(proc)
-            line = proc.stdout.readline() if proc.stdout else ""  # until ready (or its death)
-            if not line.startswith("ready"):
-                raise RuntimeError(f"a holder of idle connections failed: {line!r}")
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
-def finish(procs: list[subprocess.Popen]) -> dict:
-    closed: list[float] = []
-    still_open = 0
-    for proc in procs:
-        assert proc.stdin is not None and proc.stdout is not None
-        proc.stdin.close()
-        result = json.loads(proc.stdout.readline())
-        closed += result["closed_after"]
-        still_open += result["open"]
-    return {"open": still_open, "closed_after": closed}
-
-
 # --- modes ---------------------------------------------------------------------------------------
 
 
@@ -305,6 +247,7 @@ class BusyRun:
     rss_kb: int
     pss_kb: int
     other_load: float
+    quiet_ms_per_s: float  # the server's CPU with no busy load (only the idle ones open)
 
 
 def placement_for(idle: int, workers: int = 0) -> Placement:
@@ -312,20 +255,34 @@ def placement_for(idle: int, workers: int = 0) -> Placement:
     return Placement(cpus[:1], cpus[1:] or cpus, workers or workers_for(idle))
 
 
-def busy_run(spec: ServerSpec, idle: int, workers: int, round_no: int, seconds: float) -> BusyRun:
+def busy_run(
+    spec: ServerSpec,
+    idle: int,
+    workers: int,
+    round_no: int,
+    seconds: float,
+    kind: str = "plain",
+    quiet: float = 5.0,
+) -> BusyRun:
     where = placement_for(idle, workers)
     scenario = SCENARIOS["ka100"]
     with (
         tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp,
-        running(spec, where) as server,
+        running(spec, where, transport=_BusyLoad(kind)) as server,
         contextlib.ExitStack() as stack,
     ):
         if idle:
-            stack.enter_context(holding(server.port, idle, where.load_cpus))
+            stack.enter_context(holding(server.port, idle, where.load_cpus, kind))
         time.sleep(2.0)  # a sweep or two over the idle connections
         rss, pss, _ = memory_kb(server.sid)
-        run_wrk(wrk_command(scenario, where, server.port, 1, Path(tmp)), 1)
-        argv = wrk_command(scenario, where, server.port, seconds, Path(tmp))
+        # What the idle connections cost with nothing else to do: the sweeps that walk them.
+        quiet_ns, quiet_at = run_ns(server.sid), time.monotonic()
+        time.sleep(quiet)
+        quiet_ns, quiet_s = run_ns(server.sid) - quiet_ns, time.monotonic() - quiet_at
+        url = f"{'https' if kind in TLS_KINDS else 'http'}://127.0.0.1:{server.port}/"
+        warm = wrk_command(scenario, where, server.port, 1, Path(tmp))
+        run_wrk([*warm[:-1], url], 1)
+        argv = [*wrk_command(scenario, where, server.port, seconds, Path(tmp))[:-1], url]
         before = sample_tree(server.sid)
         core_before = _core_task(where.server_cpus)
         started = time.monotonic()
@@ -347,6 +304,7 @@ def busy_run(spec: ServerSpec, idle: int, workers: int, round_no: int, seconds: 
         rss,
         pss,
         max(0.0, (core_after - core_before - cpu) / wall),
+        quiet_ns / 1e6 / quiet_s,
     )
 
 
@@ -362,7 +320,14 @@ def median(values: list[float]) -> float:
     return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def busy_mode(servers: list[ServerSpec], counts: list[int], rounds: int, seconds: float) -> None:
+def busy_mode(
+    servers: list[ServerSpec],
+    counts: list[int],
+    rounds: int,
+    seconds: float,
+    kind: str,
+    quiet: float = 5.0,
+) -> None:
     runs: list[BusyRun] = []
     plan = []  # (idle, workers): each count, and no idle connection with as many workers
     for idle in counts:
@@ -374,23 +339,25 @@ def busy_mode(servers: list[ServerSpec], counts: list[int], rounds: int, seconds
             order = servers if round_no % 2 else servers[::-1]
             for spec in order:
                 print(
-                    f"round {round_no} · {idle:,} idle · {workers} worker(s) · {spec.name}",
+                    f"round {round_no} · {idle:,} idle {kind} · {workers} worker(s) · {spec.name}",
                     file=sys.stderr,
                 )
-                run = busy_run(spec, idle, workers, round_no, seconds)
+                run = busy_run(spec, idle, workers, round_no, seconds, kind, quiet)
                 print(
                     f"    {run.cpu_us_per_req:.2f} µs CPU/req ({run.user_us_per_req:.2f} / "
                     f"{run.sys_us_per_req:.2f}), {run.requests / seconds:,.0f} rps, RSS "
-                    f"{run.rss_kb:,} kB, PSS {run.pss_kb:,} kB, other load {run.other_load:.0%}",
+                    f"{run.rss_kb:,} kB, PSS {run.pss_kb:,} kB, other load {run.other_load:.0%}; "
+                    f"quiet: {run.quiet_ms_per_s:.2f} ms CPU/s",
                     file=sys.stderr,
                     flush=True,
                 )
                 runs.append(run)
     print(
         "| server | idle connections | workers | CPU µs per busy request (min-max) | user / sys "
-        "| vs 0 idle, same workers and round | vs nginx, same round | RSS MB | PSS MB |"
+        "| vs 0 idle, same workers and round | vs nginx, same round | RSS MB | PSS MB "
+        "| quiet: server CPU ms/s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     by = {(r.server, r.idle, r.workers, r.round): r for r in runs}
     for spec in servers:
         for idle, workers in plan:
@@ -419,15 +386,20 @@ def busy_mode(servers: list[ServerSpec], counts: list[int], rounds: int, seconds
                 + " | "
                 + (f"{median(ref):.2f}x" if ref else "-")
                 + f" | {median([r.rss_kb for r in mine]) / 1024:.1f} | "
-                f"{median([r.pss_kb for r in mine]) / 1024:.1f} |"
+                f"{median([r.pss_kb for r in mine]) / 1024:.1f} | "
+                + " / ".join(f"{r.quiet_ms_per_s:.2f}" for r in mine)
+                + " |"
             )
     print(
-        f"\n100 busy keep-alive connections (wrk, {seconds:g} s) beside the idle ones; "
-        f"{rounds} round(s); memory with the idle connections open, before the busy run."
+        f"\n100 busy keep-alive connections (wrk, {seconds:g} s, "
+        f"{'HTTP/1.1 over TLS' if kind in TLS_KINDS else 'HTTP/1.1'}) beside idle {kind} ones; "
+        f"{rounds} round(s); memory with the idle connections open, before the busy run; "
+        f"quiet: the server's CPU time (schedstat) over {quiet:g} s with only the idle "
+        "connections open, before the busy run (each round's)."
     )
 
 
-def memory_mode(servers: list[ServerSpec], connections: int, rounds: int) -> None:
+def memory_mode(servers: list[ServerSpec], connections: int, rounds: int, kind: str) -> None:
     where = placement_for(connections)
     print(
         "| server | round | RSS before kB | RSS after kB | bytes per idle connection (RSS) "
@@ -437,10 +409,10 @@ def memory_mode(servers: list[ServerSpec], connections: int, rounds: int) -> Non
     print("|---|---|---|---|---|---|---|---|---|")
     for round_no in range(1, rounds + 1):
         for spec in servers:
-            with running(spec, where) as server:
+            with running(spec, where, transport=_BusyLoad(kind)) as server:
                 time.sleep(3.0)
                 rss0, pss0, _ = memory_kb(server.sid)
-                with holding(server.port, connections, where.load_cpus):
+                with holding(server.port, connections, where.load_cpus, kind):
                     time.sleep(3.0)
                     rss1, pss1, per = memory_kb(server.sid)
             procs = ", ".join(f"{r:,}/{p:,}" for r, p in per.values())
@@ -451,18 +423,21 @@ def memory_mode(servers: list[ServerSpec], connections: int, rounds: int) -> Non
                 flush=True,
             )
     print(
-        f"\n{connections:,} keep-alive connections, each answered once and then idle; memory "
+        f"\n{connections:,} {kind} connections, each answered once and then idle; memory "
         "3 s after the server answered (before) and 3 s after the last answer (after)."
     )
 
 
-def timeouts_mode(servers: list[ServerSpec], idle: int, keepalive: int) -> None:
+def timeouts_mode(servers: list[ServerSpec], idle: int, keepalive: int, kind: str) -> None:
     where = placement_for(idle)
     print("| server | idle connections | workers | keep-alive s | closed | answer to close: min / "
           "p50 / p99 / max s | closed within [K, K+1] s |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for spec in servers:
-        with running(spec, where) as server, holding(server.port, idle, where.load_cpus) as h:
+        with (
+            running(spec, where, transport=_BusyLoad(kind)) as server,
+            holding(server.port, idle, where.load_cpus, kind) as h,
+        ):
             time.sleep(keepalive + 3.0)
             result = finish(h)
         after = sorted(result["closed_after"])
@@ -491,32 +466,40 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME=COMMAND",
-        help="any server; {port} {workers} {keepalive} {connections} are filled in",
+        help="any server; {port} {workers} {keepalive} {connections} are filled in, and "
+        "{kind_flags} (gunicorn's flags for --idle-kind), {certfile} {keyfile}",
     )
     p.add_argument("--idle", default=",".join(map(str, DEFAULT_IDLE)), help="idle counts")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--duration", type=float, default=5.0, help="seconds of wrk per run")
+    p.add_argument(
+        "--quiet", type=float, default=5.0, help="seconds of the quiet reading (default 5)"
+    )
     p.add_argument("--keepalive", type=int, default=0, help="seconds (default 600; 5 timeouts)")
     p.add_argument("--memory", action="store_true", help="bytes per idle connection")
     p.add_argument("--connections", type=int, default=5000, help="with --memory (default 5000)")
     p.add_argument("--timeouts", action="store_true", help="keep-alive timeouts of idle ones")
-    p.add_argument("--hold", nargs=3, type=int, help=argparse.SUPPRESS)  # PORT COUNT SOURCE
+    p.add_argument(
+        "--idle-kind",
+        choices=KINDS,
+        default="plain",
+        help="what the idle connections speak (default plain HTTP/1.1)",
+    )
     args = p.parse_args(argv)
-    if args.hold:
-        return hold(*args.hold)
     counts = [int(c) for c in args.idle.split(",") if c]
     raise_nofile(PER_PROCESS + 1_500)
     keepalive = args.keepalive or (5 if args.timeouts else 600)
-    servers = specs([s for s in args.servers.split(",") if s], args.peer, keepalive, PER_CONNS)
+    names = [s for s in args.servers.split(",") if s]
+    servers = specs(names, args.peer, keepalive, PER_CONNS, args.idle_kind)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(130))
     if args.memory:
-        memory_mode(servers, args.connections, args.rounds)
+        memory_mode(servers, args.connections, args.rounds, args.idle_kind)
     elif args.timeouts:
-        timeouts_mode(servers, max(counts), keepalive)
+        timeouts_mode(servers, max(counts), keepalive, args.idle_kind)
     else:
         if 0 not in counts:
             counts.insert(0, 0)
-        busy_mode(servers, counts, args.rounds, args.duration)
+        busy_mode(servers, counts, args.rounds, args.duration, args.idle_kind, args.quiet)
     return 0
 
 

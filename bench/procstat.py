@@ -125,3 +125,22 @@ def tcp_passive_opens() -> int:
             else:
                 return int(line.split()[header.index("PassiveOpens")])
     return 0
+
+
+def run_ns(sid: int) -> int:
+    """Nanoseconds on a CPU so far, summed over every thread of a session's live processes
+    (/proc/PID/task/TID/schedstat): exact where utime + stime count 10 ms ticks, for the small
+    amounts an idle server spends (bench.idle's quiet reading). Threads that ended are not
+    counted."""
+    total = 0
+    for pid in session_pids(sid):
+        try:
+            tasks = list((PROC / str(pid) / "task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                total += int((task / "schedstat").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                continue
+    return total

@@ -330,3 +330,42 @@ def test_a_server_that_cannot_do_tls_is_reported_not_measured(tmp_path: Path) ->
     assert "plain failed to start: TLS handshake failed" in failures["plain"]
     assert [s["server"] for s in data["summary"]] == ["nginx"]
     assert "## Failed runs" in out
+
+
+# --- bench.idle with idle TLS and HTTP/2 connections (issue 21: the timer wheel for every class)
+
+
+@needs_wrk
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is not installed")
+@pytest.mark.skipif(importlib.util.find_spec("h2") is None, reason="gunicorn[http2] not installed")
+@pytest.mark.parametrize("kind", ["tls", "h2c", "h2-tls"])
+def test_idle_connections_of_each_kind_beside_busy_ones(kind: str) -> None:
+    """`python -m bench.idle --idle-kind KIND`: holders open idle connections of that kind (each
+    answered 200 in its protocol, or the holder fails), wrk loads the server beside them (over
+    TLS when the server has TLS; for h2c from 127.0.0.1, which the server does not trust for
+    h2c), and each count is compared with a run without them."""
+    env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
+    argv = ["--idle-kind", kind, "--idle", "300", "--servers", "vrypt", "--duration", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.idle", *argv, "--quiet", "1", "--keepalive", "300"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "holder 1: ready 300 " in proc.stderr
+    rows = {
+        cells[2]: cells
+        for line in proc.stdout.splitlines()
+        if line.startswith("| vrypt |")
+        for cells in [[c.strip() for c in line.split("|")]]
+    }
+    assert set(rows) == {"0", "300"}, proc.stdout
+    for cells in rows.values():
+        assert float(cells[4].split()[0]) > 0  # CPU µs per busy request
+        assert float(cells[-2]) > 0  # quiet: the server's CPU ms/s
+    assert rows["0"][6] == "1.00x"
+    busy = "HTTP/1.1 over TLS" if kind != "h2c" else "HTTP/1.1)"
+    assert busy in proc.stdout and f"beside idle {kind} ones" in proc.stdout
