@@ -5,8 +5,7 @@ One concern per module:
 - `board`: the shared counter slots every process of the server maps, and their bookkeeping.
 - `statsd`: where metrics go (gunicorn's statsd settings), the clients, reporting a broken
   collector once.
-- `pushing`: reading the board once per interval and sending the differences, from one serving
-  worker at a time (whose turn it is: `Turn`).
+- `pushing`: reading the board once per interval and sending the differences.
 - `server`: what the arbiter and each worker call (start, claim, attach, publish, watch).
 - `logger`: gunicorn's statsd logger for this server (`logger_class` in the conf).
 
@@ -19,7 +18,6 @@ from vrypt_worker.metrics.board import (
     MIN_SLOTS,
     OPEN,
     OWNER,
-    PUSHED,
     PUSHER,
     REJECTED,
     SENT_ANSWERED,
@@ -33,7 +31,7 @@ from vrypt_worker.metrics.board import (
     alive_child,
 )
 from vrypt_worker.metrics.logger import StatsdLogger
-from vrypt_worker.metrics.pushing import Pusher, Turn
+from vrypt_worker.metrics.pushing import Deputy, Pusher
 from vrypt_worker.metrics.server import attach, claim, publish, record_workers, start, watch
 from vrypt_worker.metrics.statsd import (
     DEFAULT_INTERVAL,
@@ -43,8 +41,6 @@ from vrypt_worker.metrics.statsd import (
     collector_problem,
     first_report,
     interval_from_env,
-    is_name,
-    literal_address,
     make_client,
     not_listening,
     statsd_prefix,
@@ -56,7 +52,6 @@ __all__ = [
     "MIN_SLOTS",
     "OPEN",
     "OWNER",
-    "PUSHED",
     "PUSHER",
     "REJECTED",
     "SENT_ANSWERED",
@@ -67,11 +62,11 @@ __all__ = [
     "WORDS",
     "WORKERS",
     "Board",
+    "Deputy",
     "Pusher",
     "Settings",
     "StatsdLogger",
     "TaggedStatsClient",
-    "Turn",
     "UnixDatagramStatsClient",
     "alive_child",
     "attach",
@@ -79,8 +74,6 @@ __all__ = [
     "collector_problem",
     "first_report",
     "interval_from_env",
-    "is_name",
-    "literal_address",
     "make_client",
     "not_listening",
     "publish",
