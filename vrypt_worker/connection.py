@@ -262,7 +262,7 @@ class BaseConnection:
         if sent:
             self.seen = self.state.wheel.tick  # progress: the send timeout starts again
         self.pending = self.pending[sent:]
-        if self.pending or not self.refill() or self.pending or self.reader is None:
+        if self.pending or not self.refill() or self.reader is None:
             return
         self.writer.stop()
         self.resume()

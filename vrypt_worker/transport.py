@@ -30,6 +30,7 @@ from vrypt_worker.connection import (
     WorkerState,
     never_received,
 )
+from vrypt_worker.protocol import PlaintextProtocol
 from vrypt_worker.tls import TLSError
 
 
@@ -81,7 +82,7 @@ class SessionConnection(BaseConnection):
         super().__init__(state, sock)
         self.session = session
         # A plain connection (h2c) comes with its protocol; TLS chooses one after the handshake.
-        self.protocol: Any = protocol
+        self.protocol: PlaintextProtocol | Any = protocol
         self.choose = choose
         self.used = False  # plaintext received (a request began after the handshake)
         self.started = time.monotonic()  # the handshake timeout runs from the accept
