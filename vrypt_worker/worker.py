@@ -27,7 +27,7 @@ import gevent.event
 from gunicorn.workers.base import Worker
 
 from vrypt_worker import arbiter, listeners, metrics, settings, tls
-from vrypt_worker.connection import BaseConnection, WorkerState, evict
+from vrypt_worker.connection import READ, BaseConnection, WorkerState, evict
 from vrypt_worker.framing import FramingRules, Limits
 from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy
 from vrypt_worker.plain import Connection, FirstRead
@@ -41,7 +41,6 @@ from vrypt_worker.transport import PLAIN, SessionConnection
 # worker does in init_signals: imported with this module, in the arbiter, it costs no worker's
 # boot (a few milliseconds each, measured with cProfile; a recycled worker's slot waits for them).
 _PRELOADED = (pprint,)
-_READ, _WRITE = 1, 2
 _STREAM = socket.SOCK_STREAM
 # Accepts per readable event on one listener. Several workers share the load through
 # SO_REUSEPORT or a shared queue, so a worker takes a batch and lets the loop serve its clients.
@@ -237,7 +236,7 @@ class VryptWorker(Worker):
             sock = _raw(listener)
             sock.setblocking(False)
             self._tune_listener(sock)
-            watcher = loop.io(sock.fileno(), _READ)
+            watcher = loop.io(sock.fileno(), READ)
             self._accepting.append((watcher, sock))
         self._resume_accepting(force=True)
         # Metrics: the answered count reaches shared memory once per loop iteration, just before
@@ -441,7 +440,7 @@ class VryptWorker(Worker):
                     if sock is None:
                         break
                     self._tune_listener(sock)
-                    watchers.append((self.loop.io(sock.fileno(), _READ), sock))
+                    watchers.append((self.loop.io(sock.fileno(), READ), sock))
                 self._adopted[slot] = watchers
                 self._accepting.extend(watchers)
                 if not self._accept_paused:
