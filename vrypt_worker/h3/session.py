@@ -1,0 +1,138 @@
+"""One QUIC connection answering HTTP/3: aioquic's sans-I/O QuicConnection and H3Connection,
+driven by the endpoint (endpoint.py) with datagrams and the clock, never with a socket.
+
+Every request stream is answered with the chosen answer as soon as its HEADERS arrive (as nginx's
+`return` does): the precomputed fields (answers.py), then the body in one DATA frame unless the
+method is HEAD. A request body is read and dropped: aioquic hands it over as events and widens
+the stream's and the connection's flow-control windows as it delivers them, so a client sending
+a body of any size never stalls. A request aioquic's H3Connection finds malformed closes the
+connection with its HTTP/3 error (H3_MESSAGE_ERROR and friends), as RFC 9114 §4.1.2 allows.
+
+What the worker needs to know leaves through three plain attributes: `tally.answered` (the
+worker's FramingRules: the RPS gauge and max_requests count one per answer), `issued` and
+`retired` (connection IDs the endpoint must route here, or no longer), `terminated`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from aioquic.h3.connection import H3Connection
+from aioquic.h3.events import HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionIdIssued, ConnectionIdRetired, ConnectionTerminated
+
+from vrypt_worker.h3.answers import H3Answers
+
+# What an access log seam is told per answer: (session, the request's fields, HEAD?).
+Reporter = Callable[[Any, list[tuple[bytes, bytes]], bool], None]
+
+
+class H3Session:
+    """One QUIC connection of a worker (see the module docstring)."""
+
+    __slots__ = (
+        "answers",
+        "cids",
+        "deadline",
+        "h3",
+        "issued",
+        "peer",
+        "quic",
+        "reporter",
+        "retired",
+        "tally",
+        "terminated",
+    )
+
+    def __init__(
+        self,
+        configuration: QuicConfiguration,
+        original_cid: bytes,
+        answers: H3Answers,
+        tally: Any,
+        reporter: Reporter | None = None,
+        retry_cid: bytes | None = None,
+    ) -> None:
+        self.quic = QuicConnection(
+            configuration=configuration,
+            original_destination_connection_id=original_cid,
+            retry_source_connection_id=retry_cid,
+        )
+        self.h3 = H3Connection(self.quic)
+        self.answers = answers
+        self.tally = tally
+        self.reporter = reporter
+        self.peer: Any = None
+        self.deadline: float | None = None  # the timer the endpoint has this session filed at
+        self.cids: set[bytes] = {original_cid}  # every ID the endpoint routes here
+        self.issued: list[bytes] = [self.quic.host_cid]
+        self.retired: list[bytes] = []
+        self.terminated = False
+
+    @property
+    def host_cid(self) -> bytes:
+        return self.quic.host_cid
+
+    # input ----------------------------------------------------------------------------------------
+
+    def receive(self, data: bytes, addr: Any, now: float) -> None:
+        self.peer = addr
+        self.quic.receive_datagram(data, addr, now)
+        self._process()
+
+    def timer(self, now: float) -> None:
+        self.quic.handle_timer(now)
+        self._process()
+
+    def _process(self) -> None:
+        quic = self.quic
+        h3 = self.h3
+        event = quic.next_event()
+        while event is not None:
+            kind = type(event)
+            if kind is ConnectionIdIssued:
+                self.issued.append(event.connection_id)
+            elif kind is ConnectionIdRetired:
+                self.retired.append(event.connection_id)
+            elif kind is ConnectionTerminated:
+                self.terminated = True
+            else:
+                for h3_event in h3.handle_event(event):
+                    if type(h3_event) is HeadersReceived and h3_event.push_id is None:
+                        self._answer(h3_event.stream_id, h3_event.headers)
+                    # DataReceived: a request body, dropped (its window was widened already)
+            event = quic.next_event()
+
+    def _answer(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+        method = b"GET"
+        for name, value in headers:
+            if name == b":method":
+                method = value
+                break
+        answers = self.answers
+        head = method == b"HEAD"
+        body = b"" if head else answers.body
+        fields = answers.tunnel if method == b"CONNECT" else answers.ok
+        h3 = self.h3
+        h3.send_headers(stream_id, fields, end_stream=not body)
+        if body:
+            h3.send_data(stream_id, body, end_stream=True)
+        self.tally.answered += 1
+        if self.reporter is not None:
+            self.reporter(self, headers, head)
+
+    # output ---------------------------------------------------------------------------------------
+
+    def datagrams(self, now: float) -> list[tuple[bytes, Any]]:
+        return self.quic.datagrams_to_send(now)
+
+    def next_timer(self) -> float | None:
+        return self.quic.get_timer()
+
+    def close(self, reason: str = "") -> None:
+        """Close at once (CONNECTION_CLOSE with NO_ERROR); the endpoint drops it once aioquic
+        reports it terminated."""
+        self.quic.close(reason_phrase=reason)
