@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from vrypt_worker import answer, listeners, metrics, settings, tls
+from vrypt_worker import answer, http3, listeners, metrics, settings, tls
 
 # The gunicorn Arbiter this process runs, once one of our hooks has seen it (None before that,
 # and for good where gunicorn never called them: check_config says so).
@@ -187,10 +187,20 @@ def _check_settings(cfg: Any, log: Any) -> None:
         settings.check_worker_environment()
         settings.check_bind_ports(cfg.address)
         chosen = answer.from_settings(answer.conf_namespace(cfg.config))
+        quic = http3.decide(cfg, listeners.bound_addresses() or cfg.address)
     except settings.SettingError as exc:
         log.error("vrypt_worker cannot start: %s", exc)
         sys.exit(settings.EXIT_BAD_SETTING)
     answer.activate(chosen)
+    if quic is not None:
+        log.info(
+            "vrypt_worker: HTTP/3 on, at %s (%s); answers over TLS carry %s",
+            quic.describe(),
+            "one SO_REUSEPORT UDP socket per worker slot"
+            if listeners.slot_mode()
+            else "each worker binds its own SO_REUSEPORT UDP socket",
+            quic.alt_svc.decode("ascii"),
+        )
     if chosen != answer.DEFAULT:
         log.info(
             "vrypt_worker answers %d %s: %d-byte body, %d extra header lines",

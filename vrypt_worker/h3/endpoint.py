@@ -21,6 +21,7 @@ import itertools
 from typing import Any
 
 from aioquic.buffer import Buffer
+from aioquic.h3.connection import H3_ALPN
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.packet import (
     QuicPacketType,
@@ -32,6 +33,16 @@ from vrypt_worker.h3.answers import H3Answers
 from vrypt_worker.h3.session import H3Session, Reporter
 
 Datagram = tuple[bytes, Any]
+
+
+def server_configuration(certfile: str, keyfile: str, idle_timeout: float) -> QuicConfiguration:
+    """aioquic's server configuration from gunicorn's TLS files (read here, once, in the
+    arbiter): ALPN `h3`, the idle timeout (gunicorn's keepalive)."""
+    configuration = QuicConfiguration(
+        is_client=False, alpn_protocols=H3_ALPN, idle_timeout=float(idle_timeout)
+    )
+    configuration.load_cert_chain(certfile, keyfile)
+    return configuration
 
 
 class H3Endpoint:
