@@ -26,7 +26,7 @@ import gevent
 import gevent.event
 from gunicorn.workers.base import Worker
 
-from vrypt_worker import arbiter, listeners, metrics, settings, tls
+from vrypt_worker import answer, arbiter, http3, listeners, metrics, settings, tls
 from vrypt_worker.connection import READ, BaseConnection, WorkerState, evict
 from vrypt_worker.framing import FramingRules, Limits
 from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy
@@ -163,6 +163,9 @@ class VryptWorker(Worker):
         # TLS (gunicorn's certfile/keyfile): one context per configuration, made here in the
         # arbiter before the fork, so that every worker resumes every worker's sessions.
         self.tls_context = tls.context_for(self.cfg, self.log) if self.cfg.is_ssl else None
+        # HTTP/3 (http3.py, quic.py): the slot's UDP sockets, made and kept by the arbiter.
+        self.quic: Any = None
+        self.quic_sockets = http3.slot_sockets(self.slot)
 
     # gunicorn lifecycle -------------------------------------------------------------------------
 
@@ -197,7 +200,10 @@ class VryptWorker(Worker):
     def run(self) -> None:
         hub = gevent.get_hub()
         self.loop = loop = hub.loop
-        self.responses = ResponseTable(time.time())
+        # With HTTP/3 on, answers over TCP name its port (Alt-Svc), through the answer.
+        plan = http3.active()
+        tcp_answer = http3.advertised(answer.active(), plan)
+        self.responses = ResponseTable(time.time(), tcp_answer)
         from vrypt_worker import access_log  # imports this module
 
         self.access_log = access_log.start(self)
@@ -219,7 +225,7 @@ class VryptWorker(Worker):
             state,
             H2cPolicy.from_config(self.cfg),
             H2Config.from_gunicorn(self.cfg, head_timeout=state.head_timeout),
-            H2Answers(time.time()),
+            H2Answers(time.time(), tcp_answer),
         )
         policy = self.protocols.policy
         # Only then does an accept look at the peer (h2c is for trusted peers only).
@@ -239,6 +245,11 @@ class VryptWorker(Worker):
             watcher = loop.io(sock.fileno(), READ)
             self._accepting.append((watcher, sock))
         self._resume_accepting(force=True)
+        if plan is not None:
+            from vrypt_worker.quic import QuicService  # (aioquic: only with HTTP/3 on)
+
+            sockets = self.quic_sockets or http3.own_sockets()
+            self.quic = QuicService(state, plan, sockets, self.access_log)
         # Metrics: the answered count reaches shared memory once per loop iteration, just before
         # the hub waits for I/O again, instead of once per request (a memoryview store costs a
         # few hundred instructions; under load one iteration answers dozens of requests).
@@ -264,6 +275,8 @@ class VryptWorker(Worker):
             sweep.stop()
             for conn in list(self.connections):
                 conn.close()
+            if self.quic is not None:
+                self.quic.close()
         self._exit_now()
 
     def _tls_connection(self, state: WorkerState, sock: Any) -> SessionConnection:
@@ -481,6 +494,8 @@ class VryptWorker(Worker):
         now = time.time()
         self.responses.refresh(now)
         self.protocols.h2_answers.refresh(now)
+        if self.quic is not None:
+            self.quic.refresh(now)
         if self.slot >= 0:
             self._tend_slots()
         if self.defer_accept and not self.draining:
@@ -547,6 +562,8 @@ class VryptWorker(Worker):
         self.rules.open_until = 0
         self._drain_started = time.monotonic()
         self._drain_deadline = self._drain_started + self.cfg.graceful_timeout
+        if self.quic is not None:
+            self.quic.drain()
         if self.slot >= 0:
             # The slot's socket lives on in the arbiter, so nothing is lost whenever we stop
             # accepting. But our replacement is forked only once we have exited (recycling) or
