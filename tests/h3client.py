@@ -137,3 +137,112 @@ def is_vrypt(answer: Answer, head: bool = False) -> bool:
         and answer.header(b"content-length") == b"5"
         and answer.header(b"content-type") == b"text/plain"
     )
+
+
+class SocketClient:
+    """A blocking HTTP/3 client on a UDP socket of its own, driven by hand, that can move to a
+    new local port mid-connection (`rebind`: what a NAT rebinding looks like to the server)."""
+
+    def __init__(self, port: int, cafile: str | None = None) -> None:
+        import socket
+
+        self.socket_module = socket
+        self.server = ("127.0.0.1", port)
+        self.quic = QuicConnection(configuration=configuration(cafile))
+        self.h3 = HeadAwareH3(self.quic)
+        self.sock = self._new_socket()
+        self.answers: dict[int, Answer] = {}
+        self.ended: set[int] = set()
+        self.quic.connect(self.server, self._now())
+        self.connected = False
+
+    def _new_socket(self) -> Any:
+        sock = self.socket_module.socket(self.socket_module.AF_INET, self.socket_module.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", 0))
+        return sock
+
+    @staticmethod
+    def _now() -> float:
+        import time
+
+        return time.monotonic()
+
+    @property
+    def local_port(self) -> int:
+        return self.sock.getsockname()[1]
+
+    def rebind(self, new_connection_id: bool = False) -> None:
+        """Continue from a new local port; with `new_connection_id`, also switch to another
+        connection ID the server issued (a migration rather than a NAT rebinding)."""
+        self.sock.close()
+        self.sock = self._new_socket()
+        if new_connection_id:
+            self.quic.change_connection_id()
+
+    def _transmit(self) -> None:
+        for data, _addr in self.quic.datagrams_to_send(self._now()):
+            self.sock.sendto(data, self.server)
+
+    def _until(self, done: Any, timeout: float) -> None:
+        deadline = self._now() + timeout
+        self._transmit()
+        while not done():
+            now = self._now()
+            if now >= deadline:
+                raise TimeoutError("no answer from the server")
+            timer = self.quic.get_timer()
+            wait = min(deadline, timer if timer is not None else deadline) - now
+            self.sock.settimeout(max(wait, 0.001))
+            try:
+                data, addr = self.sock.recvfrom(65535)
+            except TimeoutError:
+                if timer is not None and self._now() >= timer:
+                    self.quic.handle_timer(self._now())
+            else:
+                self.quic.receive_datagram(data, addr, self._now())
+            self._events()
+            self._transmit()
+
+    def _events(self) -> None:
+        event = self.quic.next_event()
+        while event is not None:
+            if type(event).__name__ == "HandshakeCompleted":
+                self.connected = True
+            for h3_event in self.h3.handle_event(event):
+                if not isinstance(h3_event, HeadersReceived | DataReceived):
+                    continue
+                answer = self.answers.setdefault(h3_event.stream_id, Answer())
+                if isinstance(h3_event, HeadersReceived):
+                    answer.fields = h3_event.headers
+                else:
+                    answer.body += h3_event.data
+                if h3_event.stream_ended:
+                    self.ended.add(h3_event.stream_id)
+            event = self.quic.next_event()
+
+    def connect(self, timeout: float = 5.0) -> None:
+        self._until(lambda: self.connected, timeout)
+
+    def get(self, method: bytes = b"GET", timeout: float = 5.0) -> Answer:
+        sid = self.quic.get_next_available_stream_id()
+        if method == b"HEAD":
+            self.h3.head_streams.add(sid)
+        self.h3.send_headers(
+            sid,
+            [
+                (b":method", method),
+                (b":scheme", b"https"),
+                (b":authority", b"localhost"),
+                (b":path", b"/"),
+            ],
+            end_stream=True,
+        )
+        self._until(lambda: sid in self.ended, timeout)
+        return self.answers[sid]
+
+    def close(self) -> None:
+        self.quic.close()
+        try:
+            self._transmit()
+        finally:
+            self.sock.close()

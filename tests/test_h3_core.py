@@ -281,3 +281,23 @@ def test_tls_verification_of_the_client_holds(certs, endpoint) -> None:
     sid = client.request()
     client.pump()
     assert client.answer(sid)[0] == 200
+
+
+def test_connection_ids_carry_the_slot(certs) -> None:
+    """With a prefix (the worker's slot, for the BPF steering in http3.py) every connection ID
+    the server issues begins with it: the first, and those issued after the handshake."""
+    endpoint = H3Endpoint(
+        server_config(certs), H3Answers(NOW, Answer()), Tally(), cid_prefix=b"\x00\x07"
+    )
+    client = Client(certs, endpoint)
+    client.pump()
+    sid = client.request()
+    client.pump()
+    assert client.answer(sid)[0] == 200
+    [session] = endpoint.sessions
+    issued = session.cids - {session.quic.original_destination_connection_id}
+    assert len(issued) >= 2  # the handshake's and the NEW_CONNECTION_ID ones
+    assert all(cid[:2] == b"\x00\x07" and len(cid) == 8 for cid in issued)
+    # what the client may switch to are the same IDs
+    assert client.quic._peer_cid.cid[:2] == b"\x00\x07"
+    assert all(entry.cid[:2] == b"\x00\x07" for entry in client.quic._peer_cid_available)

@@ -21,7 +21,7 @@ pytest.importorskip("aioquic")
 
 import httpx
 
-from tests.h3client import Request, fetch, fetch_async, is_vrypt
+from tests.h3client import Request, SocketClient, fetch, fetch_async, is_vrypt
 from tests.support import CONF, Server, StrictReader, base_env, start_server
 from tests.test_metrics import Collector, metrics_env
 from tests.test_tls import certs, client_context, tls_connect, tls_server  # noqa: F401
@@ -180,3 +180,28 @@ def test_the_conf_file_twin(certs, tmp_path: Path) -> None:  # noqa: F811
     # the environment wins over the conf file
     with tls_server(certs, "-c", str(conf), conf=False, env=base_env(VRYPT_HTTP3="0")) as srv:
         assert "HTTP/3 on" not in srv.log
+
+
+@pytest.mark.parametrize("new_connection_id", [False, True], ids=["nat-rebinding", "migration"])
+def test_a_client_that_changes_its_port_keeps_reaching_its_worker(
+    certs,  # noqa: F811
+    new_connection_id: bool,
+) -> None:
+    """Four workers, each with its slot's UDP socket in one reuseport group: the kernel's hash
+    of a new address picks any of them, so without steering by connection ID a moved client
+    reaches its own worker one time in four. Eight moves in a row, each followed by a request
+    that must be answered: by chance about 1 in 65,000."""
+    with tls_server(certs, workers=4, env=h3_env()) as srv:
+        time.sleep(0.5)  # every worker reading its slot's socket
+        client = SocketClient(srv.port, cafile=str(certs["ca"]))
+        try:
+            client.connect()
+            assert is_vrypt(client.get())
+            ports = {client.local_port}
+            for _ in range(8):
+                client.rebind(new_connection_id)
+                ports.add(client.local_port)
+                assert is_vrypt(client.get(timeout=3))
+            assert len(ports) == 9
+        finally:
+            client.close()

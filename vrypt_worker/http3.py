@@ -118,16 +118,66 @@ def bind_udp(address: tuple[str, int]) -> socket.socket:
     return sock
 
 
+# Steering (issue 23): the server's connection IDs begin with the worker's slot (two bytes,
+# h3/session.py), and a classic BPF program attached to each address's UDP reuseport group picks
+# the socket at that index for every short-header packet (the packets after the handshake, whose
+# destination ID is always one the server issued), whatever the client's address and port. Long
+# headers (Initial, Handshake, 0-RTT: the client's address cannot change before the handshake is
+# confirmed, RFC 9000 §9) get an index beyond the group, and the kernel falls back to its hash
+# of the addresses. The group's sockets are the slots' in order (each is bound at the first fork
+# into its slot, and the arbiter never closes one), so the index of a slot's socket is the slot.
+# nginx's `quic_bpf` does the same with an eBPF program.
+SO_ATTACH_REUSEPORT_CBPF = 51  # <asm-generic/socket.h>; not in Python's socket module
+_BPF_LD_B_ABS, _BPF_LD_H_ABS, _BPF_JSET_K, _BPF_RET_A, _BPF_RET_K = 0x30, 0x28, 0x45, 0x16, 0x06
+STEERING_PROGRAM = (
+    (_BPF_LD_B_ABS, 0, 0, 0),  # A = the first byte of the UDP payload (the QUIC header form)
+    (_BPF_JSET_K, 2, 0, 0x80),  # a long header: to the hash
+    (_BPF_LD_H_ABS, 0, 0, 1),  # A = the destination connection ID's first two bytes: the slot
+    (_BPF_RET_A, 0, 0, 0),
+    (_BPF_RET_K, 0, 0, 0xFFFFFFFF),  # beyond the group: the kernel's hash
+)
+CID_PREFIX_BYTES = 2
+
+
+def cid_prefix(slot: int) -> bytes:
+    """The first bytes of every connection ID a worker serving `slot` issues."""
+    return slot.to_bytes(CID_PREFIX_BYTES, "big")
+
+
+def attach_steering(sock: socket.socket) -> None:
+    """Attach STEERING_PROGRAM to the reuseport group `sock` belongs to (Linux; unprivileged)."""
+    import ctypes
+
+    class Filter(ctypes.Structure):
+        _fields_ = (
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        )
+
+    class Program(ctypes.Structure):
+        _fields_ = (("len", ctypes.c_ushort), ("filter", ctypes.POINTER(Filter)))
+
+    filters = (Filter * len(STEERING_PROGRAM))(*(Filter(*op) for op in STEERING_PROGRAM))
+    program = Program(len(STEERING_PROGRAM), filters)
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(program))
+
+
 def slot_sockets(slot: int) -> list[socket.socket]:
     """In the arbiter (VryptWorker.__init__, before its fork): the UDP sockets of listener slot
-    `slot`, made the first time a worker takes it and kept for every later one."""
+    `slot`, made the first time a worker takes it and kept for every later one. The first
+    slot's sockets carry the steering program for their groups."""
     plan = _plan
     if plan is None or slot < 0:
         return []
-    held = _slots.get(slot)
-    if held is None:
-        held = _slots[slot] = [bind_udp(address) for address in plan.addresses]
-    return held
+    # Bound in slot order, so that each slot's socket sits at its slot's index in the group.
+    for missing in range(len(_slots), slot + 1):
+        made = _slots[missing] = [bind_udp(address) for address in plan.addresses]
+        if missing == 0:
+            for sock in made:
+                attach_steering(sock)
+    return _slots[slot]
 
 
 def own_sockets() -> list[socket.socket]:

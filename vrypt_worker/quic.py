@@ -140,7 +140,12 @@ class QuicService:
     """A worker's HTTP/3: its UDP sockets, one answer for all of them."""
 
     def __init__(
-        self, state: WorkerState, plan: Plan, sockets: list[Any], access_log: Any = None
+        self,
+        state: WorkerState,
+        plan: Plan,
+        sockets: list[Any],
+        access_log: Any = None,
+        cid_prefix: bytes = b"",
     ) -> None:
         self.answers = H3Answers(time.time())
         reporter = None
@@ -152,7 +157,9 @@ class QuicService:
 
         self.sockets = [
             QuicSocket(
-                state, sock, H3Endpoint(plan.configuration, self.answers, state.rules, reporter)
+                state,
+                sock,
+                H3Endpoint(plan.configuration, self.answers, state.rules, reporter, cid_prefix),
             )
             for sock in sockets
         ]

@@ -54,8 +54,10 @@ class H3Endpoint:
         answers: H3Answers,
         tally: Any,
         reporter: Reporter | None = None,
+        cid_prefix: bytes = b"",
     ) -> None:
         self.configuration = configuration
+        self.cid_prefix = cid_prefix  # the worker's slot in every connection ID (BPF steering)
         self.answers = answers
         self.tally = tally
         self.reporter = reporter
@@ -106,6 +108,7 @@ class H3Endpoint:
                 self.answers,
                 self.tally,
                 self.reporter,
+                cid_prefix=self.cid_prefix,
             )
             self.sessions.add(session)
             self.by_cid[header.destination_cid] = session

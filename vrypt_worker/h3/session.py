@@ -15,6 +15,7 @@ worker's FramingRules: the RPS gauge and max_requests count one per answer), `is
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +26,34 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionIdIssued, ConnectionIdRetired, ConnectionTerminated
 
 from vrypt_worker.h3.answers import H3Answers
+
+
+class SteeredQuicConnection(QuicConnection):
+    """aioquic's QuicConnection, whose connection IDs begin with `prefix` (the worker's listener
+    slot, two bytes), so that a classic BPF program on the UDP reuseport group (http3.py) steers
+    every short-header packet to the slot's socket whatever the client's address: NAT rebinding
+    and migration keep reaching the worker that holds the connection. The rest of each ID is
+    random, as aioquic makes it. aioquic (1.7) makes IDs in its constructor and in
+    `_replenish_connection_ids`, before any is sent: both are rewritten here, nothing else."""
+
+    def __init__(self, *, prefix: bytes, **kwargs: Any) -> None:
+        self.vrypt_prefix = prefix
+        super().__init__(**kwargs)
+        first = self._host_cids[0]
+        first.cid = self.vrypt_cid(len(first.cid))
+        self.host_cid = first.cid
+        self._local_initial_source_connection_id = first.cid
+
+    def vrypt_cid(self, length: int) -> bytes:
+        prefix = self.vrypt_prefix
+        return prefix + os.urandom(length - len(prefix))
+
+    def _replenish_connection_ids(self) -> None:
+        known = len(self._host_cids)
+        super()._replenish_connection_ids()
+        for entry in self._host_cids[known:]:
+            entry.cid = self.vrypt_cid(len(entry.cid))
+
 
 # What an access log seam is told per answer: (session, the request's fields, HEAD?).
 Reporter = Callable[[Any, list[tuple[bytes, bytes]], bool], None]
@@ -55,12 +84,21 @@ class H3Session:
         tally: Any,
         reporter: Reporter | None = None,
         retry_cid: bytes | None = None,
+        cid_prefix: bytes = b"",
     ) -> None:
-        self.quic = QuicConnection(
-            configuration=configuration,
-            original_destination_connection_id=original_cid,
-            retry_source_connection_id=retry_cid,
-        )
+        if cid_prefix:
+            self.quic: QuicConnection = SteeredQuicConnection(
+                prefix=cid_prefix,
+                configuration=configuration,
+                original_destination_connection_id=original_cid,
+                retry_source_connection_id=retry_cid,
+            )
+        else:
+            self.quic = QuicConnection(
+                configuration=configuration,
+                original_destination_connection_id=original_cid,
+                retry_source_connection_id=retry_cid,
+            )
         self.h3 = H3Connection(self.quic)
         self.answers = answers
         self.tally = tally
