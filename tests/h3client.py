@@ -16,18 +16,45 @@ from typing import Any
 
 from aioquic.asyncio import connect
 from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.buffer import Buffer, BufferReadError
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated, StreamDataReceived
 
 
 class HeadAwareH3(H3Connection):
-    """aioquic's H3Connection, with HEAD answers' Content-Length accepted (module docstring)."""
+    """aioquic's H3Connection, with HEAD answers' Content-Length accepted (module docstring),
+    and the server's GOAWAY read (aioquic's client drops it without an event)."""
 
     def __init__(self, quic: QuicConnection) -> None:
         super().__init__(quic)
         self.head_streams: set[int] = set()
+        self.control = b""  # the server's control stream (stream 3), as received
+
+    @property
+    def goaway(self) -> int | None:
+        """The stream ID of the server's last GOAWAY, or None."""
+        if not self.control:
+            return None
+        buf = Buffer(data=self.control)
+        found = None
+        buf.pull_uint_var()  # the stream type
+        while not buf.eof():
+            try:
+                frame_type, size = buf.pull_uint_var(), buf.pull_uint_var()
+                data = buf.pull_bytes(size)
+            except BufferReadError:
+                break  # a frame still partial
+            if frame_type == 0x7:
+                found = Buffer(data=data).pull_uint_var()
+        return found
+
+    def handle_event(self, event: Any) -> list[Any]:
+        if isinstance(event, StreamDataReceived) and event.stream_id == 3:
+            self.control += event.data  # aioquic delivers a stream's data in order
+        return super().handle_event(event)
 
     def _check_content_length(self, stream: Any) -> None:
         if stream.stream_id in self.head_streams and stream.content_length == 0:
@@ -155,6 +182,7 @@ class SocketClient:
         self.ended: set[int] = set()
         self.quic.connect(self.server, self._now())
         self.connected = False
+        self.terminated: ConnectionTerminated | None = None
 
     def _new_socket(self) -> Any:
         sock = self.socket_module.socket(self.socket_module.AF_INET, self.socket_module.SOCK_DGRAM)
@@ -208,6 +236,8 @@ class SocketClient:
         while event is not None:
             if type(event).__name__ == "HandshakeCompleted":
                 self.connected = True
+            elif isinstance(event, ConnectionTerminated):
+                self.terminated = event
             for h3_event in self.h3.handle_event(event):
                 if not isinstance(h3_event, HeadersReceived | DataReceived):
                     continue
@@ -239,6 +269,12 @@ class SocketClient:
         )
         self._until(lambda: sid in self.ended, timeout)
         return self.answers[sid]
+
+    def wait_closed(self, timeout: float = 5.0) -> ConnectionTerminated:
+        """Until the server closes the connection (after its closing period)."""
+        self._until(lambda: self.terminated is not None, timeout)
+        assert self.terminated is not None
+        return self.terminated
 
     def close(self) -> None:
         self.quic.close()

@@ -18,12 +18,14 @@ pytest.importorskip("aioquic")
 
 import trustme
 from aioquic.buffer import Buffer
-from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.connection import H3_ALPN
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated
 from aioquic.quic.packet import pull_quic_header
 
+from tests.h3client import HeadAwareH3
 from vrypt_worker.answer import Answer
 from vrypt_worker.h3.answers import H3Answers
 from vrypt_worker.h3.endpoint import H3Endpoint
@@ -54,21 +56,6 @@ def server_config(certs: dict[str, Path]) -> QuicConfiguration:
     return config
 
 
-class HeadAwareH3(H3Connection):
-    """aioquic's client H3Connection, which checks a response's Content-Length against its
-    DATA even when the request was HEAD (whose answer carries the GET's Content-Length and no
-    body, RFC 9110 §9.3.2): the check is skipped for the streams that asked HEAD."""
-
-    def __init__(self, quic: QuicConnection) -> None:
-        super().__init__(quic)
-        self.head_streams: set[int] = set()
-
-    def _check_content_length(self, stream) -> None:  # type: ignore[no-untyped-def]
-        if stream.stream_id in self.head_streams and stream.content_length == 0:
-            return
-        super()._check_content_length(stream)
-
-
 class Client:
     """aioquic's client connection and H3Connection, wired to an endpoint by hand."""
 
@@ -84,6 +71,7 @@ class Client:
         self.heads: dict[int, list[tuple[bytes, bytes]]] = {}
         self.bodies: dict[int, bytes] = {}
         self.ended: set[int] = set()
+        self.terminated: ConnectionTerminated | None = None
         self.quic.connect(SERVER, self.now)
 
     def pump(self, rounds: int = 50) -> None:
@@ -106,12 +94,14 @@ class Client:
                 moved = True
             self._events()
             idle = 0 if moved else idle + 1
-            if idle > 20:
+            if idle > 100:  # past the peers' ACK delay (25 ms)
                 return
 
     def _events(self) -> None:
         event = self.quic.next_event()
         while event is not None:
+            if isinstance(event, ConnectionTerminated):
+                self.terminated = event
             for h3_event in self.h3.handle_event(event):
                 sid = h3_event.stream_id
                 if isinstance(h3_event, HeadersReceived):
@@ -301,3 +291,29 @@ def test_connection_ids_carry_the_slot(certs) -> None:
     # what the client may switch to are the same IDs
     assert client.quic._peer_cid.cid[:2] == b"\x00\x07"
     assert all(entry.cid[:2] == b"\x00\x07" for entry in client.quic._peer_cid_available)
+
+
+def test_drain_sends_goaway_refuses_later_streams_and_closes_when_answered(certs, endpoint) -> None:
+    """Draining (TERM, HUP, max_requests): GOAWAY naming the first stream not processed; a
+    request the client sent before it saw the GOAWAY is refused (H3_REQUEST_REJECTED, safe to
+    retry), the answered ones are delivered, then the connection closes with H3_NO_ERROR and
+    leaves the endpoint; a new connection is not made."""
+    client = Client(certs, endpoint)
+    client.pump()
+    first = client.request()
+    client.pump()
+    assert client.answer(first)[0] == 200
+    late = client.request()  # in flight when the drain begins
+    endpoint.drain()
+    client.pump(rounds=2000)
+    assert client.h3.goaway == first + 4 == late
+    assert late not in client.ended
+    assert client.terminated is not None and client.terminated.error_code == 0x100
+    for _ in range(200):  # the closing period (aioquic: three PTOs) on the server's clock
+        client.now += 0.05
+        client.endpoint.expire(client.now)
+        client.endpoint.flush(client.now)
+    assert len(endpoint) == 0 and endpoint.by_cid == {}
+    newcomer = Client(certs, endpoint, port=50001)
+    newcomer.pump()
+    assert len(endpoint) == 0 and not newcomer.ended

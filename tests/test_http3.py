@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -205,3 +206,31 @@ def test_a_client_that_changes_its_port_keeps_reaching_its_worker(
             assert len(ports) == 9
         finally:
             client.close()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["term", "hup"])
+def test_drain_sends_goaway_and_closes_cleanly(certs, sig: int) -> None:  # noqa: F811
+    """TERM (the server's stop) and HUP (new workers, the old ones drain): an open HTTP/3
+    connection gets GOAWAY naming the first stream not processed, then CONNECTION_CLOSE with
+    H3_NO_ERROR once its answers are acknowledged, well before graceful_timeout; after HUP a
+    new connection is answered by the new workers."""
+    with tls_server(certs, "--graceful-timeout", "20", workers=2, env=h3_env()) as srv:
+        time.sleep(0.3)
+        client = SocketClient(srv.port, cafile=str(certs["ca"]))
+        try:
+            client.connect()
+            assert is_vrypt(client.get())
+            assert is_vrypt(client.get(b"HEAD"), head=True)
+            began = time.monotonic()
+            srv.signal(sig)
+            closed = client.wait_closed(timeout=10)
+            assert time.monotonic() - began < 5
+            assert closed.error_code == 0x100, closed  # H3_NO_ERROR
+            assert client.h3.goaway == 8  # streams 0 and 4 were answered
+        finally:
+            client.sock.close()
+        if sig == signal.SIGTERM:
+            srv.proc.wait(10)
+            assert srv.proc.returncode == 0
+        else:
+            assert is_vrypt(fetch(srv.port, [Request()])[0])

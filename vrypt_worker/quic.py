@@ -41,10 +41,11 @@ _TIMER_SLACK = 0.0005
 class QuicSocket:
     """One UDP socket of the worker and its QUIC connections."""
 
-    __slots__ = ("armed", "endpoint", "reader", "sock", "state", "timer")
+    __slots__ = ("armed", "drained", "endpoint", "reader", "sock", "state", "timer")
 
     def __init__(self, state: WorkerState, sock: Any, endpoint: H3Endpoint) -> None:
         self.state = state
+        self.drained: Any = None  # draining: called once no connection is left
         self.sock = sock
         self.endpoint = endpoint
         self.timer: Any = None
@@ -97,6 +98,8 @@ class QuicSocket:
         state = self.state
         if state.rules.answered >= state.max_requests:
             state.recycle()
+        if self.drained is not None and not self.endpoint.sessions:
+            self.drained()
         self.arm(now)
 
     def arm(self, now: float) -> None:
@@ -109,10 +112,12 @@ class QuicSocket:
         self.armed = deadline
         self.timer.start(self.on_timer)
 
-    def drain(self) -> None:
-        """The worker drains: no new connection (the open ones go on until the worker exits;
-        GOAWAY is not sent yet: docs/http3.md)."""
-        self.endpoint.accepting = False
+    def drain(self, drained: Any) -> None:
+        """The worker drains: no new connection; GOAWAY on the open ones, each closed once its
+        answers are acknowledged; `drained()` once none is left."""
+        self.drained = drained
+        self.endpoint.drain()
+        self.flush(time.monotonic())
 
     def close(self) -> None:
         """The worker exits: every connection gets CONNECTION_CLOSE, then the socket's copy
@@ -171,9 +176,14 @@ class QuicService:
     def connections(self) -> int:
         return sum(len(socket.endpoint) for socket in self.sockets)
 
-    def drain(self) -> None:
+    def busy(self) -> bool:
+        """Connections are open (a draining worker waits for them, up to graceful_timeout)."""
+        return any(socket.endpoint.sessions for socket in self.sockets)
+
+    def drain(self, drained: Any) -> None:
+        """GOAWAY everywhere; `drained()` each time a socket's last connection is gone."""
         for socket in self.sockets:
-            socket.drain()
+            socket.drain(drained)
 
     def close(self) -> None:
         for socket in self.sockets:

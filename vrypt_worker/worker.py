@@ -426,7 +426,7 @@ class VryptWorker(Worker):
                 self._old.discard(conn)
                 if not self._old and self._accepting and not self._awaiting_successor:
                     self._close_listeners()  # the last connection from before the drain left
-            if not self.connections and not self._accepting:
+            if self._quiet() and not self._accepting:
                 self._stop()
 
     # listener slots (listeners.py) ----------------------------------------------------------------
@@ -531,7 +531,7 @@ class VryptWorker(Worker):
         if (
             self.draining
             and not self._accepting  # still listening during a handover
-            and (not self.connections or time.monotonic() >= self._drain_deadline)
+            and (self._quiet() or time.monotonic() >= self._drain_deadline)
         ):
             if self.connections:
                 self.log.warning(
@@ -565,7 +565,7 @@ class VryptWorker(Worker):
         self._drain_started = time.monotonic()
         self._drain_deadline = self._drain_started + self.cfg.graceful_timeout
         if self.quic is not None:
-            self.quic.drain()
+            self.quic.drain(self._quic_drained)
         if self.slot >= 0:
             # The slot's socket lives on in the arbiter, so nothing is lost whenever we stop
             # accepting. But our replacement is forked only once we have exited (recycling) or
@@ -622,11 +622,19 @@ class VryptWorker(Worker):
                 pass
         for conn in list(self.connections):
             conn.drain()
-        if not self.connections:
+        if self._quiet():
             self._stop()
         else:
             grace = self.loop.timer(_DRAIN_GRACE)
             grace.start(self._close_idle, grace)
+
+    def _quiet(self) -> bool:
+        """No connection left: TCP, and QUIC (quic.py) when HTTP/3 is on."""
+        return not self.connections and (self.quic is None or not self.quic.busy())
+
+    def _quic_drained(self) -> None:
+        if self.draining and not self._accepting and self._quiet():
+            self._stop()
 
     def _close_idle(self, timer: Any) -> None:
         """Close the idle connections; one that has sent nothing yet gets _FRESH_GRACE (from its

@@ -135,6 +135,10 @@ class H3Endpoint:
         self.touched = set()
         for session in touched:
             out.extend(session.datagrams(now))
+            # (aioquic forgets the streams that are done while it writes datagrams: look after)
+            if not self.accepting and not session.closing and session.finished():
+                session.close("draining")  # after GOAWAY, once every answer was acknowledged
+                out.extend(session.datagrams(now))
             self._route(session)
             if session.terminated:
                 self._forget(session)
@@ -177,6 +181,14 @@ class H3Endpoint:
         for cid in session.cids:
             if self.by_cid.get(cid) is session:
                 del self.by_cid[cid]
+
+    def drain(self) -> None:
+        """No new connection; GOAWAY on every open one, each closed once its answers are
+        acknowledged (`flush`)."""
+        self.accepting = False
+        for session in self.sessions:
+            session.goaway()
+            self.touched.add(session)
 
     def close_all(self, reason: str = "") -> None:
         """Close every connection now (CONNECTION_CLOSE); `flush` sends the closes."""

@@ -19,7 +19,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from aioquic.h3.connection import H3Connection
+from aioquic.buffer import encode_uint_var
+from aioquic.h3.connection import ErrorCode, FrameType, H3Connection, encode_frame
 from aioquic.h3.events import HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
@@ -65,9 +66,12 @@ class H3Session:
     __slots__ = (
         "answers",
         "cids",
+        "closing",
         "deadline",
+        "goaway_id",
         "h3",
         "issued",
+        "next_request",
         "peer",
         "quic",
         "reporter",
@@ -109,6 +113,9 @@ class H3Session:
         self.issued: list[bytes] = [self.quic.host_cid]
         self.retired: list[bytes] = []
         self.terminated = False
+        self.next_request = 0  # the lowest request stream ID not seen yet
+        self.goaway_id: int | None = None  # sent in a GOAWAY: later streams are refused
+        self.closing = False
 
     @property
     def host_cid(self) -> bytes:
@@ -145,6 +152,11 @@ class H3Session:
             event = quic.next_event()
 
     def _answer(self, stream_id: int, headers: list[tuple[bytes, bytes]]) -> None:
+        if self.goaway_id is not None and stream_id >= self.goaway_id:
+            self._refuse(stream_id)  # sent after our GOAWAY: the client retries it elsewhere
+            return
+        if stream_id >= self.next_request:
+            self.next_request = stream_id + 4
         method = b"GET"
         for name, value in headers:
             if name == b":method":
@@ -162,6 +174,40 @@ class H3Session:
         if self.reporter is not None:
             self.reporter(self, headers, head)
 
+    def _refuse(self, stream_id: int) -> None:
+        """H3_REQUEST_REJECTED (RFC 9114 §4.1.1): not processed, safe to retry."""
+        try:
+            self.quic.stop_stream(stream_id, ErrorCode.H3_REQUEST_REJECTED)
+            self.quic.reset_stream(stream_id, ErrorCode.H3_REQUEST_REJECTED)
+        except Exception:
+            pass  # (a side already finished)
+
+    # draining -------------------------------------------------------------------------------------
+
+    def goaway(self) -> None:
+        """Draining (RFC 9114 §5.2): GOAWAY naming the first request stream not processed.
+        Every stream below it has been answered already (answers go out with the HEADERS)."""
+        if self.goaway_id is not None:
+            return
+        self.goaway_id = self.next_request
+        # aioquic (1.7) has no call for GOAWAY: the frame goes on its control stream.
+        control = self.h3._local_control_stream_id
+        if control is not None:
+            frame = encode_frame(FrameType.GOAWAY, encode_uint_var(self.goaway_id))
+            self.quic.send_stream_data(control, frame)
+
+    def finished(self) -> bool:
+        """After GOAWAY: the GOAWAY and every answer were acknowledged, and every request
+        stream read to its end (aioquic forgets a stream only once both ways are done). A
+        request sent before the client saw the GOAWAY arrives before its acknowledgement."""
+        streams = self.quic._streams
+        control = streams.get(self.h3._local_control_stream_id)  # type: ignore[arg-type]
+        if control is not None:
+            sender = control.sender  # acknowledged bytes leave its buffer (aioquic 1.7)
+            if sender._buffer_start != sender._buffer_stop:
+                return False
+        return not any(stream_id % 4 == 0 for stream_id in streams)
+
     # output ---------------------------------------------------------------------------------------
 
     def datagrams(self, now: float) -> list[tuple[bytes, Any]]:
@@ -171,6 +217,7 @@ class H3Session:
         return self.quic.get_timer()
 
     def close(self, reason: str = "") -> None:
-        """Close at once (CONNECTION_CLOSE with NO_ERROR); the endpoint drops it once aioquic
-        reports it terminated."""
-        self.quic.close(reason_phrase=reason)
+        """Close now (CONNECTION_CLOSE with H3_NO_ERROR); the endpoint drops it once aioquic
+        reports it terminated (after the closing period, RFC 9000 §10.2)."""
+        self.closing = True
+        self.quic.close(error_code=ErrorCode.H3_NO_ERROR, reason_phrase=reason)
