@@ -317,3 +317,18 @@ def test_drain_sends_goaway_refuses_later_streams_and_closes_when_answered(certs
     newcomer = Client(certs, endpoint, port=50001)
     newcomer.pump()
     assert len(endpoint) == 0 and not newcomer.ended
+
+
+def test_no_connection_beyond_the_cap(certs) -> None:
+    """worker_connections bounds QUIC connections too: an Initial beyond it is dropped."""
+    endpoint = H3Endpoint(
+        server_config(certs), H3Answers(NOW, Answer()), Tally(), max_connections=2
+    )
+    clients = [Client(certs, endpoint, port=50000 + n) for n in range(3)]
+    for client in clients:
+        client.pump()
+    assert len(endpoint) == 2
+    assert clients[2].quic._state.name == "FIRSTFLIGHT"  # never heard back
+    sid = clients[0].request()
+    clients[0].pump()
+    assert clients[0].answer(sid)[0] == 200

@@ -23,7 +23,7 @@ pytest.importorskip("aioquic")
 import httpx
 
 from tests.h3client import Request, SocketClient, fetch, fetch_async, is_vrypt
-from tests.support import CONF, Server, StrictReader, base_env, start_server
+from tests.support import CONF, Server, StrictReader, base_env, free_port, start_server
 from tests.test_metrics import Collector, metrics_env
 from tests.test_tls import certs, client_context, tls_connect, tls_server  # noqa: F401
 
@@ -234,3 +234,23 @@ def test_drain_sends_goaway_and_closes_cleanly(certs, sig: int) -> None:  # noqa
             assert srv.proc.returncode == 0
         else:
             assert is_vrypt(fetch(srv.port, [Request()])[0])
+
+
+def test_a_taken_udp_port_is_refused(certs) -> None:  # noqa: F811
+    """Another process on the UDP port: the start fails in the arbiter, naming it."""
+    import socket
+
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as squatter:
+        squatter.bind(("127.0.0.1", port))
+        server = start_server(
+            "--certfile", str(certs["cert"]), "--keyfile", str(certs["key"]),
+            port=port, env=h3_env(), ready=False,
+        )  # fmt: skip
+        try:
+            server.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            server.stop()
+            raise AssertionError(f"kept running:\n{server.log}") from None
+    assert server.proc.returncode == 2, server.log
+    assert f"HTTP/3 cannot bind UDP udp://127.0.0.1:{port}" in server.log

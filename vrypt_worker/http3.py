@@ -91,8 +91,27 @@ def decide(cfg: Any, addresses: list[Any]) -> Plan | None:
         configuration = server_configuration(cfg.certfile, cfg.keyfile, max(cfg.keepalive, 1))
     except Exception as exc:
         raise settings.SettingError(name, f"QUIC cannot load certfile/keyfile: {exc}") from None
-    _plan = Plan(tuple((str(host), int(port)) for host, port, *_ in addresses), configuration)
+    udp = tuple((str(host), int(port)) for host, port, *_ in addresses)
+    for address in udp:
+        _refuse_a_taken_port(name, address)
+    _plan = Plan(udp, configuration)
     return _plan
+
+
+def _refuse_a_taken_port(name: str, address: tuple[str, int]) -> None:
+    """Another process on the UDP port fails the start here, in the arbiter (a SO_REUSEPORT
+    socket of ours would join its group and split its traffic, or fail to bind in a fork)."""
+    host, port = address
+    if port == 0 or os.environ.get("GUNICORN_PID"):
+        return  # a port chosen by the kernel; a USR2 upgrade, whose parent holds the port
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise settings.SettingError(
+                name, f"HTTP/3 cannot bind UDP {_format(address)}: {exc.strerror or exc}"
+            ) from None
 
 
 def advertised(chosen: Answer, plan: Plan | None) -> Answer:

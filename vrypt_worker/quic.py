@@ -151,6 +151,7 @@ class QuicService:
         sockets: list[Any],
         access_log: Any = None,
         cid_prefix: bytes = b"",
+        max_connections: int = 1 << 30,
     ) -> None:
         self.answers = H3Answers(time.time())
         reporter = None
@@ -164,7 +165,14 @@ class QuicService:
             QuicSocket(
                 state,
                 sock,
-                H3Endpoint(plan.configuration, self.answers, state.rules, reporter, cid_prefix),
+                H3Endpoint(
+                    plan.configuration,
+                    self.answers,
+                    state.rules,
+                    reporter,
+                    cid_prefix,
+                    max_connections,
+                ),
             )
             for sock in sockets
         ]

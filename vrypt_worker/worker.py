@@ -251,7 +251,9 @@ class VryptWorker(Worker):
             # Slot sockets are steered by connection ID (http3.py); a worker's own are not.
             prefix = http3.cid_prefix(self.slot) if self.quic_sockets else b""
             sockets = self.quic_sockets or http3.own_sockets()
-            self.quic = QuicService(state, plan, sockets, self.access_log, prefix)
+            self.quic = QuicService(
+                state, plan, sockets, self.access_log, prefix, self.max_connections
+            )
         # Metrics: the answered count reaches shared memory once per loop iteration, just before
         # the hub waits for I/O again, instead of once per request (a memoryview store costs a
         # few hundred instructions; under load one iteration answers dozens of requests).

@@ -55,6 +55,7 @@ class H3Endpoint:
         tally: Any,
         reporter: Reporter | None = None,
         cid_prefix: bytes = b"",
+        max_connections: int = 1 << 30,
     ) -> None:
         self.configuration = configuration
         self.cid_prefix = cid_prefix  # the worker's slot in every connection ID (BPF steering)
@@ -70,6 +71,9 @@ class H3Endpoint:
         self.cid_length = configuration.connection_id_length
         self.versions = configuration.supported_versions
         self.accepting = True  # False once draining: no new connection is made
+        # New connections are not made beyond this many (gunicorn's worker_connections): their
+        # Initials are dropped, and the client tries again (a worker elsewhere, or later).
+        self.max_connections = max_connections
 
     # input ----------------------------------------------------------------------------------------
 
@@ -100,6 +104,7 @@ class H3Endpoint:
                 header.packet_type != QuicPacketType.INITIAL
                 or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
                 or not self.accepting
+                or len(self.sessions) >= self.max_connections
             ):
                 return
             session = H3Session(
