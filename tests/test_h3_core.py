@@ -332,3 +332,17 @@ def test_no_connection_beyond_the_cap(certs) -> None:
     sid = clients[0].request()
     clients[0].pump()
     assert clients[0].answer(sid)[0] == 200
+
+
+def test_the_handshake_buffers_are_shed_once_it_completes(certs, endpoint) -> None:
+    """aioquic keeps three 16 KiB TLS output buffers per connection for its whole life; the
+    session empties them once the handshake is complete (docs/http3.md, "Memory"), and the
+    connection goes on answering."""
+    client = Client(certs, endpoint)
+    client.pump()
+    [session] = endpoint.sessions
+    buffers = session.quic._crypto_buffers  # (the test peeks at aioquic's state)
+    assert all(buf.capacity == 0 for buf in buffers.values())
+    sids = [client.request() for _ in range(20)]
+    client.pump(rounds=500)
+    assert all(client.answer(sid)[::2] == (200, b"Vrypt") for sid in sids)

@@ -19,14 +19,37 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from aioquic.buffer import encode_uint_var
+from aioquic.buffer import Buffer, encode_uint_var
 from aioquic.h3.connection import ErrorCode, FrameType, H3Connection, encode_frame
 from aioquic.h3.events import HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionIdIssued, ConnectionIdRetired, ConnectionTerminated
+from aioquic.quic.events import (
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    ConnectionTerminated,
+    HandshakeCompleted,
+)
+from aioquic.tls import Epoch
 
 from vrypt_worker.h3.answers import H3Answers
+
+# What aioquic's TLS layer writes its flights into, one per epoch: 16 KiB each, kept for the
+# connection's life (aioquic 1.7), about half of an idle connection's Python heap.
+_SHED = (Epoch.INITIAL, Epoch.HANDSHAKE, Epoch.ONE_RTT)
+
+
+def shed_handshake_buffers(quic: QuicConnection) -> None:
+    """Once the server's handshake is complete, its TLS layer writes nothing more (its last
+    message, a session ticket, is written with the Finished it answers, and no ticket handler is
+    set here; a later handshake message is an alert, raised, not written), and retransmissions
+    come from the crypto streams, not these buffers: they are replaced with empty ones
+    (docs/http3.md, "Memory")."""
+    buffers = getattr(quic, "_crypto_buffers", None)
+    if isinstance(buffers, dict):
+        for epoch in _SHED:
+            if epoch in buffers:
+                buffers[epoch] = Buffer(capacity=0)
 
 
 class SteeredQuicConnection(QuicConnection):
@@ -144,6 +167,8 @@ class H3Session:
                 self.retired.append(event.connection_id)
             elif kind is ConnectionTerminated:
                 self.terminated = True
+            elif kind is HandshakeCompleted:
+                shed_handshake_buffers(quic)
             else:
                 for h3_event in h3.handle_event(event):
                     if type(h3_event) is HeadersReceived and h3_event.push_id is None:
