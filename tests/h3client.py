@@ -21,7 +21,7 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
-from aioquic.quic.events import ConnectionTerminated, StreamDataReceived
+from aioquic.quic.events import ConnectionTerminated, StreamDataReceived, StreamReset
 
 
 class HeadAwareH3(H3Connection):
@@ -183,6 +183,7 @@ class SocketClient:
         self.quic.connect(self.server, self._now())
         self.connected = False
         self.terminated: ConnectionTerminated | None = None
+        self.reset: set[int] = set()  # streams the server reset (refused after its GOAWAY)
 
     def _new_socket(self) -> Any:
         sock = self.socket_module.socket(self.socket_module.AF_INET, self.socket_module.SOCK_DGRAM)
@@ -238,6 +239,8 @@ class SocketClient:
                 self.connected = True
             elif isinstance(event, ConnectionTerminated):
                 self.terminated = event
+            elif isinstance(event, StreamReset):
+                self.reset.add(event.stream_id)
             for h3_event in self.h3.handle_event(event):
                 if not isinstance(h3_event, HeadersReceived | DataReceived):
                     continue
@@ -252,6 +255,33 @@ class SocketClient:
 
     def connect(self, timeout: float = 5.0) -> None:
         self._until(lambda: self.connected, timeout)
+
+    def try_get(self, timeout: float = 5.0) -> Answer | None:
+        """A GET, or None when the server refused it (reset after its GOAWAY) or closed the
+        connection first: what a client retries on a new connection."""
+        if self.terminated is not None or self.quic._close_event is not None:
+            return None
+        sid = self.quic.get_next_available_stream_id()
+        self.h3.send_headers(
+            sid,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", b"localhost"),
+                (b":path", b"/"),
+            ],
+            end_stream=True,
+        )
+        self._until(
+            lambda: (
+                sid in self.ended
+                or sid in self.reset
+                or self.terminated is not None
+                or self.quic._close_event is not None
+            ),
+            timeout,
+        )
+        return self.answers[sid] if sid in self.ended else None
 
     def get(self, method: bytes = b"GET", timeout: float = 5.0) -> Answer:
         sid = self.quic.get_next_available_stream_id()

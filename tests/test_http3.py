@@ -254,3 +254,31 @@ def test_a_taken_udp_port_is_refused(certs) -> None:  # noqa: F811
             raise AssertionError(f"kept running:\n{server.log}") from None
     assert server.proc.returncode == 2, server.log
     assert f"HTTP/3 cannot bind UDP udp://127.0.0.1:{port}" in server.log
+
+
+def test_max_requests_recycles_and_every_request_is_answered_on_a_retry(certs) -> None:  # noqa: F811
+    """max_requests counts HTTP/3 answers: the worker recycles every 40, with its successor
+    on the slot's UDP socket. A client that does what browsers do (a request refused after a
+    GOAWAY, or a connection closed under it, is retried on a new connection) gets all of its
+    300 answers, each within a bound: no request waits out a timeout."""
+    with tls_server(certs, "--max-requests", "40", env=h3_env()) as srv:
+        first_pids = set(srv.worker_pids())
+        answered = retried = 0
+        began = time.monotonic()
+        while answered < 300:
+            assert time.monotonic() - began < 60, f"{answered} answered, {retried} retried"
+            client = SocketClient(srv.port, cafile=str(certs["ca"]))
+            try:
+                client.connect(timeout=3)
+                for _ in range(15):
+                    answer = client.try_get(timeout=3)
+                    if answer is None:
+                        retried += 1
+                        break
+                    assert is_vrypt(answer)
+                    answered += 1
+            finally:
+                client.sock.close()
+        assert answered >= 300
+        assert set(srv.worker_pids()) - first_pids, "the worker never recycled"
+        assert "Autorestarting worker" in srv.log

@@ -36,16 +36,22 @@ _MAX_DATAGRAM = 65535
 # the start of the loop iteration, so a timer exactly at the deadline can fire a hair before it
 # by time.monotonic(), and would only arm itself again.
 _TIMER_SLACK = 0.0005
+# Draining: a connection whose answers are not all acknowledged this long after its GOAWAY is
+# closed anyway. Every request was answered when it arrived, so only the delivery of the last
+# answers waits; and while a leaving worker reads its slot's socket, its successor reads it too,
+# and each loses the datagrams the other reads (docs/http3.md): the overlap is kept this short.
+_DRAIN_GRACE = 1.0
 
 
 class QuicSocket:
     """One UDP socket of the worker and its QUIC connections."""
 
-    __slots__ = ("armed", "drained", "endpoint", "reader", "sock", "state", "timer")
+    __slots__ = ("armed", "drained", "endpoint", "grace", "reader", "sock", "state", "timer")
 
     def __init__(self, state: WorkerState, sock: Any, endpoint: H3Endpoint) -> None:
         self.state = state
         self.drained: Any = None  # draining: called once no connection is left
+        self.grace: Any = None
         self.sock = sock
         self.endpoint = endpoint
         self.timer: Any = None
@@ -98,7 +104,11 @@ class QuicSocket:
         state = self.state
         if state.rules.answered >= state.max_requests:
             state.recycle()
-        if self.drained is not None and not self.endpoint.sessions:
+        if self.drained is not None and self.reader.active and not self.endpoint.busy():
+            # Every connection has had its CONNECTION_CLOSE: stop reading, so that a successor
+            # reading the slot's socket gets every datagram from now on (the closing period
+            # needs none of them), and let the worker go.
+            self.reader.stop()
             self.drained()
         self.arm(now)
 
@@ -118,6 +128,16 @@ class QuicSocket:
         self.drained = drained
         self.endpoint.drain()
         self.flush(time.monotonic())
+        if self.reader.active:
+            self.grace = self.state.loop.timer(_DRAIN_GRACE)
+            self.grace.start(self.on_grace_over)
+
+    def on_grace_over(self) -> None:
+        self.grace.close()
+        self.grace = None
+        if self.reader.active:
+            self.endpoint.close_all("draining")
+            self.flush(time.monotonic())
 
     def close(self) -> None:
         """The worker exits: every connection gets CONNECTION_CLOSE, then the socket's copy
@@ -132,6 +152,9 @@ class QuicSocket:
         except Exception:
             self.state.log.exception("HTTP/3: closing failed")
         self.reader.close()
+        if self.grace is not None:
+            self.grace.close()
+            self.grace = None
         if self.timer is not None:
             self.timer.close()
             self.timer = None
@@ -185,8 +208,9 @@ class QuicService:
         return sum(len(socket.endpoint) for socket in self.sockets)
 
     def busy(self) -> bool:
-        """Connections are open (a draining worker waits for them, up to graceful_timeout)."""
-        return any(socket.endpoint.sessions for socket in self.sockets)
+        """Connections are open and not closing (a draining worker waits for them, up to
+        graceful_timeout)."""
+        return any(socket.endpoint.busy() for socket in self.sockets)
 
     def drain(self, drained: Any) -> None:
         """GOAWAY everywhere; `drained()` each time a socket's last connection is gone."""

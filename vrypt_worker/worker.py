@@ -567,6 +567,8 @@ class VryptWorker(Worker):
         self._drain_started = time.monotonic()
         self._drain_deadline = self._drain_started + self.cfg.graceful_timeout
         if self.quic is not None:
+            # GOAWAY now, and the UDP socket left to the successor (or to its queue) as soon as
+            # every connection is closing: both processes reading it would lose datagrams.
             self.quic.drain(self._quic_drained)
         if self.slot >= 0:
             # The slot's socket lives on in the arbiter, so nothing is lost whenever we stop

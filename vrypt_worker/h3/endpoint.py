@@ -198,8 +198,13 @@ class H3Endpoint:
     def close_all(self, reason: str = "") -> None:
         """Close every connection now (CONNECTION_CLOSE); `flush` sends the closes."""
         for session in self.sessions:
-            session.close(reason)
-            self.touched.add(session)
+            if not session.closing:
+                session.close(reason)
+                self.touched.add(session)
+
+    def busy(self) -> bool:
+        """A connection is open and not closing."""
+        return any(not session.closing for session in self.sessions)
 
     def __len__(self) -> int:
         return len(self.sessions)
