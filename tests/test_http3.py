@@ -282,3 +282,23 @@ def test_max_requests_recycles_and_every_request_is_answered_on_a_retry(certs) -
         assert answered >= 300
         assert set(srv.worker_pids()) - first_pids, "the worker never recycled"
         assert "Autorestarting worker" in srv.log
+
+
+def test_ttou_leaves_no_udp_socket_unread(certs) -> None:  # noqa: F811
+    """After TTOU the slot of the worker that left is adopted by one of the others, its UDP
+    socket too: a new connection the kernel hashes to that socket is answered (without the
+    adoption, about one in three of them would never hear back)."""
+    with tls_server(certs, workers=3, env=h3_env()) as srv:
+        srv.signal(signal.SIGTTOU)
+        deadline = time.monotonic() + 10
+        while len(srv.worker_pids()) != 2:
+            assert time.monotonic() < deadline, srv.log
+            time.sleep(0.05)
+        time.sleep(0.6)  # the others adopt the orphaned slot on their next clock tick
+        for _ in range(24):  # a new client port each: the hash spreads them over 3 sockets
+            client = SocketClient(srv.port, cafile=str(certs["ca"]))
+            try:
+                client.connect(timeout=2)
+                assert is_vrypt(client.get(timeout=2))
+            finally:
+                client.sock.close()

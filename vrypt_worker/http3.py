@@ -199,6 +199,12 @@ def slot_sockets(slot: int) -> list[socket.socket]:
     return _slots[slot]
 
 
+def held_sockets(slot: int) -> list[socket.socket]:
+    """In a worker: the UDP sockets of another slot, inherited at the fork (to adopt it while
+    nobody serves it); none for a slot made after this worker was forked."""
+    return _slots.get(slot, [])
+
+
 def own_sockets() -> list[socket.socket]:
     """In a worker without listener slots: its own UDP sockets, bound after the fork."""
     plan = _plan

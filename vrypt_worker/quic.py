@@ -139,9 +139,10 @@ class QuicSocket:
             self.endpoint.close_all("draining")
             self.flush(time.monotonic())
 
-    def close(self) -> None:
-        """The worker exits: every connection gets CONNECTION_CLOSE, then the socket's copy
-        closes (the arbiter's stays, for the slot's next worker)."""
+    def close(self, close_socket: bool = True) -> None:
+        """The worker exits (or gives back an adopted slot): every connection gets
+        CONNECTION_CLOSE, then the socket's copy closes (the arbiter's stays, for the slot's
+        next worker); an adopted slot's copy stays open, to be adopted again."""
         try:
             self.endpoint.close_all("server exiting")
             for data, addr in self.endpoint.flush(time.monotonic()):
@@ -158,14 +159,17 @@ class QuicSocket:
         if self.timer is not None:
             self.timer.close()
             self.timer = None
-        try:
-            self.sock.close()
-        except OSError:
-            pass
+        if close_socket:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
 
 
 class QuicService:
-    """A worker's HTTP/3: its UDP sockets, one answer for all of them."""
+    """A worker's HTTP/3: its UDP sockets, one answer for all of them; and the sockets of a
+    listener slot it adopts while nobody serves it (listeners.py: TTOU, a worker gone and not
+    replaced yet), whose connection IDs then carry that slot."""
 
     def __init__(
         self,
@@ -176,47 +180,63 @@ class QuicService:
         cid_prefix: bytes = b"",
         max_connections: int = 1 << 30,
     ) -> None:
+        self.state = state
+        self.plan = plan
+        self.max_connections = max_connections
         self.answers = H3Answers(time.time())
-        reporter = None
+        self.reporter: Any = None
         if access_log is not None:
             answers = self.answers
 
             def reporter(session: Any, fields: list[tuple[bytes, bytes]], head: bool) -> None:
                 access_log.h3_answered(session.peer, fields, head, answers)
 
-        self.sockets = [
-            QuicSocket(
-                state,
-                sock,
-                H3Endpoint(
-                    plan.configuration,
-                    self.answers,
-                    state.rules,
-                    reporter,
-                    cid_prefix,
-                    max_connections,
-                ),
-            )
-            for sock in sockets
-        ]
+            self.reporter = reporter
+        self.sockets = [self._socket(sock, cid_prefix) for sock in sockets]
+        self.adopted: dict[int, list[QuicSocket]] = {}
+
+    def _socket(self, sock: Any, cid_prefix: bytes) -> QuicSocket:
+        endpoint = H3Endpoint(
+            self.plan.configuration,
+            self.answers,
+            self.state.rules,
+            self.reporter,
+            cid_prefix,
+            self.max_connections,
+        )
+        return QuicSocket(self.state, sock, endpoint)
+
+    def _all(self) -> list[QuicSocket]:
+        return [*self.sockets, *(sock for socks in self.adopted.values() for sock in socks)]
+
+    def adopt(self, slot: int, sockets: list[Any], cid_prefix: bytes) -> None:
+        """Read `slot`'s UDP sockets too, until `release(slot)`."""
+        if slot not in self.adopted and sockets:
+            self.adopted[slot] = [self._socket(sock, cid_prefix) for sock in sockets]
+
+    def release(self, slot: int) -> None:
+        """`slot` is served again: its connections here are closed, and our copies of its
+        sockets (the arbiter keeps its own)."""
+        for socket in self.adopted.pop(slot, []):
+            socket.close(close_socket=False)
 
     def refresh(self, now: float) -> None:
         """Once a second (the worker's clock): the Date."""
         self.answers.refresh(now)
 
     def connections(self) -> int:
-        return sum(len(socket.endpoint) for socket in self.sockets)
+        return sum(len(socket.endpoint) for socket in self._all())
 
     def busy(self) -> bool:
         """Connections are open and not closing (a draining worker waits for them, up to
         graceful_timeout)."""
-        return any(socket.endpoint.busy() for socket in self.sockets)
+        return any(socket.endpoint.busy() for socket in self._all())
 
     def drain(self, drained: Any) -> None:
         """GOAWAY everywhere; `drained()` each time a socket's last connection is gone."""
-        for socket in self.sockets:
+        for socket in self._all():
             socket.drain(drained)
 
     def close(self) -> None:
-        for socket in self.sockets:
+        for socket in self._all():
             socket.close()

@@ -460,6 +460,14 @@ class VryptWorker(Worker):
                     watchers.append((self.loop.io(sock.fileno(), READ), sock))
                 self._adopted[slot] = watchers
                 self._accepting.extend(watchers)
+                # Its UDP sockets too (http3.py), by one worker only (the lowest slot served):
+                # two readers of one UDP socket would each lose what the other reads.
+                if self.quic is not None and not any(
+                    other < self.slot and not listeners.orphaned(other, self.ppid)
+                    for other in self.spare_slots
+                ):
+                    held = http3.held_sockets(slot)
+                    self.quic.adopt(slot, held, http3.cid_prefix(slot))
                 if not self._accept_paused:
                     for watcher, sock in watchers:
                         watcher.start(self._on_acceptable, sock, int(sock.family))
@@ -471,6 +479,8 @@ class VryptWorker(Worker):
             self._tend_slots()
 
     def _drop_adopted(self, slot: int) -> None:
+        if self.quic is not None:
+            self.quic.release(slot)
         for pair in self._adopted.pop(slot):
             pair[0].close()
             self._accepting.remove(pair)
