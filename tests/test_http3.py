@@ -302,3 +302,16 @@ def test_ttou_leaves_no_udp_socket_unread(certs) -> None:  # noqa: F811
                 assert is_vrypt(client.get(timeout=2))
             finally:
                 client.sock.close()
+
+
+def test_alt_svc_goes_into_the_answer_once() -> None:
+    """The answer over TCP carries Alt-Svc naming each port once; an operator's own Alt-Svc
+    line wins; HTTP/3 off leaves the answer as it is."""
+    from vrypt_worker import http3
+    from vrypt_worker.answer import Answer
+
+    plan = http3.Plan((("127.0.0.1", 8443), ("::1", 8443), ("127.0.0.1", 9443)), None)
+    assert http3.advertised(Answer(), plan).headers == (b'Alt-Svc: h3=":8443", h3=":9443"',)
+    own = Answer(headers=(b"alt-svc: clear",))
+    assert http3.advertised(own, plan) is own
+    assert http3.advertised(Answer(), None) == Answer()
