@@ -15,6 +15,9 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from hyperframe.frame import SettingsFrame
+
+from tests import h2_peer
 from tests.h2client import H2Client, is_vrypt_h2
 from tests.support import Server, StrictReader, running
 from tests.test_metrics import Collector, metrics_env
@@ -174,14 +177,25 @@ def test_http1_still_served_on_an_h2c_port(server: Server) -> None:
         assert second is not None and second.status == 200 and second.body == b""
 
 
-def test_prior_knowledge_only_port_answers_http1_with_400() -> None:
+def read_to_eof(sock: socket.socket, limit: float = 5.0) -> bytes:
+    sock.settimeout(limit)
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+def test_prior_knowledge_only_port_refuses_http1_with_goaway() -> None:
+    # Issue 22: a trusted peer served HTTP/2 only that does not send the preface gets HTTP/2
+    # frames only (our SETTINGS, GOAWAY(PROTOCOL_ERROR)) and the close, RFC 9113 §3.4; the
+    # original answered an HTTP/1.1 400.
     with running("--http-protocols", "h2,h1", "--http2-cleartext", "prior-knowledge") as srv:
         with srv.connect() as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            reader = StrictReader(sock)
-            answer = reader.read()
-            assert answer is not None and answer.status == 400
-            assert reader.at_eof()
+            got = read_to_eof(sock)
+        frames = h2_peer.parse(got)  # raises on anything that is not whole HTTP/2 frames
+        assert isinstance(frames[0], SettingsFrame), frames
+        assert h2_peer.goaway_code(got) == 1, frames  # PROTOCOL_ERROR
         client = H2Client.connect(srv.port)
         try:
             stream_id = client.request()
