@@ -14,7 +14,6 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-
 from hyperframe.frame import SettingsFrame
 
 from tests import h2_peer

@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from vrypt_worker import answer, listeners, metrics, settings, tls
+from vrypt_worker import answer, listeners, metrics, reexec, settings, tls
 
 # The gunicorn Arbiter this process runs, once one of our hooks has seen it (None before that,
 # and for good where gunicorn never called them: check_config says so).
@@ -68,6 +68,7 @@ def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None
     listeners.want_workers(new_value)
     if server is not _server:  # once per arbiter (a USR2 upgrade is a new process)
         _server = server
+        reexec.start_as_started(server)  # USR2 re-executes `python -m gunicorn` as started
         _freeze_heap_at_fork()
         _spawn_replacements_at_once(server)
 
@@ -89,11 +90,13 @@ def on_starting(server: Any) -> None:
     cfg = server.cfg
     if cfg.control_socket_disable or cfg.control_socket != cfg.settings["control_socket"].default:
         return
-    path = settings.control_socket_path(cfg.address, cfg.control_socket)
+    plain = path = settings.control_socket_path(cfg.address, cfg.control_socket)
     if _socket_in_use(path):
         # Another live server with the same binds (two SO_REUSEPORT servers can share a port):
         # never take its socket over. gunicorn announces the path it listens at.
         path = settings.control_socket_path(cfg.address, cfg.control_socket, os.getpid())
+        if server.master_pid:  # a USR2 upgrade: the plain name is ours again once promoted
+            reexec.plain_control_socket_at_promotion(server, plain, _socket_in_use)
     cfg.set("control_socket", path)
 
 
