@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from vrypt_worker import answer, listeners, metrics, reexec, settings, tls
+from vrypt_worker import announce, answer, listeners, metrics, reexec, settings, tls
 
 # The gunicorn Arbiter this process runs, once one of our hooks has seen it (None before that,
 # and for good where gunicorn never called them: check_config says so).
@@ -69,6 +69,7 @@ def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None
     if server is not _server:  # once per arbiter (a USR2 upgrade is a new process)
         _server = server
         reexec.start_as_started(server)  # USR2 re-executes `python -m gunicorn` as started
+        announce.listening_once(server.log)  # `Listening at:` names each address once
         _freeze_heap_at_fork()
         _spawn_replacements_at_once(server)
 
@@ -172,8 +173,7 @@ def check_config(cfg: Any, log: Any) -> None:
             "systemd sockets; see docs/reliability.md"
         )
     if listeners.slot_mode():
-        # gunicorn's `Listening at:` names every slot's listener, so an address shows once per
-        # worker: say why, once.
+        # `Listening at:` counts each address's listeners (announce.py): say why there are many.
         log.info(
             "vrypt_worker: one SO_REUSEPORT listener per worker on each address, kept by "
             "the arbiter so that restarts never leave the port without one "
