@@ -1,4 +1,5 @@
-"""What the arbiter's `Listening at:` line says, with one SO_REUSEPORT listener per worker slot.
+"""What the arbiter says about its listeners at start: the `Listening at:` line, with one
+SO_REUSEPORT listener per worker slot, and the address families each wildcard address serves.
 
 gunicorn builds the line from its `Arbiter.LISTENERS`, which here hold every slot's listener
 (listeners.py), so each address showed once per worker: `http://0.0.0.0:8080,http://0.0.0.0:8080`.
@@ -19,6 +20,8 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+
+from vrypt_worker import families
 
 # gunicorn 27's Arbiter.start and Arbiter.reload, verbatim.
 AT_START = "Listening at: %s (%s)"
@@ -56,3 +59,14 @@ def listening_once(log: Any) -> None:
     logger = getattr(log, "error_log", None) or logging.getLogger("gunicorn.error")
     if not any(isinstance(f, ListeningOnce) for f in logger.filters):
         logger.addFilter(ListeningOnce())
+
+
+def families_served(listeners: list[Any], log: Any) -> None:
+    """Say at start what each wildcard address serves: IPv6 and IPv4 (`[::]`, the default), or
+    one family only, and why (families.describe)."""
+    said: set[str] = set()
+    for listener in listeners:
+        text = families.describe(listener)
+        if text is not None and text not in said:
+            said.add(text)
+            log.info("vrypt_worker: %s", text)

@@ -179,6 +179,8 @@ def check_config(cfg: Any, log: Any) -> None:
             "the arbiter so that restarts never leave the port without one "
             "(VRYPT_REUSE_PORT=0 for a single shared listener)"
         )
+    if _server is not None:
+        announce.families_served(_server.LISTENERS, log)  # IPv6 and IPv4, or why not
     metrics.start(cfg, log)  # shared counter slots and the StatsD pusher, before any fork
 
 

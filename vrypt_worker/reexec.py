@@ -53,6 +53,15 @@ def unshadow_stdlib() -> None:
             del sys.modules[name]
 
 
+def gunicorn_main() -> str:
+    """The path of gunicorn's `__main__.py` (imports gunicorn): `vrypt-server` puts it first in
+    the command line it hands gunicorn, so that a USR2 upgrade re-executes `python -m gunicorn`
+    with gunicorn's arguments (its own command line takes a port, not gunicorn's flags)."""
+    import gunicorn
+
+    return os.path.join(os.path.dirname(os.path.realpath(gunicorn.__file__)), "__main__.py")
+
+
 def start_as_started(server: Any) -> None:
     """The command gunicorn's Arbiter re-executes on USR2 (`START_CTX["args"]`: the interpreter,
     then sys.argv): when it runs gunicorn's `__main__.py` by path, run the module instead."""

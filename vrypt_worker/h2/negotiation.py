@@ -6,7 +6,8 @@
   `http` and TLS is off (with TLS,
   HTTP/2 is chosen by ALPN).
 - Only peers in `forwarded_allow_ips` may use h2c (Unix socket peers are trusted); everyone else
-  is served HTTP/1.x as if the setting were off.
+  is served HTTP/1.x as if the setting were off. An IPv4 peer of a dual-stack listener
+  (`::ffff:a.b.c.d`) is judged by its IPv4 address, unlike gunicorn.
 - With `prior-knowledge` alone, a trusted peer whose first bytes are not the connection preface
   (or whose preface does not complete within H2C_PREFACE_TIMEOUT) is refused; with `both`, an
   HTTP/1 request goes on as HTTP/1 (it may be the upgrade request).
@@ -107,6 +108,11 @@ class H2cPolicy:
             ip = ipaddress.ip_address(peer[0])
         except ValueError:
             return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            # An IPv4 client of a dual-stack `[::]` listener (the default bind, families.py):
+            # judged as the IPv4 address it is, so that `127.0.0.1` in forwarded_allow_ips
+            # still means the local proxy. (gunicorn compares ::ffff:127.0.0.1 as IPv6.)
+            ip = ip.ipv4_mapped
         return any(ip in network for network in self.networks)
 
     def prior_knowledge_allowed(self, peer: Any) -> bool:
