@@ -18,7 +18,18 @@ from pathlib import Path
 import h11
 import pytest
 
-from tests.support import CONF, DATE, ROOT, Server, base_env, free_port, running
+from tests.support import (
+    CONF,
+    DATE,
+    ROOT,
+    Server,
+    base_env,
+    free_port,
+    is_vrypt,
+    read_responses,
+    running,
+    start_server,
+)
 from vrypt_worker import response
 from vrypt_worker.answer import DEFAULT
 
@@ -389,6 +400,30 @@ def test_help_shows_the_port_variable() -> None:
     with_port = refused([*VRYPT_SERVER, "--help"], env)
     assert with_port.returncode == 0 and "default: $PORT, now 9000" in with_port.stdout
     assert "default 8080" not in with_port.stdout
+
+
+def test_help_says_a_bad_port_variable_is_invalid() -> None:
+    # Issue 22: the original said "default: $PORT, now abc", a port the start then refused.
+    bad = refused([*VRYPT_SERVER, "--help"], base_env(PORT="abc"))
+    assert bad.returncode == 0, bad.stderr
+    text = " ".join(bad.stdout.split())
+    assert "now abc" not in text, text
+    assert "the default, $PORT, is invalid: $PORT='abc': not a port number" in text, text
+
+
+@pytest.mark.timeout(60)
+def test_a_port_argument_wins_over_a_bad_port_variable() -> None:
+    # Issue 22: the original refused `PORT=abc vrypt-server 9000` although a port was given.
+    port = free_port()
+    env = base_env(PORT="abc", GUNICORN_CMD_ARGS="--no-control-socket --workers 1")
+    server = start_server(cmd=[*VRYPT_SERVER, str(port)], port=port, env=env)
+    try:
+        with server.connect() as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert is_vrypt(read_responses(sock, 1)[0])
+        assert "abc" not in server.log, server.log
+    finally:
+        server.stop()
 
 
 # --- a quiet, clear first start ------------------------------------------------------------------

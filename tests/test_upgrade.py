@@ -95,6 +95,21 @@ def test_gunicorn_main_run_by_path_serves_and_upgrades() -> None:
         server.stop()
 
 
+def test_usr2_after_vrypt_server_serves() -> None:
+    # The original re-executed `python vrypt-server -c python:vrypt_worker.conf ...`: the argv it
+    # had handed gunicorn, whose first word is no file ("can't open file .../vrypt-server").
+    port = free_port()
+    env = base_env(GUNICORN_CMD_ARGS="--no-control-socket --workers 1")
+    cmd = [sys.executable, "-m", "vrypt_worker", str(port)]
+    server = start_server(port=port, env=env, cmd=cmd)
+    try:
+        upgrade_then_stop_the_old(server)
+        assert answers(port)
+        assert "Traceback" not in server.log, server.log
+    finally:
+        server.stop()
+
+
 def test_promoted_arbiter_takes_the_plain_control_socket_name() -> None:
     # The new arbiter starts while the old one holds vrypt-127.0.0.1-PORT.ctl and takes a
     # pid-suffixed name; the old one deletes the plain name when it exits. The original left the
