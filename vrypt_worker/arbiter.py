@@ -60,6 +60,8 @@ def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None
     global _server, _setup_cfg
     cfg = server.cfg
     if cfg is not _setup_cfg:  # Arbiter.setup, not TTIN/TTOU
+        if _setup_cfg is None:  # the start, not a HUP (on_reload keeps the answer on a bad one)
+            _refuse_bad_settings(cfg, server.log)  # before anything binds, as for $PORT
         _setup_cfg = cfg
         held = listeners.prepare(cfg, server.log, bool(server.LISTENERS))
         if held is not None:
@@ -153,9 +155,9 @@ def check_config(cfg: Any, log: Any) -> None:
         raise RuntimeError(
             "vrypt_worker.VryptWorker cannot honour these settings: " + "; ".join(refused)
         )
-    # A bad VRYPT_* variable or answer setting stops the start here, in the arbiter, with
-    # a message naming it (exit 2), instead of failing in every worker; the chosen answer is
-    # inherited by every worker forked after this.
+    # A bad VRYPT_* variable or answer setting stops the start in the arbiter, with a message
+    # naming it (exit 2), instead of failing in every worker: before the binds (nworkers_changed),
+    # or here when that hook did not run; the chosen answer is inherited by every worker.
     _check_settings(cfg, log)
     if _server is None:
         log.warning(
@@ -184,10 +186,11 @@ def check_config(cfg: Any, log: Any) -> None:
     metrics.start(cfg, log)  # shared counter slots and the StatsD pusher, before any fork
 
 
-def _check_settings(cfg: Any, log: Any) -> None:
-    """The operators' settings: refuse a bad variable or answer setting (exit 2, the setting
-    named in the log), choose the answer every worker inherits, and say only what the operator
-    set and can act on."""
+def _refuse_bad_settings(cfg: Any, log: Any) -> answer.Answer:
+    """Refuse a bad variable or answer setting (exit 2, the setting named in the log), else
+    choose the answer every worker inherits. From nworkers_changed at the start, before any
+    listener is bound (so no `Listening at:` line makes a refused start look started), and from
+    check_config (for a start whose hooks never ran)."""
     try:
         settings.check_worker_environment()
         settings.check_bind_ports(cfg.address)
@@ -196,6 +199,14 @@ def _check_settings(cfg: Any, log: Any) -> None:
         log.error("vrypt_worker cannot start: %s", exc)
         sys.exit(settings.EXIT_BAD_SETTING)
     answer.activate(chosen)
+    return chosen
+
+
+def _check_settings(cfg: Any, log: Any) -> None:
+    """The operators' settings: refuse a bad one, choose the answer every worker inherits, and
+    say only what the operator set and can act on."""
+    # Checked already when nworkers_changed saw this config (the start, before the binds).
+    chosen = answer.active() if cfg is _setup_cfg else _refuse_bad_settings(cfg, log)
     if chosen != answer.DEFAULT:
         log.info(
             "vrypt_worker answers %d %s: %d-byte body, %d extra header lines",
