@@ -52,9 +52,7 @@ def test_curl_prior_knowledge_get_head_post(server: Server) -> None:
     head_only = curl("--http2-prior-knowledge", "-I", url)
     assert head_only.stdout.startswith("HTTP/2 200") and "content-length: 5" in head_only.stdout
     for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "FOO"):
-        answer = curl(
-            "--http2-prior-knowledge", "-X", method, "--data-binary", "x" * 100_000, url
-        )
+        answer = curl("--http2-prior-knowledge", "-X", method, "--data-binary", "x" * 100_000, url)
         assert answer.stdout == "Vrypt", (method, answer.stderr)
 
 
@@ -88,9 +86,7 @@ def test_nghttp_prior_knowledge_and_upgrade(server: Server) -> None:
 
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed")
 def test_h2load_many_streams_no_errors(server: Server) -> None:
-    answer = run(
-        "h2load", "-c", "10", "-m", "10", "-n", "5000", f"http://127.0.0.1:{server.port}/"
-    )
+    answer = run("h2load", "-c", "10", "-m", "10", "-n", "5000", f"http://127.0.0.1:{server.port}/")
     assert answer.returncode == 0, answer.stdout + answer.stderr
     assert re.search(r"5000 succeeded, 0 failed, 0 errored", answer.stdout), answer.stdout
     assert re.search(r"status codes: 5000 2xx", answer.stdout), answer.stdout
@@ -416,9 +412,10 @@ def test_gunicorn_http2_limits_are_advertised_and_enforced() -> None:
             client.conn.remote_settings.max_concurrent_streams = 100  # let the client exceed it
             ids = [client.request("POST", body=b"x", end=False) for _ in range(5)]
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and sum(
-                client.streams[s].reset is not None for s in ids
-            ) < 2:
+            while (
+                time.monotonic() < deadline
+                and sum(client.streams[s].reset is not None for s in ids) < 2
+            ):
                 client.receive_some()
             assert [client.streams[s].reset for s in ids] == [None, None, None, 7, 7]
         finally:
