@@ -232,6 +232,7 @@ class VryptWorker(Worker):
         clock.start(self._on_clock)
         sweep = loop.timer(1.0, 1.0)
         sweep.start(self._on_sweep)
+        metrics.watch(self)  # whose turn it is to push the metrics: looked at from the start
         if self.cfg.reuse_port:  # listeners bound by each worker: the arbiter has none to name
             self.log.info(
                 "Listening at: %s (worker %s)", ",".join(map(str, self.sockets)), self.pid
