@@ -428,7 +428,7 @@ class VryptWorker(Worker):
     def _on_sweep(self) -> None:
         self.notify()
         metrics.publish(self)
-        metrics.watch(self)  # takes over a dead metrics pusher's role (at most once per sweep)
+        metrics.watch(self)  # takes the pushing turn when the worker that had it is gone
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
         now = time.monotonic()
         # The wheel: only the connections filed under this tick are looked at (their timeouts
