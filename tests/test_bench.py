@@ -135,7 +135,9 @@ def test_nginx_with_deferred_accepts_is_measured_when_named(tmp_path: Path) -> N
     [summary] = data["summary"]
     assert summary["server"] == "nginx-deferred" and summary["scenario"] == "close"
     assert summary["rps"] > 0 and summary["errors"] == 0
-    assert 0.9 < summary["connections_per_req"] < 1.1, summary
+    # (wrk's 100 connections still open when the 1 s run ends made no request: on a busy
+    # machine, with a few hundred requests in the run, they add 100 / rps to the ratio)
+    assert 0.9 < summary["connections_per_req"] < 1.1 + 100 / summary["rps"], summary
 
 
 @needs_wrk

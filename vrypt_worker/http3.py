@@ -28,7 +28,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from vrypt_worker import answer, settings
+from vrypt_worker import answer, listeners, settings
 from vrypt_worker.answer import Answer
 
 
@@ -203,6 +203,17 @@ def held_sockets(slot: int) -> list[socket.socket]:
     """In a worker: the UDP sockets of another slot, inherited at the fork (to adopt it while
     nobody serves it); none for a slot made after this worker was forked."""
     return _slots.get(slot, [])
+
+
+def adopts(mine: int, orphan: int, slots: Any) -> bool:
+    """Whether the worker serving slot `mine` reads the UDP sockets of `orphan` while nobody
+    serves it: only one worker may (two readers of one UDP socket each lose what the other
+    reads), the one serving the lowest slot still served (`slots`: the other slots it knows)."""
+    arbiter_pid = os.getppid()
+    return not any(
+        other < mine and other != orphan and not listeners.orphaned(other, arbiter_pid)
+        for other in slots
+    )
 
 
 def own_sockets() -> list[socket.socket]:
