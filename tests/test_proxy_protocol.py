@@ -318,8 +318,11 @@ frontend front
 
 def curl_through(port: int, source: str, local_port: int) -> str:
     out = subprocess.run(
-        ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--interface", source]
-        + ["--local-port", str(local_port), f"http://127.0.0.1:{port}/p", "-m", "5"],
+        [
+            *("curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "5"),
+            *("--interface", source, "--local-port", str(local_port)),
+            f"http://127.0.0.1:{port}/p",
+        ],
         capture_output=True,
         text=True,
         timeout=10,
@@ -342,18 +345,18 @@ def test_behind_haproxy(tmp: Path, server_options: str, checks: bool) -> None:
     """curl from 127.0.0.2 (a port of its own) through HAProxy: the access log shows curl's
     address and port, not HAProxy's; health checks keep the server up."""
     log = tmp / "access.log"
-    with running(*logged(log, "--proxy-protocol", "auto")) as server:
-        with haproxy(server.port, server_options, checks) as (port, hap_log):
-            if checks:
-                deadline = time.monotonic() + 10
-                while "/health" not in log.read_text() and time.monotonic() < deadline:
-                    time.sleep(0.1)
-            local_ports = [free_port() for _ in range(3)]
-            codes = [curl_through(port, "127.0.0.2", local) for local in local_ports]
-            assert codes == ["200"] * 3, hap_log.read_text()
-            lines = lines_of(log, 3, pattern=" /p ")
-            text = hap_log.read_text()
-            assert "DOWN" not in text, text
+    server_cm = running(*logged(log, "--proxy-protocol", "auto"))
+    with server_cm as server, haproxy(server.port, server_options, checks) as (port, hap_log):
+        if checks:
+            deadline = time.monotonic() + 10
+            while "/health" not in log.read_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        local_ports = [free_port() for _ in range(3)]
+        codes = [curl_through(port, "127.0.0.2", local) for local in local_ports]
+        assert codes == ["200"] * 3, hap_log.read_text()
+        lines = lines_of(log, 3, pattern=" /p ")
+        text = hap_log.read_text()
+        assert "DOWN" not in text, text
     assert lines == [f"127.0.0.2 127.0.0.2 {local} /p 200" for local in local_ports]
     if checks:
         checks_seen = [line for line in log.read_text().splitlines() if "/health" in line]
