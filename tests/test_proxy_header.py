@@ -372,3 +372,18 @@ def test_random_bytes_after_a_signature_never_crash_the_reader() -> None:
             continue
         if header is not None:
             assert 0 < header.length <= len(data)
+
+
+def test_v1_tcp4_lines_agree_with_gunicorn_whichever_path_reads_them() -> None:
+    """The usual TCP4 line is matched in one call (proxy_header's `_V1_TCP4`), anything else
+    field by field: random octets and ports, leading zeros, signs and out-of-range values among
+    them, get gunicorn's verdict either way."""
+    rng = random.Random(2222)
+    pieces = ["0", "1", "9", "10", "99", "100", "199", "249", "250", "255", "256", "00", "01"]
+    ports = ["0", "1", "80", "08", "00080", "65535", "65536", "99999", "+80", "123456", "-0"]
+    for _ in range(3000):
+        quads = [".".join(rng.choice(pieces) for _ in range(4)) for _ in range(2)]
+        line = f"PROXY TCP4 {quads[0]} {quads[1]} {rng.choice(ports)} {rng.choice(ports)}\r\n"
+        header = line.encode()
+        theirs, mine = gunicorn_reads(header), ours(header)
+        assert same(theirs, mine), (header, theirs, mine)

@@ -36,7 +36,13 @@ from _socket import socket as RawSocket
 from collections.abc import Callable
 from typing import Any
 
-from vrypt_worker.connection import SPARE_READERS, BaseConnection, WorkerState, never_received
+from vrypt_worker.connection import (
+    FIRST_RECV_SIZE,
+    SPARE_READERS,
+    BaseConnection,
+    WorkerState,
+    never_received,
+)
 from vrypt_worker.framing import BAD_REQUEST
 from vrypt_worker.proxy_header import (
     MODES,
@@ -49,9 +55,9 @@ from vrypt_worker.proxy_header import (
 
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
 # The read at the accept: a header (107 bytes at most for v1, 16 + addresses + TLVs for v2) and
-# the first request's head in most cases. What does not fit stays in the kernel, which wakes the
+# usually the first request's head. What does not fit stays in the kernel, which wakes the
 # connection for it.
-_FIRST_READ = 1024 - 33
+_FIRST_READ = FIRST_RECV_SIZE  # (a small bytes object: connection.py says why)
 _READ = 4096
 # Peers of `proxy_allow_ips` looked up so far (address -> allowed), at most this many.
 _ALLOWED_CACHE = 4096
@@ -88,7 +94,17 @@ class ProxyStage:
     connection for a socket (`peer`: the TCP peer, for h2c's trust), `add(conn)` gives it to
     the worker."""
 
-    __slots__ = ("add", "allowed", "make", "networks", "read_first", "state", "v1", "v2")
+    __slots__ = (
+        "add",
+        "allowed",
+        "first_read",
+        "make",
+        "networks",
+        "read_first",
+        "state",
+        "v1",
+        "v2",
+    )
 
     def __init__(
         self,
@@ -99,8 +115,12 @@ class ProxyStage:
         make: Callable[[Any, Any], BaseConnection],
         add: Callable[[BaseConnection], None],
         read_first: bool,
+        first_read: Callable[[int, int, bytes], None] | None = None,
     ) -> None:
         self.state = state
+        # plain.FirstRead.read for plain HTTP/1 listeners (not TLS, not h2c): what follows the
+        # header goes to the first read the connection would have had without PROXY.
+        self.first_read = first_read
         self.v1, self.v2 = MODES[mode]
         self.make = make
         self.add = add
@@ -117,13 +137,15 @@ class ProxyStage:
         make: Callable[[Any, Any], BaseConnection],
         add: Callable[[BaseConnection], None],
         read_first: bool,
+        first_read: Callable[[int, int, bytes], None] | None = None,
     ) -> ProxyStage | None:
         """The stage for gunicorn's settings, or None when `proxy_protocol` is off."""
         mode = cfg.proxy_protocol or "off"
         if mode == "off":
             return None
+        allow = list(cfg.proxy_allow_ips)
         networks = cfg.proxy_allow_networks()
-        return cls(state, mode, list(cfg.proxy_allow_ips), networks, make, add, read_first)
+        return cls(state, mode, allow, networks, make, add, read_first, first_read)
 
     def may_send(self, peer: Any) -> bool:
         """Whether `peer` (the TCP peer) may send a PROXY header (`proxy_allow_ips`). A unix
@@ -145,28 +167,43 @@ class ProxyStage:
         return allowed
 
     def __call__(self, fd: int, family: int, peer: Any) -> None:
-        """A connection just accepted (`fd` from accept4, `peer` its address)."""
+        """A connection just accepted (`fd` from accept4, `peer` its address). The usual case,
+        a whole header and what follows it in the read at the accept, costs a read, `detect`,
+        `parse` and the ordinary first read (`first_read`: plain.FirstRead, whose descriptor
+        path answers a closing request without a socket object); anything else goes through a
+        socket object and `decide`."""
+        data = b""
         try:
             os.set_blocking(fd, False)
+            if self.read_first:
+                data = os.read(fd, _FIRST_READ)
+                if not data:  # connected and closed without a byte
+                    os.close(fd)
+                    return
+        except (BlockingIOError, InterruptedError):
+            pass  # nothing yet: a HeaderConnection waits for it
         except OSError:
             os.close(fd)
             return
+        first_read = self.first_read
+        if data and first_read is not None:
+            version = detect(data, self.v1, self.v2)
+            if version == NOT_PROXY:
+                first_read(fd, family, data)
+                return
+            if version != PARTIAL and (self.networks is None or self.may_send(peer)):
+                try:
+                    header = parse(data, version)
+                except ProxyHeaderError:
+                    header = None  # decide() answers it
+                # (with the access log on, a carried client needs the socket object that says
+                # who it is: decide's path)
+                if header is not None and (header.source is None or self.state.access_log is None):
+                    first_read(fd, family, data[header.length :])
+                    return
         sock = ProxiedSocket(family, _NONBLOCKING_STREAM, 0, fd)
         sock.peer = None
         sock.rest = b""
-        data = b""
-        if self.read_first:
-            try:
-                data = sock.recv(_FIRST_READ)
-            except (BlockingIOError, InterruptedError):
-                pass  # nothing yet: the HeaderConnection waits for it
-            except OSError:
-                sock.close()
-                return
-            else:
-                if not data:  # connected and closed without a byte
-                    sock.close()
-                    return
         self.decide(sock, peer, data, None)
 
     def decide(self, sock: Any, peer: Any, data: bytes, waiting: HeaderConnection | None) -> None:

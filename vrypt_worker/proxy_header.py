@@ -27,7 +27,9 @@ in docs/proxy-protocol.md:
 
 from __future__ import annotations
 
+import re
 import socket
+import struct
 from typing import NamedTuple
 
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -52,6 +54,21 @@ _ADDRESS_BYTES = {_INET: 12, _INET6: 36, _UNIX: 216}
 MODES = {"off": (False, False), "v1": (True, False), "v2": (False, True), "auto": (True, True)}
 
 
+# The usual v1 line, matched in one call: TCP4 with dotted quads as inet_pton reads them (0-255,
+# no leading zero) and ports of at most five digits. Any other line (TCP6, UNKNOWN, odd ports,
+# errors) is read field by field, the same verdicts either way (tests/test_proxy_header.py).
+_OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_IPV4 = _OCTET + rb"(?:\." + _OCTET + rb"){3}"
+_V1_TCP4 = re.compile(
+    rb"PROXY TCP4 (" + _IPV4 + rb") (" + _IPV4 + rb") ([0-9]{1,5}) ([0-9]{1,5})\r\n"
+).match
+_V2_INET = struct.Struct("!4s4sHH").unpack_from
+_V2_INET6 = struct.Struct("!16s16sHH").unpack_from
+_ntop = socket.inet_ntop
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+_new = tuple.__new__  # a Header without NamedTuple's Python-level __new__ (the accept path)
+
+
 class ProxyHeaderError(ValueError):
     """A PROXY header that is malformed (HTTP 400, as gunicorn's InvalidProxyLine)."""
 
@@ -68,18 +85,12 @@ class Header(NamedTuple):
 def detect(data: bytes, v1: bool, v2: bool) -> int:
     """Whether `data`, a connection's first bytes, begins a PROXY header of an enabled version:
     V1, V2, NOT_PROXY, or PARTIAL (a prefix of an enabled signature: read more)."""
-    if v2:
-        head = data[:12]
-        if head == V2_SIGNATURE:
-            return V2
-        if V2_SIGNATURE.startswith(head):
-            return PARTIAL
-    if v1:
-        head = data[:6]
-        if head == V1_PREFIX:
-            return V1
-        if V1_PREFIX.startswith(head):
-            return PARTIAL
+    if v1 and data.startswith(V1_PREFIX):
+        return V1
+    if v2 and data.startswith(V2_SIGNATURE):
+        return V2
+    if (v1 and V1_PREFIX.startswith(data[:6])) or (v2 and V2_SIGNATURE.startswith(data[:12])):
+        return PARTIAL
     return NOT_PROXY
 
 
@@ -90,6 +101,20 @@ def parse(data: bytes, version: int) -> Header | None:
 
 
 def parse_v1(data: bytes) -> Header | None:
+    match = _V1_TCP4(data)  # the usual line, read in one C call
+    if match is not None:
+        source, destination, s_port, d_port = match.groups()
+        s_number, d_number = int(s_port), int(d_port)
+        if s_number <= 65535 and d_number <= 65535:
+            return _new(
+                Header,
+                (
+                    match.end(),
+                    "TCP4",
+                    (source.decode("ascii"), s_number),
+                    (destination.decode("ascii"), d_number),
+                ),
+            )
     end = data.find(b"\r\n", 0, V1_MAX)
     if end < 0:
         if len(data) >= V1_MAX:
@@ -150,17 +175,25 @@ def parse_v2(data: bytes) -> Header | None:
         name = {_INET: "UDP4", _INET6: "UDP6"}.get(family, "UNIX")
         return Header(total, name, None, None)
     if family == _INET:
-        return Header(
-            total,
-            "TCP4",
-            (socket.inet_ntop(socket.AF_INET, data[16:20]), int.from_bytes(data[24:26], "big")),
-            (socket.inet_ntop(socket.AF_INET, data[20:24]), int.from_bytes(data[26:28], "big")),
+        source, destination, s_port, d_port = _V2_INET(data, 16)
+        return _new(
+            Header,
+            (
+                total,
+                "TCP4",
+                (_ntop(_AF_INET, source), s_port),
+                (_ntop(_AF_INET, destination), d_port),
+            ),
         )
-    return Header(
-        total,
-        "TCP6",
-        (socket.inet_ntop(socket.AF_INET6, data[16:32]), int.from_bytes(data[48:50], "big")),
-        (socket.inet_ntop(socket.AF_INET6, data[32:48]), int.from_bytes(data[50:52], "big")),
+    source, destination, s_port, d_port = _V2_INET6(data, 16)
+    return _new(
+        Header,
+        (
+            total,
+            "TCP6",
+            (_ntop(_AF_INET6, source), s_port),
+            (_ntop(_AF_INET6, destination), d_port),
+        ),
     )
 
 

@@ -235,8 +235,14 @@ class VryptWorker(Worker):
         self.first_read = FirstRead(state, self.connection_class, self._add).read  # type: ignore[arg-type]
         # PROXY protocol (`proxy_protocol`): every connection's header first, then the connection
         # _connection makes; the stage does its own read at the accept (proxied.py).
+        plain = self.tls_context is None and self.h2c is None
         self.proxy = ProxyStage.from_config(
-            self.cfg, state, self._connection, self._add, self.defer_accept
+            self.cfg,
+            state,
+            self._connection,
+            self._add,
+            self.defer_accept,
+            self.first_read if plain else None,
         )
         if self.proxy is not None:
             self.read_at_accept = False
