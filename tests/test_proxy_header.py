@@ -35,6 +35,7 @@ from vrypt_worker.proxy_header import (
     ProxyHeaderError,
     detect,
     parse,
+    read_header,
     v1_header,
     v2_header,
 )
@@ -58,29 +59,44 @@ def gunicorn_reads(data: bytes, mode: str = "auto", peer: object = ("127.0.0.1",
     return request.proxy_protocol_info
 
 
+def read_header_says(whole: bytes, v1: bool, v2: bool) -> object:
+    try:
+        return read_header(whole, v1, v2)
+    except ProxyHeaderError:
+        return ProxyHeaderError
+
+
 def ours(data: bytes, mode: str = "auto") -> object:
-    """What we make of `data` + REQUEST, in the shape gunicorn_reads gives."""
+    """What we make of `data` + REQUEST, in the shape gunicorn_reads gives; and the accept
+    path's `read_header` must say the same as `detect` and `parse`."""
     v1, v2 = MODES[mode]
     whole = data + REQUEST
+    fast = read_header_says(whole, v1, v2)
+    slow = slow_reads(whole, v1, v2)
+    assert fast == slow and type(fast) is type(slow), (whole, fast, slow)
+    return slow
+
+
+def slow_reads(whole: bytes, v1: bool, v2: bool) -> object:
     version = detect(whole, v1, v2)
     if version == NOT_PROXY:
-        return None
+        return NOT_PROXY
     assert version != PARTIAL
     try:
         header = parse(whole, version)
     except ProxyHeaderError:
         return ProxyHeaderError
     if header is None:
-        return "more"
+        return PARTIAL
     assert whole[header.length :] == REQUEST, (header, whole)
     return header
 
 
 def same(theirs: object, mine: object) -> bool:
-    if theirs is None or mine is None:
-        return theirs is None and mine is None
-    if theirs == "more" or mine == "more":
-        return theirs == mine
+    if theirs is None or mine == NOT_PROXY:
+        return theirs is None and mine == NOT_PROXY
+    if theirs == "more" or mine == PARTIAL:
+        return theirs == "more" and mine == PARTIAL
     if isinstance(theirs, type):
         return mine is ProxyHeaderError
     if not isinstance(mine, Header):
@@ -298,7 +314,7 @@ def test_bytes_that_do_not_begin_a_header_are_decided_at_once() -> None:
 
 def test_plain_requests_pass_through_unchanged_as_in_gunicorn() -> None:
     for request in (b"", b"\r\n"):
-        assert gunicorn_reads(request) is None and ours(request) is None
+        assert gunicorn_reads(request) is None and ours(request) == NOT_PROXY
 
 
 # --- every split of every header --------------------------------------------------------------
@@ -313,15 +329,20 @@ def stage_reads(chunks: list[bytes], mode: str = "auto") -> tuple[object, bytes]
     for index, chunk in enumerate(chunks):
         data += chunk
         later = b"".join(chunks[index + 1 :])
+        fast = read_header_says(data, v1, v2)  # the accept path's reader says the same
         version = detect(data, v1, v2)
         if version == NOT_PROXY:
+            assert fast == NOT_PROXY
             return None, data + later
         if version == PARTIAL:
+            assert fast == PARTIAL
             continue
         try:
             header = parse(data, version)
         except ProxyHeaderError:
+            assert fast is ProxyHeaderError
             return ProxyHeaderError, b""
+        assert fast == (PARTIAL if header is None else header)
         if header is not None:
             return header, data[header.length :] + later
     return "more", data
@@ -360,18 +381,36 @@ def test_every_split_of_a_malformed_header_is_refused(header: bytes) -> None:
         assert stage_reads([wire[:cut], wire[cut:]])[0] is ProxyHeaderError, cut
 
 
-def test_random_bytes_after_a_signature_never_crash_the_reader() -> None:
+def test_random_bytes_after_a_signature_never_crash_either_reader() -> None:
+    """Random bytes after each signature (and after the prefixes `read_header` reads inline):
+    a header within the bytes, PARTIAL or ProxyHeaderError, never anything else, and the same
+    from both readers."""
     rng = random.Random(22)
+    prefixes = (V2_SIGNATURE, V2_SIGNATURE + b"\x21\x11", b"PROXY ", b"PROXY TCP4 ")
     for _ in range(20_000):
-        prefix = rng.choice((V2_SIGNATURE, b"PROXY "))
-        data = prefix + rng.randbytes(rng.randrange(0, 120))
-        version = V2 if prefix == V2_SIGNATURE else V1
-        try:
-            header = parse(data, version)
-        except ProxyHeaderError:
-            continue
-        if header is not None:
-            assert 0 < header.length <= len(data)
+        tail = rng.randbytes(rng.randrange(0, 120))
+        if rng.random() < 0.5:  # printable, closer to a line
+            tail = bytes(b % 64 + 32 for b in tail) + b"\r\n"
+        data = rng.choice(prefixes) + tail
+        fast = read_header_says(data, True, True)
+        slow = slow_reads_exact(data)
+        assert fast == slow and type(fast) is type(slow), (data, fast, slow)
+        if isinstance(fast, Header):
+            assert 0 < fast.length <= len(data)
+        else:
+            assert fast in (PARTIAL, ProxyHeaderError), fast
+
+
+def slow_reads_exact(data: bytes) -> object:
+    """`detect` then `parse`, as `decide` calls them, in `read_header`'s shape."""
+    version = detect(data, True, True)
+    if version <= NOT_PROXY:
+        return version
+    try:
+        header = parse(data, version)
+    except ProxyHeaderError:
+        return ProxyHeaderError
+    return PARTIAL if header is None else header
 
 
 def test_v1_tcp4_lines_agree_with_gunicorn_whichever_path_reads_them() -> None:

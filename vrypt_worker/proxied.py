@@ -51,6 +51,7 @@ from vrypt_worker.proxy_header import (
     ProxyHeaderError,
     detect,
     parse,
+    read_header,
 )
 
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
@@ -166,7 +167,7 @@ class ProxyStage:
                 self.allowed[host] = allowed
         return allowed
 
-    def __call__(self, fd: int, family: int, peer: Any) -> None:
+    def accept(self, fd: int, family: int, peer: Any) -> None:
         """A connection just accepted (`fd` from accept4, `peer` its address). The usual case,
         a whole header and what follows it in the read at the accept, costs a read, `detect`,
         `parse` and the ordinary first read (`first_read`: plain.FirstRead, whose descriptor
@@ -187,20 +188,22 @@ class ProxyStage:
             return
         first_read = self.first_read
         if data and first_read is not None:
-            version = detect(data, self.v1, self.v2)
-            if version == NOT_PROXY:
+            try:
+                header = read_header(data, self.v1, self.v2)
+            except ProxyHeaderError:
+                header = PARTIAL  # decide() answers it, after the peer's check
+            if header == NOT_PROXY:
                 first_read(fd, family, data)
                 return
-            if version != PARTIAL and (self.networks is None or self.may_send(peer)):
-                try:
-                    header = parse(data, version)
-                except ProxyHeaderError:
-                    header = None  # decide() answers it
-                # (with the access log on, a carried client needs the socket object that says
-                # who it is: decide's path)
-                if header is not None and (header.source is None or self.state.access_log is None):
-                    first_read(fd, family, data[header.length :])
-                    return
+            # (with the access log on, a carried client needs the socket object that says who
+            # it is: decide's path)
+            if (
+                header != PARTIAL
+                and (self.networks is None or self.may_send(peer))
+                and (header[2] is None or self.state.access_log is None)  # type: ignore[index]
+            ):
+                first_read(fd, family, data[header[0] :])  # type: ignore[index]
+                return
         sock = ProxiedSocket(family, _NONBLOCKING_STREAM, 0, fd)
         sock.peer = None
         sock.rest = b""

@@ -27,7 +27,6 @@ in docs/proxy-protocol.md:
 
 from __future__ import annotations
 
-import re
 import socket
 import struct
 from typing import NamedTuple
@@ -54,17 +53,12 @@ _ADDRESS_BYTES = {_INET: 12, _INET6: 36, _UNIX: 216}
 MODES = {"off": (False, False), "v1": (True, False), "v2": (False, True), "auto": (True, True)}
 
 
-# The usual v1 line, matched in one call: TCP4 with dotted quads as inet_pton reads them (0-255,
-# no leading zero) and ports of at most five digits. Any other line (TCP6, UNKNOWN, odd ports,
-# errors) is read field by field, the same verdicts either way (tests/test_proxy_header.py).
-_OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_IPV4 = _OCTET + rb"(?:\." + _OCTET + rb"){3}"
-_V1_TCP4 = re.compile(
-    rb"PROXY TCP4 (" + _IPV4 + rb") (" + _IPV4 + rb") ([0-9]{1,5}) ([0-9]{1,5})\r\n"
-).match
+# The fixed part of a v2 header and an IPv4 address block, read in one call (`read_header`).
+_V2_TCP4 = struct.Struct("!H4s4sHH").unpack_from
 _V2_INET = struct.Struct("!4s4sHH").unpack_from
 _V2_INET6 = struct.Struct("!16s16sHH").unpack_from
 _ntop = socket.inet_ntop
+_pton = socket.inet_pton
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 _new = tuple.__new__  # a Header without NamedTuple's Python-level __new__ (the accept path)
 
@@ -80,6 +74,45 @@ class Header(NamedTuple):
     command: str  # v1: TCP4, TCP6, UNKNOWN; v2: TCP4, TCP6, LOCAL, UNSPEC, UNIX, UDP4, UDP6
     source: tuple[str, int] | None  # None: the connection's own peer stands
     destination: tuple[str, int] | None
+
+
+def read_header(data: bytes, v1: bool, v2: bool) -> Header | int:
+    """`detect` and `parse` in one call, for the accept path: a complete Header, NOT_PROXY, or
+    PARTIAL (read more). Raises ProxyHeaderError. What a load balancer sends (v1 TCP4, v2 PROXY
+    over TCP/IPv4) is read inline, in a few C calls; the rest, and every doubt (a field that
+    does not convert), goes to `detect` and `parse`, so the verdicts are theirs (the tests
+    compare both paths). The accept path's cost per new connection: docs/proxy-protocol.md."""
+    if v1 and data.startswith(b"PROXY TCP4 "):
+        end = data.find(b"\r\n", 11, V1_MAX)
+        bits = data[11:end].split(b" ") if end > 0 else ()
+        if len(bits) == 4:
+            try:
+                source, destination = bits[0].decode("latin-1"), bits[1].decode("latin-1")
+                _pton(_AF_INET, source)
+                _pton(_AF_INET, destination)
+                s_port, d_port = int(bits[2]), int(bits[3])
+            except (ValueError, OSError):  # (UnicodeEncodeError too) parse() says what is wrong
+                pass
+            else:
+                if 0 <= s_port <= 65535 and 0 <= d_port <= 65535:
+                    return _new(Header, (end + 2, "TCP4", (source, s_port), (destination, d_port)))
+    elif v2 and data[12:14] == b"\x21\x11" and data.startswith(V2_SIGNATURE) and len(data) >= 28:
+        length, source, destination, s_port, d_port = _V2_TCP4(data, 14)
+        if length >= 12 and len(data) >= 16 + length:
+            return _new(
+                Header,
+                (
+                    16 + length,
+                    "TCP4",
+                    (_ntop(_AF_INET, source), s_port),
+                    (_ntop(_AF_INET, destination), d_port),
+                ),
+            )
+    version = detect(data, v1, v2)
+    if version <= NOT_PROXY:
+        return version
+    header = parse(data, version)
+    return PARTIAL if header is None else header
 
 
 def detect(data: bytes, v1: bool, v2: bool) -> int:
@@ -101,20 +134,6 @@ def parse(data: bytes, version: int) -> Header | None:
 
 
 def parse_v1(data: bytes) -> Header | None:
-    match = _V1_TCP4(data)  # the usual line, read in one C call
-    if match is not None:
-        source, destination, s_port, d_port = match.groups()
-        s_number, d_number = int(s_port), int(d_port)
-        if s_number <= 65535 and d_number <= 65535:
-            return _new(
-                Header,
-                (
-                    match.end(),
-                    "TCP4",
-                    (source.decode("ascii"), s_number),
-                    (destination.decode("ascii"), d_number),
-                ),
-            )
     end = data.find(b"\r\n", 0, V1_MAX)
     if end < 0:
         if len(data) >= V1_MAX:

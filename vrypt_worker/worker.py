@@ -160,7 +160,7 @@ class VryptWorker(Worker):
         # (plain.FirstRead). Set in run(), once the connection class is known.
         self.defer_accept = settings.env_flag("VRYPT_DEFER_ACCEPT", True)
         self.read_at_accept = False
-        self.proxy: ProxyStage | None = None  # PROXY protocol: the stage every accept goes to
+        self.proxy: Any = None  # PROXY protocol: the stage (ProxyStage.accept) every accept goes to
         self.access_log: Any = None
         # TLS (gunicorn's certfile/keyfile): one context per configuration, made here in the
         # arbiter before the fork, so that every worker resumes every worker's sessions.
@@ -236,7 +236,7 @@ class VryptWorker(Worker):
         # PROXY protocol (`proxy_protocol`): every connection's header first, then the connection
         # _connection makes; the stage does its own read at the accept (proxied.py).
         plain = self.tls_context is None and self.h2c is None
-        self.proxy = ProxyStage.from_config(
+        stage = ProxyStage.from_config(
             self.cfg,
             state,
             self._connection,
@@ -244,7 +244,8 @@ class VryptWorker(Worker):
             self.defer_accept,
             self.first_read if plain else None,
         )
-        if self.proxy is not None:
+        if stage is not None:
+            self.proxy = stage.accept
             self.read_at_accept = False
         self._done = gevent.event.Event()
         for listener in self.sockets:
