@@ -48,6 +48,7 @@ from vrypt_worker.proxy_header import (
     MODES,
     NOT_PROXY,
     PARTIAL,
+    Header,
     ProxyHeaderError,
     detect,
     parse,
@@ -55,6 +56,7 @@ from vrypt_worker.proxy_header import (
 )
 
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
+_AF_UNIX = socket.AF_UNIX
 # The read at the accept: a header (107 bytes at most for v1, 16 + addresses + TLVs for v2) and
 # usually the first request's head. What does not fit stays in the kernel, which wakes the
 # connection for it.
@@ -192,17 +194,20 @@ class ProxyStage:
                 header = read_header(data, self.v1, self.v2)
             except ProxyHeaderError:
                 header = PARTIAL  # decide() answers it, after the peer's check
-            if header == NOT_PROXY:
+            if header.__class__ is Header:  # (an is-test: cheaper than == on a tuple)
+                # The peer's check (`proxy_allow_ips`) first: a cached verdict for its address.
+                # With the access log on, a carried client needs the socket object that says
+                # who it is: decide's path.
+                if (
+                    self.networks is None
+                    or family == _AF_UNIX
+                    or self.allowed.get(peer[0])
+                    or self.may_send(peer)
+                ) and (header[2] is None or self.state.access_log is None):
+                    first_read(fd, family, data[header[0] :])
+                    return
+            elif header == NOT_PROXY:
                 first_read(fd, family, data)
-                return
-            # (with the access log on, a carried client needs the socket object that says who
-            # it is: decide's path)
-            if (
-                header != PARTIAL
-                and (self.networks is None or self.may_send(peer))
-                and (header[2] is None or self.state.access_log is None)  # type: ignore[index]
-            ):
-                first_read(fd, family, data[header[0] :])  # type: ignore[index]
                 return
         sock = ProxiedSocket(family, _NONBLOCKING_STREAM, 0, fd)
         sock.peer = None
