@@ -48,11 +48,10 @@ from vrypt_worker.proxy_header import (
     MODES,
     NOT_PROXY,
     PARTIAL,
-    Header,
     ProxyHeaderError,
     detect,
+    header_length,
     parse,
-    read_header,
 )
 
 _NONBLOCKING_STREAM = socket.SOCK_STREAM | socket.SOCK_NONBLOCK
@@ -171,10 +170,10 @@ class ProxyStage:
 
     def accept(self, fd: int, family: int, peer: Any) -> None:
         """A connection just accepted (`fd` from accept4, `peer` its address). The usual case,
-        a whole header and what follows it in the read at the accept, costs a read, `detect`,
-        `parse` and the ordinary first read (`first_read`: plain.FirstRead, whose descriptor
-        path answers a closing request without a socket object); anything else goes through a
-        socket object and `decide`."""
+        a whole header and what follows it in the read at the accept, costs the read,
+        `header_length` and the ordinary first read (`first_read`: plain.FirstRead, whose
+        descriptor path answers a closing request without a socket object); anything else
+        goes through a socket object and `decide`."""
         data = b""
         try:
             os.set_blocking(fd, False)
@@ -190,24 +189,24 @@ class ProxyStage:
             return
         first_read = self.first_read
         if data and first_read is not None:
-            try:
-                header = read_header(data, self.v1, self.v2)
-            except ProxyHeaderError:
-                header = PARTIAL  # decide() answers it, after the peer's check
-            if header.__class__ is Header:  # (an is-test: cheaper than == on a tuple)
-                # The peer's check (`proxy_allow_ips`) first: a cached verdict for its address.
-                # With the access log on, a carried client needs the socket object that says
-                # who it is: decide's path.
-                if (
+            length = header_length(data, self.v1, self.v2)
+            if length == 0:  # no header: the connection as without the setting
+                first_read(fd, family, data)
+                return
+            # A valid header, from a peer that may send one (a cached verdict for its address),
+            # and nobody asks which client it carried (the access log is off): the rest is the
+            # connection's first read. Anything else: a socket object, and decide().
+            if (
+                length > 0
+                and self.state.access_log is None
+                and (
                     self.networks is None
                     or family == _AF_UNIX
                     or self.allowed.get(peer[0])
                     or self.may_send(peer)
-                ) and (header[2] is None or self.state.access_log is None):
-                    first_read(fd, family, data[header[0] :])
-                    return
-            elif header == NOT_PROXY:
-                first_read(fd, family, data)
+                )
+            ):
+                first_read(fd, family, data[length:])
                 return
         sock = ProxiedSocket(family, _NONBLOCKING_STREAM, 0, fd)
         sock.peer = None

@@ -53,14 +53,11 @@ _ADDRESS_BYTES = {_INET: 12, _INET6: 36, _UNIX: 216}
 MODES = {"off": (False, False), "v1": (True, False), "v2": (False, True), "auto": (True, True)}
 
 
-# The fixed part of a v2 header and an IPv4 address block, read in one call (`read_header`).
-_V2_TCP4 = struct.Struct("!H4s4sHH").unpack_from
 _V2_INET = struct.Struct("!4s4sHH").unpack_from
 _V2_INET6 = struct.Struct("!16s16sHH").unpack_from
 _ntop = socket.inet_ntop
 _pton = socket.inet_pton
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
-_new = tuple.__new__  # a Header without NamedTuple's Python-level __new__ (the accept path)
 
 
 class ProxyHeaderError(ValueError):
@@ -76,43 +73,60 @@ class Header(NamedTuple):
     destination: tuple[str, int] | None
 
 
-def read_header(data: bytes, v1: bool, v2: bool) -> Header | int:
-    """`detect` and `parse` in one call, for the accept path: a complete Header, NOT_PROXY, or
-    PARTIAL (read more). Raises ProxyHeaderError. What a load balancer sends (v1 TCP4, v2 PROXY
-    over TCP/IPv4) is read inline, in a few C calls; the rest, and every doubt (a field that
-    does not convert), goes to `detect` and `parse`, so the verdicts are theirs (the tests
-    compare both paths). The accept path's cost per new connection: docs/proxy-protocol.md."""
+# v1 TCP4 addresses that inet_pton took before: a load balancer's own address is in every
+# header and its clients come back, so `header_length` mostly finds them here instead of
+# validating them again. Only valid addresses are kept, at most _VALID_MAX of them (then
+# addresses are checked as they come).
+_VALID_MAX = 4096
+_VALID_V1: set[bytes] = set()
+
+
+def _valid_v1(raw: bytes) -> bool:
+    """Whether a v1 TCP4 address is one inet_pton takes (as gunicorn checks it)."""
+    try:
+        _pton(_AF_INET, raw.decode("latin-1"))
+    except (ValueError, OSError):  # (UnicodeEncodeError too)
+        return False
+    if len(_VALID_V1) < _VALID_MAX:
+        _VALID_V1.add(raw)
+    return True
+
+
+def header_length(data: bytes, v1: bool, v2: bool) -> int:
+    """The accept path's question, when nobody will ask which client the header carried (the
+    access log is off): the length of the complete, valid header `data` begins with (> 0), 0
+    when `data` begins no header at all (`detect`'s NOT_PROXY), or -1 for everything else
+    (partial, malformed, or a kind not read here): `detect` and `parse` then decide. Read here:
+    what load balancers send, v1 TCP4 and v2 PROXY over TCP (IPv4, IPv6) or LOCAL, in a few C
+    calls and no object but the result (the tests hold it to `parse`'s verdicts; the cost per
+    new connection is in docs/proxy-protocol.md)."""
+    if v2 and data.startswith(V2_SIGNATURE):
+        if len(data) >= V2_FIXED:
+            total = V2_FIXED + (data[14] << 8 | data[15])
+            command, family = data[12], data[13]
+            if len(data) >= total and (
+                command == 0x20  # LOCAL: a health check
+                or (command == 0x21 and family == 0x11 and total >= V2_FIXED + 12)
+                or (command == 0x21 and family == 0x21 and total >= V2_FIXED + 36)
+            ):
+                return total
+        return -1
     if v1 and data.startswith(b"PROXY TCP4 "):
         end = data.find(b"\r\n", 11, V1_MAX)
         bits = data[11:end].split(b" ") if end > 0 else ()
-        if len(bits) == 4:
+        valid = _VALID_V1
+        if (
+            len(bits) == 4
+            and (bits[0] in valid or _valid_v1(bits[0]))
+            and (bits[1] in valid or _valid_v1(bits[1]))
+        ):
             try:
-                source, destination = bits[0].decode("latin-1"), bits[1].decode("latin-1")
-                _pton(_AF_INET, source)
-                _pton(_AF_INET, destination)
-                s_port, d_port = int(bits[2]), int(bits[3])
-            except (ValueError, OSError):  # (UnicodeEncodeError too) parse() says what is wrong
+                if 0 <= int(bits[2]) <= 65535 and 0 <= int(bits[3]) <= 65535:
+                    return end + 2
+            except ValueError:
                 pass
-            else:
-                if 0 <= s_port <= 65535 and 0 <= d_port <= 65535:
-                    return _new(Header, (end + 2, "TCP4", (source, s_port), (destination, d_port)))
-    elif v2 and data[12:14] == b"\x21\x11" and data.startswith(V2_SIGNATURE) and len(data) >= 28:
-        length, source, destination, s_port, d_port = _V2_TCP4(data, 14)
-        if length >= 12 and len(data) >= 16 + length:
-            return _new(
-                Header,
-                (
-                    16 + length,
-                    "TCP4",
-                    (_ntop(_AF_INET, source), s_port),
-                    (_ntop(_AF_INET, destination), d_port),
-                ),
-            )
-    version = detect(data, v1, v2)
-    if version <= NOT_PROXY:
-        return version
-    header = parse(data, version)
-    return PARTIAL if header is None else header
+        return -1
+    return 0 if detect(data, v1, v2) == NOT_PROXY else -1
 
 
 def detect(data: bytes, v1: bool, v2: bool) -> int:
@@ -195,24 +209,15 @@ def parse_v2(data: bytes) -> Header | None:
         return Header(total, name, None, None)
     if family == _INET:
         source, destination, s_port, d_port = _V2_INET(data, 16)
-        return _new(
-            Header,
-            (
-                total,
-                "TCP4",
-                (_ntop(_AF_INET, source), s_port),
-                (_ntop(_AF_INET, destination), d_port),
-            ),
-        )
-    source, destination, s_port, d_port = _V2_INET6(data, 16)
-    return _new(
-        Header,
-        (
-            total,
-            "TCP6",
-            (_ntop(_AF_INET6, source), s_port),
-            (_ntop(_AF_INET6, destination), d_port),
-        ),
+        address_family, name = _AF_INET, "TCP4"
+    else:
+        source, destination, s_port, d_port = _V2_INET6(data, 16)
+        address_family, name = _AF_INET6, "TCP6"
+    return Header(
+        total,
+        name,
+        (_ntop(address_family, source), s_port),
+        (_ntop(address_family, destination), d_port),
     )
 
 
