@@ -112,8 +112,8 @@ def header_length(data: bytes, v1: bool, v2: bool) -> int:
                 return total
         return -1
     if v1 and data.startswith(b"PROXY TCP4 "):
-        end = data.find(b"\r\n", 11, V1_MAX)
-        bits = data[11:end].split(b" ") if end > 0 else ()
+        end = data.find(b"\r\n")  # (bounds as arguments would be parsed: a tenth of the cost)
+        bits = data[11:end].split(b" ") if 0 < end < V1_MAX else ()
         valid = _VALID_V1
         if (
             len(bits) == 4
