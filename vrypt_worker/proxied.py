@@ -1,24 +1,29 @@
 """The PROXY protocol stage: a connection's first bytes, before anything else reads it.
 
 With gunicorn's `proxy_protocol` on (v1, v2, auto), every accepted connection comes here first
-(`ProxyStage`, called by the worker's accept loop in place of the first read): the header is read
-(proxy_header.py, the I/O-free reader) and then the socket, the client the header carried and the
-bytes read after it go to the ordinary connection the worker would have made without the
+(`ProxyStage.accept`, called by the worker's accept loop in place of the first read): the header
+is read (proxy_header.py, the I/O-free reader), then the socket, the client the header carried
+and the bytes read after it go to the ordinary connection the worker would have made without the
 setting: plain HTTP/1 (`plain.Connection`, or the access log's), TLS or h2c
 (`transport.SessionConnection`). The header is first on the wire, before TLS's ClientHello and
 before HTTP/2's preface, as HAProxy and AWS NLB send it, so it works with every transport.
 
-Once the header has been read the stage is gone: the connection is the ordinary one, on an
-ordinary socket object whose only difference is `getpeername` (the client the header carried,
-which the access log asks for `h`, `{remote_addr}e`, `{remote_port}e`). Its keep-alive requests
-cost what they cost without PROXY.
+Once the header has been read the stage is gone: the connection is the ordinary one. Its
+keep-alive requests cost what they cost without PROXY (docs/proxy-protocol.md, "What it costs").
 
-At the accept the stage reads at once (TCP_DEFER_ACCEPT: the load balancer's header usually
-arrives with the first request, in one segment); a complete header is handed over in the same
-turn of the loop, and the bytes after it are the ordinary connection's first read (served by its
-own hot path: `ReplayingSocket` gives them to its first `recv`). Only a header that is not
-complete yet makes a `HeaderConnection`, which reads until it is, bounded by the head timeout
-(the header is part of the first request's head) and by the format's own size bound.
+Two paths:
+- the usual one, on a plain HTTP/1 listener with the access log off: the stage reads at the
+  accept (TCP_DEFER_ACCEPT: the load balancer's header usually arrives with the first request,
+  in one segment), `proxy_header.header_length` finds a complete valid header from an allowed
+  peer, and the bytes after it go to `plain.FirstRead` as the connection's first read (its
+  descriptor path answers a closing request without a socket object), in the same turn;
+- every other case (TLS, h2c, the access log on, a split, malformed or refused header): a
+  socket object and `decide`. A header not complete yet makes a `HeaderConnection`, which reads
+  until it is, bounded by the head timeout (the header is part of the first request's head) and
+  by the format's own size; then the ordinary connection gets the socket as a `ProxiedSocket`
+  (its `getpeername` is the client the header carried, which the access log asks for `h`,
+  `{remote_addr}e`, `{remote_port}e`) and the bytes after the header as its first `recv`
+  (`ReplayingSocket`), read by its own code in the same turn.
 
 What gunicorn does, as it does it (gunicorn/http/message.py): a header from a peer not in
 `proxy_allow_ips` is answered `403 Forbidden`; a malformed one `400 Bad Request`; bytes that do
