@@ -361,3 +361,24 @@ def test_behind_haproxy(tmp: Path, server_options: str, checks: bool) -> None:
     if checks:
         checks_seen = [line for line in log.read_text().splitlines() if "/health" in line]
         assert checks_seen and all(line.startswith("127.0.0.1 ") for line in checks_seen)
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed")
+@pytest.mark.parametrize("alpn", ["http/1.1", "h2"])
+def test_behind_haproxy_over_tls(tmp: Path, certs, alpn: str) -> None:  # noqa: F811
+    """HAProxy re-encrypting to the worker (`ssl send-proxy-v2`): its header in cleartext, then
+    its TLS handshake (HTTP/1.1 or HTTP/2 by ALPN), as load balancers send them."""
+    log = tmp / "access.log"
+    args = ("--access-logfile", str(log), "--access-logformat", LOG_FORMAT + " %(H)s")
+    args += ("--proxy-protocol", "auto", "--http-protocols", "h2,h1")
+    options = f"ssl verify none alpn {alpn} send-proxy-v2"
+    with (
+        tls_server(certs, *args) as server,
+        haproxy(server.port, options, checks=False) as (port, hap_log),
+    ):
+        local_ports = [free_port() for _ in range(2)]
+        codes = [curl_through(port, "127.0.0.2", local) for local in local_ports]
+        assert codes == ["200"] * 2, hap_log.read_text()
+        lines = lines_of(log, 2, pattern=" /p ")
+    version = "HTTP/2.0" if alpn == "h2" else "HTTP/1.1"
+    assert lines == [f"127.0.0.2 127.0.0.2 {local} /p 200 {version}" for local in local_ports]
