@@ -5,6 +5,7 @@ move with the machine's noise.
     python -m bench.instructions --close [--rounds 50]   # a new connection per request
     python -m bench.instructions --close --keep DIR      # and keep the dumps: callgrind_annotate
     python -m bench.instructions --pipeline 16           # 16 pipelined requests per send (pipe16)
+    python -m bench.instructions --proxy v1 [--close]    # vrypt with and without a PROXY header
 
 Wall-clock CPU per request moves by ±10-30 % from run to run on a shared machine; the number of
 instructions a server executes in user space per request does not (±2 % here), so a change to
@@ -36,6 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.proxyload import HEADERS
 from bench.scenarios import Placement, available_cpus
 from bench.servers import (
     BUILTIN,
@@ -46,8 +48,12 @@ from bench.servers import (
     peer_spec,
     running,
 )
+from bench.transports import TRANSPORTS
 
 WARMUP_ROUNDS = 30
+# `--proxy v1|v2`: what each new connection sends before its first request (bench.proxyload's
+# header), to the servers measured a second time with the PROXY protocol on.
+HEADER = b""
 READY_TIMEOUT = 120.0  # a Python server starts in seconds under valgrind, not milliseconds
 
 
@@ -66,7 +72,7 @@ def drive_closing(port: int, connections: int, rounds: int, timeout: float = 60.
         ]
         try:
             for sock in socks:
-                sock.sendall(req)
+                sock.sendall(HEADER + req)
             for sock in socks:
                 buf = b""
                 while chunk := sock.recv(4096):
@@ -89,10 +95,12 @@ def drive(
     socks = [
         socket.create_connection(("127.0.0.1", port), timeout=timeout) for _ in range(connections)
     ]
+    first = HEADER  # once per connection, with its first request
     try:
         for _ in range(rounds):
             for sock in socks:
-                sock.sendall(req)
+                sock.sendall(first + req)
+            first = b""
             for sock in socks:
                 buf = b""
                 while not (buf.endswith(b"Vrypt") and buf.count(ends) == depth):
@@ -214,6 +222,17 @@ def measure(
             return total_instructions(dump) / (rounds * connections * depth)
 
 
+def with_proxy(spec: ServerSpec, version: str) -> ServerSpec:
+    """The server with the PROXY protocol on: gunicorn `--proxy-protocol auto`, nginx `listen
+    ... proxy_protocol` (what bench.transports' `proxy` transport does)."""
+    proxy = TRANSPORTS["proxy"]
+
+    def build(port: int, workers: int, tmp: Path) -> list[str]:
+        return proxy.build(spec, port, workers, tmp)
+
+    return dataclasses.replace(spec, name=f"{spec.name}+proxy-{version}", build=build)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.instructions", description=__doc__.split("\n\n")[0]
@@ -238,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="N requests per send on each connection, pipelined (default 1)",
     )
+    p.add_argument(
+        "--proxy",
+        choices=("v1", "v2"),
+        help="measure each server again with the PROXY protocol on and this header on every "
+        "new connection (gunicorn --proxy-protocol auto, nginx listen ... proxy_protocol)",
+    )
     args = p.parse_args(argv)
     global drive
     if args.close:
@@ -254,8 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     specs = [s for s in specs if s.name not in single or nginx_available()]
     specs += [peer_spec(arg) for arg in args.peer]
     results: dict[str, float] = {}
-    for spec in specs:
+    runs = [(spec, b"") for spec in specs]
+    if args.proxy:  # side by side: each server without, then with, the header
+        header = HEADERS[args.proxy]
+        # (gunicorn only: its probes and callgrind_control's pokes go without a header, which
+        # `--proxy-protocol` allows and nginx's `proxy_protocol` refuses)
+        runs += [(with_proxy(s, args.proxy), header) for s in specs if s.name not in single]
+    global HEADER
+    for spec, header in runs:
         print(f"{spec.name}: measuring under callgrind ...", file=sys.stderr, flush=True)
+        HEADER = header
         results[spec.name] = measure(
             spec, args.connections, args.rounds, available_cpus(), args.keep, args.pipeline
         )

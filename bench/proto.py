@@ -11,6 +11,10 @@
 | idle-tls | TLS, HTTP/1.1 | the same over TLS |
 | idle-h2 | h2c, prior knowledge | the same with HTTP/2 (one stream each) |
 | idle-h2-tls | TLS, ALPN h2 | the same with HTTP/2 over TLS |
+| new-py | plain HTTP/1.1 | bench.proxyload: a new connection per request, no header |
+| proxy-v1-new | plain, `proxy_protocol` on | bench.proxyload --header v1: the same, v1 header |
+| proxy-v2-new | plain, `proxy_protocol` on | bench.proxyload --header v2: the same, v2 header |
+| proxy-ka100 | plain, `proxy_protocol` on | wrk keep-alive, 100 connections (no header) |
 
 Every scenario here runs one server worker on the first CPU and the load on the others, like the
 one-core HTTP/1 scenarios, and is measured the same way (bench/runner.py): the server tree's CPU
@@ -71,6 +75,23 @@ def _tlsload(scenario: ProtoScenario, where: Placement, port: int, seconds: floa
     if done.returncode != 0:
         raise LoadError(f"bench.tlsload failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads(done.stdout)
+
+
+def _proxyload(scenario: ProtoScenario, where: Placement, port: int, seconds: float) -> dict:
+    argv = [
+        "taskset", "-c", cpu_list(where.load_cpus),
+        sys.executable, "-m", "bench.proxyload", "--port", str(port), "--seconds", str(seconds),
+        "--procs", str(scenario.connections), "--header", scenario.header,
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired as exc:
+        raise LoadError(f"bench.proxyload did not finish: {exc}") from exc
+    if done.returncode != 0:
+        raise LoadError(f"bench.proxyload failed ({done.returncode}): {done.stderr[-2000:]}")
+    data = json.loads(done.stdout)
+    data.update(resumed=0, tls="", cipher="")
+    return data
 
 
 def _tlsload_result(data: dict) -> tuple[LoadResult, dict[str, float], str]:
@@ -276,6 +297,9 @@ def _load(
         return result, {}, note
     if scenario.tool == "tlsload":
         return _tlsload_result(_tlsload(scenario, where, port, seconds))
+    if scenario.tool == "proxyload":
+        result, _extra, _note = _tlsload_result(_proxyload(scenario, where, port, seconds))
+        return result, {}, f"PROXY {scenario.header}" if scenario.header else ""
     argv = wrk_command(scenario, where, port, seconds, tmp)
     argv[-1] = url
     return run_wrk(argv, seconds), {}, ""
@@ -320,6 +344,12 @@ def describe_load(scenario: Scenario, seconds: float) -> str:
         return (
             f"`python -m bench.tlsload --port PORT --seconds {seconds:g} "
             f"--procs {scenario.connections}{resume}`" + served
+        )
+    if scenario.tool == "proxyload":
+        header = f" --header {scenario.header}" if scenario.header else ""
+        return (
+            f"`python -m bench.proxyload --port PORT --seconds {seconds:g} "
+            f"--procs {scenario.connections}{header}`" + served
         )
     if scenario.tool == "idle":
         return (

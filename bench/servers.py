@@ -222,14 +222,15 @@ def free_port() -> int:
 PROBE = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
-def probe(port: int, timeout: float = 1.0) -> bytes | None:
+def probe(port: int, timeout: float = 1.0, header: bytes = b"") -> bytes | None:
     """Connect, send a GET, and return the response's status line once its head and body
     (Content-Length, else up to the close) have arrived; None on any failure. It does not wait
-    for the close, so servers that ignore `Connection: close` are probed too."""
+    for the close, so servers that ignore `Connection: close` are probed too. `header`: sent
+    first (a PROXY protocol header)."""
     buf = b""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(PROBE)
+            sock.sendall(header + PROBE)
             while True:
                 head_end = buf.find(b"\r\n\r\n")
                 if head_end >= 0:

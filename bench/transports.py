@@ -30,6 +30,9 @@ from bench import h2wire
 from bench.servers import NGINX, NGINX_CONF, PROBE, ServerError, ServerSpec, probe
 from bench.tls import client_context, make_certificate
 
+# What the readiness probe sends first to a server with the PROXY protocol on.
+PROXY_PROBE = b"PROXY TCP4 127.0.0.1 127.0.0.1 1 1\r\n"
+
 # The plain nginx configuration with its listen line and TLS lines replaced.
 _LISTEN = "        listen 127.0.0.1:{port};\n"
 assert _LISTEN in NGINX_CONF
@@ -50,13 +53,17 @@ class Transport:
     # gunicorn's default (2 s) would close them before the reading; nginx's configuration and
     # vrypt's conf/gunicorn.conf.py both keep idle connections 30 s.
     keepalive: int = 0
+    # PROXY protocol (issue 22): gunicorn `--proxy-protocol auto`, nginx `listen ...
+    # proxy_protocol`; the load sends a header first (bench.proxyload), or none (wrk).
+    proxy: bool = False
 
     @property
     def scheme(self) -> str:
         return "https" if self.tls else "http"
 
     def nginx_listen(self) -> str:  # nginx keeps idle connections 30 s (NGINX_CONF)
-        return " ".join(("ssl" if self.tls else "", "http2" if self.h2 else "")).strip()
+        words = ("ssl" if self.tls else "", "http2" if self.h2 else "")
+        return " ".join((*words, "proxy_protocol" if self.proxy else "")).strip()
 
     def gunicorn_flags(self, cert: Path, key: Path) -> list[str]:
         flags = ["--certfile", str(cert), "--keyfile", str(key)] if self.tls else []
@@ -66,16 +73,18 @@ class Transport:
             flags += ["--http2-cleartext", "prior-knowledge"]
         if self.keepalive:
             flags += ["--keep-alive", str(self.keepalive)]
+        if self.proxy:
+            flags += ["--proxy-protocol", "auto"]
         return flags
 
     def build(self, spec: ServerSpec, port: int, workers: int, tmp: Path) -> list[str]:
         """The server's command line for this transport (certificate made in ``tmp``)."""
         argv = spec.build(port, workers, tmp)
-        if not self.tls and not self.h2:  # plain HTTP/1.1: only gunicorn's keep-alive changes
+        if not self.tls and not self.h2 and not self.proxy:  # plain: gunicorn's keep-alive
             if argv[:3] == [sys.executable, "-m", "gunicorn"]:
                 return [*argv, *self.gunicorn_flags(Path(), Path())]
             return argv
-        cert, key = make_certificate(tmp)
+        cert, key = make_certificate(tmp) if self.tls else (Path(), Path())
         if argv[:1] == [NGINX]:
             conf = Path(argv[argv.index("-c") + 1])
             text = conf.read_text()
@@ -95,7 +104,7 @@ class Transport:
         return argv
 
     def describe(self) -> str:
-        if not self.tls and not self.h2:
+        if not self.tls and not self.h2 and not self.proxy:
             flags = " ".join(self.gunicorn_flags(Path(), Path()))
             return "as in the HTTP/1.1 scenarios" + (f"; gunicorn: `{flags}`" if flags else "")
         return (
@@ -115,8 +124,8 @@ class Transport:
         `HTTP/2 <status>`, None while nothing listens; ServerError when something answers in
         the wrong protocol (a plain server on a TLS port, no h2 by ALPN), which waiting won't
         fix."""
-        if not self.tls and not self.h2:
-            return probe(port, timeout)
+        if not self.tls and not self.h2:  # (a server with PROXY on may require a header)
+            return probe(port, timeout, PROXY_PROBE if self.proxy else b"")
         try:
             raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         except OSError:
@@ -165,5 +174,6 @@ TRANSPORTS = {
         Transport("tls-h2", tls=True, h2=True),
         Transport("h2c", tls=False, h2=True),
         Transport("plain", tls=False, h2=False),
+        Transport("proxy", tls=False, h2=False, proxy=True),
     )
 }
