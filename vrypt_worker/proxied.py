@@ -168,6 +168,10 @@ class ProxyStage:
             except ValueError:
                 allowed = False
             else:
+                if address.version == 6 and address.ipv4_mapped is not None:
+                    # An IPv4 proxy on the default dual-stack `[::]` listener (families.py):
+                    # `127.0.0.1` in proxy_allow_ips still means it, as for h2c's trust.
+                    address = address.ipv4_mapped
                 allowed = any(address in network for network in networks)
             if len(self.allowed) < _ALLOWED_CACHE:
                 self.allowed[host] = allowed
