@@ -36,6 +36,7 @@ from vrypt_worker.response import ResponseTable
 from vrypt_worker.settings import hostile_settings_from_env
 from vrypt_worker.tls import TLSSession
 from vrypt_worker.transport import PLAIN, SessionConnection
+from vrypt_worker.uwsgi import UwsgiFront
 
 # gevent imports pprint the first time a signal handler is installed (gevent.util), which every
 # worker does in init_signals: imported with this module, in the arbiter, it costs no worker's
@@ -160,6 +161,7 @@ class VryptWorker(Worker):
         self.defer_accept = settings.env_flag("VRYPT_DEFER_ACCEPT", True)
         self.read_at_accept = False
         self.access_log: Any = None
+        self.uwsgi: UwsgiFront | None = None  # protocol = uwsgi: set in run()
         # TLS (gunicorn's certfile/keyfile): one context per configuration, made here in the
         # arbiter before the fork, so that every worker resumes every worker's sessions.
         self.tls_context = tls.context_for(self.cfg, self.log) if self.cfg.is_ssl else None
@@ -226,9 +228,14 @@ class VryptWorker(Worker):
         self.h2c = self.protocols if policy.available and policy.mode != "off" else None
         if self.tls_context is not None:
             self.connection_class = self._tls_connection  # type: ignore[assignment]
+        # gunicorn's `protocol = uwsgi` (nginx's uwsgi_pass): packets, not HTTP (uwsgi.py).
+        if self.cfg.protocol == "uwsgi":
+            self.uwsgi = UwsgiFront(state, self.cfg, self.tls_context)
         # Plain HTTP/1 only (not TLS, not h2c); with the access log on too, which is told of an
         # answer given there.
-        self.read_at_accept = self.defer_accept and self.tls_context is None and self.h2c is None
+        self.read_at_accept = (
+            self.defer_accept and self.tls_context is None and self.h2c is None and not self.uwsgi
+        )
         # (a bound method made once: calling it costs less than calling an instance)
         self.first_read = FirstRead(state, self.connection_class, self._add).read  # type: ignore[arg-type]
         self._done = gevent.event.Event()
@@ -357,7 +364,9 @@ class VryptWorker(Worker):
                 continue
             conn = None
             state = self.state
-            if self.h2c is not None:  # h2c for trusted peers (protocols.py), else Connection
+            if self.uwsgi is not None:  # protocol = uwsgi (uwsgi.py), plain or TLS
+                conn = self.uwsgi.connection(state, sock, _addr)
+            elif self.h2c is not None:  # h2c for trusted peers (protocols.py), else Connection
                 negotiation = self.h2c.negotiation(_addr, sock)
                 if negotiation is not None:
                     conn = SessionConnection(state, sock, PLAIN, negotiation)
