@@ -27,7 +27,7 @@ from vrypt_worker.access_lines import AccessLog, Client, escape
 from vrypt_worker.connection import WorkerState
 from vrypt_worker.transport import PLAIN, SessionConnection
 from vrypt_worker.uwsgi_framing import REFUSED, PacketRules, parse_vars
-from vrypt_worker.uwsgi_protocol import INTERNAL_ERROR, AllowList, UwsgiProtocol
+from vrypt_worker.uwsgi_protocol import AllowList, UwsgiProtocol
 
 _WARN_EVERY = 60.0  # seconds between two warnings about refused packets
 _TEMPLATES = 1024  # cached access log templates (vars blocks x kinds) before starting over
@@ -74,11 +74,13 @@ class UwsgiFront:
             return SessionConnection(state, sock, session, None, choose)
         protocol = self.protocol(sock)
         conn = SessionConnection(state, sock, PLAIN, protocol)
-        if not allowed:  # gunicorn answers before reading anything
+        if not allowed:
+            # gunicorn answers before reading anything. One try into the empty send buffer
+            # (the connection is not the worker's yet: no close here); the close follows at its
+            # first read or the next sweep (SessionConnection: `closing`).
             reason = forbidden_reason(sock)
             self.report(reason)
-            conn.send(protocol.refuse(reason))
-            conn.finish()
+            conn.try_send(protocol.refuse(reason))
         return conn
 
     def for_alpn(self, alpn: str | None, sock: Any = None) -> UwsgiProtocol:
@@ -206,4 +208,4 @@ class LoggingUwsgiProtocol(UwsgiProtocol):
         return out
 
 
-__all__ = ["INTERNAL_ERROR", "LoggingUwsgiProtocol", "UwsgiFront"]
+__all__ = ["LoggingUwsgiProtocol", "UwsgiFront"]

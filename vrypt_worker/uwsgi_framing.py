@@ -28,10 +28,10 @@ before costs one dict lookup, as HTTP heads do in framing.py.
 
 from __future__ import annotations
 
-from vrypt_worker.framing import OK, OK_CLOSE, OK_HEAD, FramingRules
+from vrypt_worker.framing import INTERNAL_ERROR, OK, OK_CLOSE, OK_HEAD, FramingRules
 
-# The 500 gunicorn's WSGI workers give every refused packet: a kind beyond framing's table.
-REFUSED = 16
+# The 500 gunicorn's WSGI workers give every refused packet (a kind of the response table).
+REFUSED = INTERNAL_ERROR
 HEADER_SIZE = 4
 MAX_VARS = 1000  # gunicorn/uwsgi/message.py MAX_UWSGI_VARS
 _CACHE_ENTRIES = 1024

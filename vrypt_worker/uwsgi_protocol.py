@@ -26,13 +26,6 @@ from typing import Any
 from vrypt_worker.framing import BATCH, SMALL_HEAD
 from vrypt_worker.uwsgi_framing import REFUSED, PacketFramer, PacketRules
 
-_REASON = b"Internal Server Error\n"
-# No Date: RFC 9110 §6.6.1 lets a 5xx go without one, and gunicorn's error answer has none.
-INTERNAL_ERROR = (
-    b"HTTP/1.1 500 Internal Server Error\r\nServer: vrypt\r\nContent-Type: text/plain\r\n"
-    b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_REASON) + _REASON
-)
-
 
 class AllowList:
     """`uwsgi_allow_ips`: the peers whose packets are served. `*` allows every peer; a peer
@@ -111,12 +104,8 @@ class UwsgiProtocol:
             out = out[:BATCH]
         table = self.table
         first = out[0]
-        if first == REFUSED:  # (always the last)
-            return INTERNAL_ERROR
         if len(out) == 1:
             return table[first]
-        if out[-1] == REFUSED:
-            return b"".join(map(table.__getitem__, out[:-1])) + INTERNAL_ERROR
         if out.count(first) == len(out):
             return table[first] * len(out)
         return b"".join(map(table.__getitem__, out))
@@ -158,7 +147,7 @@ class UwsgiProtocol:
             self.owed.append(kind)
             return b""
         self.closing = True
-        return INTERNAL_ERROR
+        return self.table[REFUSED]
 
     def account(self) -> bytes:
         """Off the hot path: the partial packet's bytes in the worker's budget; a big one past
@@ -204,7 +193,7 @@ class UwsgiProtocol:
             return b""
         if self.report is not None:
             self.report(framer.reason)
-        return INTERNAL_ERROR
+        return self.table[REFUSED]
 
     def forbid(self, reason: str) -> None:
         """The peer may not send packets: its first input (or its end) gets the 500."""
