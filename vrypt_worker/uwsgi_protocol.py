@@ -26,6 +26,8 @@ from typing import Any
 from vrypt_worker.framing import BATCH, SMALL_HEAD
 from vrypt_worker.uwsgi_framing import REFUSED, PacketFramer, PacketRules
 
+_KNOWN_ADDRESSES = 4096
+
 
 class AllowList:
     """`uwsgi_allow_ips`: the peers whose packets are served. `*` allows every peer; a peer
@@ -34,17 +36,28 @@ class AllowList:
     the peer's address with each entry as a string, so a network never matches there). An
     IPv4-mapped IPv6 peer (`::ffff:127.0.0.1`, a dual-stack listener) is its IPv4 address."""
 
-    __slots__ = ("allow_all", "networks")
+    __slots__ = ("allow_all", "known", "networks")
 
     def __init__(self, entries: list[str]) -> None:
         self.allow_all = "*" in entries
         self.networks = tuple(ipaddress.ip_network(e) for e in entries if e != "*")
+        # Decisions by address: `ipaddress` takes microseconds per address, and a front end
+        # connects from the same few addresses again and again.
+        self.known: dict[str, bool] = {}
 
     def allows(self, peer: Any) -> bool:
         if self.allow_all or not isinstance(peer, tuple):
             return True
+        known = self.known.get(peer[0])
+        if known is None:
+            if len(self.known) >= _KNOWN_ADDRESSES:
+                self.known.clear()
+            known = self.known[peer[0]] = self.decide(peer[0])
+        return known
+
+    def decide(self, address: str) -> bool:
         try:
-            ip = ipaddress.ip_address(str(peer[0]).split("%", 1)[0])
+            ip = ipaddress.ip_address(str(address).split("%", 1)[0])
         except ValueError:
             return False
         if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:

@@ -366,7 +366,11 @@ class VryptWorker(Worker):
             state = self.state
             if self.uwsgi is not None:  # protocol = uwsgi (uwsgi.py), plain or TLS
                 conn = self.uwsgi.connection(state, sock, _addr)
-            elif self.h2c is not None:  # h2c for trusted peers (protocols.py), else Connection
+                self._add(conn)
+                if self.defer_accept:  # its packet is usually here: answered now, not next turn
+                    conn.on_readable()
+                return True
+            if self.h2c is not None:  # h2c for trusted peers (protocols.py), else Connection
                 negotiation = self.h2c.negotiation(_addr, sock)
                 if negotiation is not None:
                     conn = SessionConnection(state, sock, PLAIN, negotiation)
