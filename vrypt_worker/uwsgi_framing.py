@@ -50,11 +50,36 @@ class PacketRules:
     """What one worker's packet framers share: the worker's FramingRules (answered, rejected,
     open_until: the RPS gauge, max_requests and draining work as for HTTP) and the verdicts."""
 
-    __slots__ = ("cache", "rules")
+    __slots__ = ("cache", "rules", "whole")
 
     def __init__(self, rules: FramingRules | None = None) -> None:
         self.rules = rules or FramingRules()
         self.cache: dict[bytes, int] = {}
+        # Whole packets (header and vars, no body) answered OK or OK_HEAD, by their bytes: a
+        # read that is exactly one of them needs no framer (`keep_alive_kind`).
+        self.whole: dict[bytes, int] = {}
+
+    def keep_alive_kind(self, data: bytes) -> int:
+        """OK or OK_HEAD when `data` is exactly one whole packet without body whose answer
+        keeps the connection open (open_until aside: the caller checks it); else -1. Changes
+        no state but the caches: `feed` of a fresh framer would give that one answer."""
+        kind = self.whole.get(data)
+        if kind is not None:
+            return kind
+        if (
+            len(data) < HEADER_SIZE
+            or data[0]
+            or len(data) != HEADER_SIZE + (data[1] | data[2] << 8)
+        ):
+            return -1
+        verdict = self.verdict(data[HEADER_SIZE:])
+        if not 0 <= verdict <= OK_HEAD:  # refused, closing, or with a body
+            return -1
+        if len(data) <= _CACHE_BLOCK_MAX:
+            if len(self.whole) >= _CACHE_ENTRIES:
+                self.whole.clear()
+            self.whole[data] = verdict
+        return verdict
 
     def verdict(self, block: bytes) -> int:
         """The packed verdict of a complete vars block (-1: refused)."""
