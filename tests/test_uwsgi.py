@@ -8,6 +8,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -344,3 +345,54 @@ def test_behind_nginx_many_clients_at_once(tmp_path):
             for sock in socks:
                 sock.close()
         assert re.search(r"Traceback|Error handling", server.log) is None, server.log
+
+
+def test_keep_alive_timeout_closes_an_idle_connection():
+    with running(*UWSGI, "--keep-alive", "1") as server, server.connect() as sock:
+        reader = StrictReader(sock)
+        sock.sendall(packet())  # answered inline (uwsgi.UwsgiConnection)
+        assert is_vrypt(reader.read())
+        started = time.monotonic()
+        assert reader.at_eof(timeout=5)
+        assert 0.9 < time.monotonic() - started < 4
+        with server.connect() as other:  # and after the protocol was made (a body)
+            reader = StrictReader(other)
+            other.sendall(packet({"REQUEST_METHOD": "POST"}, b"abc"))
+            assert is_vrypt(reader.read())
+            assert reader.at_eof(timeout=5)
+
+
+def test_max_requests_closes_with_the_answer_that_reaches_it_and_recycles():
+    with running(*UWSGI, "--max-requests", "3") as server:
+        first = server.worker_pids()
+        with server.connect() as sock:
+            reader = StrictReader(sock)
+            sock.sendall(packet())
+            assert is_vrypt(reader.read())  # (the readiness GET was the first answer)
+            sock.sendall(packet(HEAD))
+            response = reader.read(head_request=True)
+            assert response.header(b"Connection") == b"close"
+            assert reader.at_eof()
+        deadline = time.monotonic() + 10
+        while server.worker_pids() == first and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.worker_pids() != first
+
+
+def test_draining_closes_idle_connections_and_answers_in_flight_packets():
+    with running(*UWSGI, "--graceful-timeout", "5") as server:
+        idle = server.connect()
+        idle_reader = StrictReader(idle)
+        idle.sendall(packet())
+        assert is_vrypt(idle_reader.read())
+        busy = server.connect()
+        busy.sendall(packet({"REQUEST_METHOD": "POST", "CONTENT_LENGTH": "4"}) + b"ab")
+        time.sleep(0.3)
+        server.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        busy.sendall(b"cd")
+        response = StrictReader(busy).read()
+        assert is_vrypt(response) and response.header(b"Connection") == b"close"
+        assert idle_reader.at_eof()
+        idle.close()
+        busy.close()
