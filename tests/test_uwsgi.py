@@ -396,3 +396,34 @@ def test_draining_closes_idle_connections_and_answers_in_flight_packets():
         assert idle_reader.at_eof()
         idle.close()
         busy.close()
+
+
+# inside TLS (nginx's `uwsgi_pass suwsgi://`) ----------------------------------------------------
+
+
+def test_packets_inside_tls_and_a_forbidden_peer_after_the_handshake(tmp_path_factory):
+    import trustme
+
+    from tests.test_tls import client_context, tls_connect, tls_server
+
+    where = tmp_path_factory.mktemp("uwsgi-certs")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    paths = {name: where / f"{name}.pem" for name in ("ca", "cert", "key")}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    issued.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    issued.private_key_pem.write_to_path(str(paths["key"]))
+    context = client_context(paths)
+    with tls_server(paths, *UWSGI) as server, tls_connect(server, context) as sock:
+        reader = StrictReader(sock)
+        sock.sendall(packet() + packet(HEAD))
+        assert is_vrypt(reader.read())
+        assert is_vrypt(reader.read(head_request=True), head=True)
+        sock.sendall(packet(m1=2))
+        assert is_500(reader.read())
+    with (
+        tls_server(paths, *UWSGI, "--uwsgi-allow-from", "10.0.0.1") as server,
+        tls_connect(server, context) as sock,
+    ):
+        sock.sendall(packet())
+        assert is_500(StrictReader(sock).read())
