@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing
 import queue
+import select
 import socket
 import ssl
 import struct
@@ -100,13 +101,63 @@ class Outcome:
     notes: dict[str, str] = field(default_factory=dict)
 
 
+class SerialTLS:
+    """A TLS socket shared by a reader and a writer thread. OpenSSL's SSL object must not be used
+    by two threads at once, and CPython releases the GIL inside SSL_read and SSL_write: with a
+    blocking recv in one thread and a sendall in the other, about one TLS flood in three ended
+    1-5 ms in without the server's GOAWAY, sometimes before a frame was sent (the client's own
+    SSL state broke, not the server). Every call on the SSL object holds a lock here; waiting
+    for the socket happens outside it."""
+
+    def __init__(self, sock: ssl.SSLSocket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.lock = threading.Lock()
+
+    def recv(self, size: int) -> bytes:
+        while True:
+            with self.lock:
+                try:
+                    return self.sock.recv(size)
+                except (ssl.SSLWantReadError, BlockingIOError):
+                    writing = False
+                except ssl.SSLWantWriteError:
+                    writing = True
+            if writing:
+                select.select([], [self.sock], [], 0.05)
+            else:
+                select.select([self.sock], [], [], 0.05)
+
+    def sendall(self, data: bytes) -> None:
+        while data:
+            with self.lock:
+                try:
+                    data = data[self.sock.send(data) :]
+                    continue
+                except (ssl.SSLWantWriteError, BlockingIOError):
+                    reading = False
+                except ssl.SSLWantReadError:
+                    reading = True
+            # (the same bytes again: CPython sets SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
+            if reading:
+                select.select([self.sock], [], [], 0.05)
+            else:
+                select.select([], [self.sock], [], 0.05)
+
+    def close(self) -> None:
+        with self.lock:
+            self.sock.close()
+
+
 class Drain:
     """Reads (and drops) what the server sends, acknowledging its SETTINGS and giving back the
     connection window its DATA used (as any client would, so that answers keep coming); notes a
     GOAWAY and the moment the connection ended."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
+        self.sock: socket.socket | SerialTLS = (
+            SerialTLS(sock) if isinstance(sock, ssl.SSLSocket) else sock
+        )
         self.started = time.monotonic()
         self.ended: float | None = None
         self.goaway: int | None = None

@@ -137,13 +137,20 @@ def wait_ready(server: Server, workers: int = 1, timeout: float = 20.0) -> None:
             try:
                 with server.connect(timeout=1) as sock:
                     sock.sendall(b"GET /ready HTTP/1.1\r\n\r\n")
-                    if read_responses(sock, 1):
+                    if refused_as_h2(sock) or read_responses(sock, 1):
                         time.sleep(0.2 if workers > 1 else 0)  # let the others finish binding
                         return
             except OSError:
                 pass
         time.sleep(0.05)
     raise AssertionError(f"server not ready within {timeout}s:\n{server.log}")
+
+
+def refused_as_h2(sock: socket.socket) -> bool:
+    """A prior-knowledge-only h2c port answers HTTP/1 with HTTP/2 frames (a SETTINGS frame
+    first, then GOAWAY): the worker is up, though the readiness probe gets no HTTP/1 answer."""
+    first = sock.recv(9, socket.MSG_PEEK | socket.MSG_WAITALL)
+    return len(first) == 9 and first[3] == 4 and first[5:9] == b"\0\0\0\0"  # SETTINGS, stream 0
 
 
 @contextlib.contextmanager

@@ -532,3 +532,40 @@ def test_lines_past_the_bound_are_dropped_and_counted_while_the_output_is_blocke
             assert 0 < int(match.group(1)) < 5000
     finally:
         os.close(holder)
+
+
+# Request targets whose path and query gunicorn takes from urlsplit (issue 22): absolute-form,
+# credentials, fragments, `//`, percent-escapes, asterisk-form.
+TARGETS = [
+    b"http://absolute.example/abs?x=1",
+    b"https://u:p@host/",
+    b"https://u:p@host:8443/in?side=1#frag",
+    b"/p#frag?x=1",
+    b"//double/slash?q=1",
+    b"/a%20b/c%2Fd?k=v&z=1",
+    b"/plain?x=1",
+    b"http://h",
+]
+PATH_FORMAT = "LOG|%(m)s|%(U)s|%(q)s|%({path_info}e)s|%({query_string}e)s|%(r)s"
+
+
+def _path_lines(tmp: Path, name: str, *args: str, **kwargs: object) -> list[str]:
+    log = tmp / f"{name}.log"
+    requests = [(b"GET", target) for target in TARGETS] + [(b"OPTIONS", b"*")]
+    with running(
+        "--access-logfile", str(log), "--access-logformat", PATH_FORMAT, *args, **kwargs
+    ) as server:
+        for method, target in requests:
+            send(server.port, method + b" " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n", 1)
+        return lines_of(log, len(requests), pattern=r"^LOG\|")
+
+
+def test_path_and_query_atoms_are_gunicorns(tmp: Path) -> None:
+    ours = _path_lines(tmp, "vrypt")
+    theirs = _path_lines(tmp, "sync", "-k", "sync", "vrypt_worker.wsgi:application", conf=False)
+    assert ours == theirs
+    fields = {line.split("|")[6]: line.split("|")[2:6] for line in ours}
+    # What the original logged wrong: the whole URL with its credentials, the fragment's text.
+    assert fields["GET http://absolute.example/abs?x=1 HTTP/1.1"] == ["/abs", "x=1", "/abs", "x=1"]
+    assert fields["GET https://u:p@host/ HTTP/1.1"] == ["/", "", "/", ""]
+    assert fields["GET /p#frag?x=1 HTTP/1.1"] == ["/p", "", "/p", ""]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
+import logging
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.config import Config
 
 from tests.support import CONF, base_env, free_port, is_vrypt, read_responses, running
-from vrypt_worker import arbiter
+from vrypt_worker import announce, arbiter
 
 CHECKED = "27.0.1"  # the gunicorn arbiter.py's stack lookup and wrappers were checked against
 SLOTS_SAID = "one SO_REUSEPORT listener per worker"
@@ -126,6 +127,36 @@ def test_gunicorn_arbiter_still_has_what_arbiter_py_wraps() -> None:
     where(Arbiter.setup, "self.log = ")
     where(Arbiter.start, "self.pid = os.getpid()")
     where(arbiter.nworkers_changed, "server.cfg")
+
+
+def test_gunicorn_still_does_what_announce_and_reexec_rewrite() -> None:
+    # announce.py rewrites these two records; reexec.py the command a USR2 re-executes and the
+    # control socket at promotion (issue 22).
+    where(Arbiter.start, f"self.log.info({announce.AT_START!r}, listeners_str, self.pid)")
+    where(Arbiter.reload, f"self.log.info({announce.AT_RELOAD!r}, listeners_str)")
+    where(Arbiter.__init__, "args = sys.argv[:]")
+    where(Arbiter.reexec, "os.execvpe(self.START_CTX[0], self.START_CTX['args'], environ)")
+    before(
+        Arbiter.maybe_promote_master, "if self.master_pid != os.getppid()", "self.master_pid = 0"
+    )
+    before(Arbiter.run, "self.manage_workers()", "self.maybe_promote_master()")
+    for name in ("_start_control_server", "_stop_control_server", "maybe_promote_master"):
+        assert callable(getattr(Arbiter, name, None)), f"gunicorn {gunicorn.__version__}: {name}"
+
+
+def test_listening_at_names_each_address_once() -> None:
+    urls = "http://0.0.0.0:8080,http://[::]:8443,http://0.0.0.0:8080,http://[::]:8443"
+    assert announce.once_per_address(urls) == ("http://0.0.0.0:8080,http://[::]:8443", 2)
+    record = logging.LogRecord("gunicorn.error", 20, "", 0, announce.AT_START, (urls, 7), None)
+    assert announce.ListeningOnce().filter(record)
+    assert record.getMessage() == (
+        "Listening at: http://0.0.0.0:8080,http://[::]:8443 (7); "
+        "2 SO_REUSEPORT listeners on each address, one per worker slot"
+    )
+    one = logging.LogRecord("gunicorn.error", 20, "", 0, announce.AT_START, ("http://a:1", 7), None)
+    assert (
+        announce.ListeningOnce().filter(one) and one.getMessage() == "Listening at: http://a:1 (7)"
+    )
 
 
 @pytest.mark.parametrize(

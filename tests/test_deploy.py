@@ -31,7 +31,7 @@ import yaml
 from gunicorn.config import Config
 
 from tests.statsd_mapping import Mapper, scraped_labels
-from vrypt_worker import metrics
+from vrypt_worker import families, metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -365,7 +365,8 @@ def test_gunicorn_settings_in_the_container(monkeypatch):
     cfg = gunicorn_settings(monkeypatch)
     assert cfg.worker_class_str == "vrypt_worker.VryptWorker"
     # Bound where the Service and the probes send traffic.
-    assert cfg.bind == [f"0.0.0.0:{resolve_port(MAIN, 'http')}"]
+    # Both families (issue 22): `[::]` with IPV6_V6ONLY off, or 0.0.0.0 without IPv6 sockets.
+    assert cfg.bind == [families.default_bind(resolve_port(MAIN, "http"))]
     # One worker per CPU of the limit, not per CPU of the node.
     assert cfg.workers == math.ceil(parse_quantity(MAIN["resources"]["limits"]["cpu"]))
     assert cfg.reuse_port is True

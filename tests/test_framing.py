@@ -41,6 +41,8 @@ SAMPLES = [
     (b"get / HTTP/1.1\r\n\r\n", f.OK),  # methods are case-sensitive: `get` is just a token
     (b"GET / HTTP/1.1\r\nX-Empty:\r\nX-Tab:\tv\t\r\nX-Obs: \xe9t\xe9\r\n\r\n", f.OK),
     (b"GET / HTTP/1.2\r\n\r\n", f.OK),  # a higher minor version is handled as 1.1
+    # raw bytes >= 0x80 in the target are answered, as nginx does (README, "What is answered")
+    (b"GET /caf\xc3\xa9?q=\xff HTTP/1.1\r\n\r\n", f.OK),
     (TINY_CHUNKS, f.OK),
 ]
 CLOSING_SAMPLES = [

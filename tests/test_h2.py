@@ -14,7 +14,9 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from hyperframe.frame import SettingsFrame
 
+from tests import h2_peer
 from tests.h2client import H2Client, is_vrypt_h2
 from tests.support import Server, StrictReader, running
 from tests.test_metrics import Collector, metrics_env
@@ -50,9 +52,7 @@ def test_curl_prior_knowledge_get_head_post(server: Server) -> None:
     head_only = curl("--http2-prior-knowledge", "-I", url)
     assert head_only.stdout.startswith("HTTP/2 200") and "content-length: 5" in head_only.stdout
     for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "FOO"):
-        answer = curl(
-            "--http2-prior-knowledge", "-X", method, "--data-binary", "x" * 100_000, url
-        )
+        answer = curl("--http2-prior-knowledge", "-X", method, "--data-binary", "x" * 100_000, url)
         assert answer.stdout == "Vrypt", (method, answer.stderr)
 
 
@@ -86,9 +86,7 @@ def test_nghttp_prior_knowledge_and_upgrade(server: Server) -> None:
 
 @pytest.mark.skipif(shutil.which("h2load") is None, reason="h2load is not installed")
 def test_h2load_many_streams_no_errors(server: Server) -> None:
-    answer = run(
-        "h2load", "-c", "10", "-m", "10", "-n", "5000", f"http://127.0.0.1:{server.port}/"
-    )
+    answer = run("h2load", "-c", "10", "-m", "10", "-n", "5000", f"http://127.0.0.1:{server.port}/")
     assert answer.returncode == 0, answer.stdout + answer.stderr
     assert re.search(r"5000 succeeded, 0 failed, 0 errored", answer.stdout), answer.stdout
     assert re.search(r"status codes: 5000 2xx", answer.stdout), answer.stdout
@@ -174,14 +172,25 @@ def test_http1_still_served_on_an_h2c_port(server: Server) -> None:
         assert second is not None and second.status == 200 and second.body == b""
 
 
-def test_prior_knowledge_only_port_answers_http1_with_400() -> None:
+def read_to_eof(sock: socket.socket, limit: float = 5.0) -> bytes:
+    sock.settimeout(limit)
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    return got
+
+
+def test_prior_knowledge_only_port_refuses_http1_with_goaway() -> None:
+    # Issue 22: a trusted peer served HTTP/2 only that does not send the preface gets HTTP/2
+    # frames only (our SETTINGS, GOAWAY(PROTOCOL_ERROR)) and the close, RFC 9113 §3.4; the
+    # original answered an HTTP/1.1 400.
     with running("--http-protocols", "h2,h1", "--http2-cleartext", "prior-knowledge") as srv:
         with srv.connect() as sock:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            reader = StrictReader(sock)
-            answer = reader.read()
-            assert answer is not None and answer.status == 400
-            assert reader.at_eof()
+            got = read_to_eof(sock)
+        frames = h2_peer.parse(got)  # raises on anything that is not whole HTTP/2 frames
+        assert isinstance(frames[0], SettingsFrame), frames
+        assert h2_peer.goaway_code(got) == 1, frames  # PROTOCOL_ERROR
         client = H2Client.connect(srv.port)
         try:
             stream_id = client.request()
@@ -403,9 +412,10 @@ def test_gunicorn_http2_limits_are_advertised_and_enforced() -> None:
             client.conn.remote_settings.max_concurrent_streams = 100  # let the client exceed it
             ids = [client.request("POST", body=b"x", end=False) for _ in range(5)]
             deadline = time.monotonic() + 5
-            while time.monotonic() < deadline and sum(
-                client.streams[s].reset is not None for s in ids
-            ) < 2:
+            while (
+                time.monotonic() < deadline
+                and sum(client.streams[s].reset is not None for s in ids) < 2
+            ):
                 client.receive_some()
             assert [client.streams[s].reset for s in ids] == [None, None, None, 7, 7]
         finally:

@@ -5,7 +5,6 @@ The same attacks, beside nginx, are `python -m bench.h2_hostile` (docs/http2.md)
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,21 +29,10 @@ def h2c() -> Iterator[Server]:
         yield srv
 
 
-# Over TLS these attacks are not yet reliable: in about one run of three the flood's connection
-# is closed 1-5 ms in without the client seeing the GOAWAY (sometimes before it sent a frame),
-# and the non-readers' memory reads 112 KB per connection against the 100 KB bound. Seen on the
-# branch that added them too; not understood yet (issue 25 stays open for it). Skipped, not
-# loosened: each still runs with `VRYPT_TLS_ATTACKS=1`.
-TRANSPORTS = [
-    "h2c",
-    pytest.param(
-        "tls",
-        marks=pytest.mark.skipif(
-            os.environ.get("VRYPT_TLS_ATTACKS") != "1",
-            reason="flaky over TLS (GOAWAY lost, memory bound): issue 25, VRYPT_TLS_ATTACKS=1",
-        ),
-    ),
-]
+# Over TLS the attacker's reader and writer threads share one SSL object through a lock
+# (bench.h2_attacks.SerialTLS): without it the client's own SSL state broke in about one run of
+# three and the flood seemed closed without a GOAWAY.
+TRANSPORTS = ["h2c", "tls"]
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_first_bytes_decisions():
     request = b"GET / HTTP/1.1\r\n"
     assert prior.first_bytes(trusted, n.H2C_PREFACE) == n.SERVE_H2
     assert prior.first_bytes(trusted, n.H2C_PREFACE[:5]) == n.WAIT
-    assert prior.first_bytes(trusted, request) == n.REJECT_400  # gunicorn's 400
+    assert prior.first_bytes(trusted, request) == n.REJECT  # gunicorn: 400; here GOAWAY (§3.4)
     assert both.first_bytes(trusted, request) == n.SERVE_HTTP1  # may be an upgrade
     assert prior.first_bytes(stranger, n.H2C_PREFACE) == n.SERVE_HTTP1  # as if off
     assert n.H2cPolicy().first_bytes(trusted, n.H2C_PREFACE) == n.SERVE_HTTP1

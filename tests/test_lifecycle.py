@@ -25,6 +25,7 @@ from tests.support import (
     start_server,
     wait_ready,
 )
+from vrypt_worker import families
 
 GET = b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -280,11 +281,13 @@ def test_command_line_forms(argv: list[str]) -> None:
     port = free_port()
     script = str(Path(sys.executable).with_name("vrypt-server"))
     cmd = [a.format(python=sys.executable, script=script, port=port) for a in argv]
-    env = base_env(GUNICORN_CMD_ARGS="--no-control-socket")
+    # PYTHONPATH: the script imports this checkout, not whatever the venv installed
+    env = base_env(GUNICORN_CMD_ARGS="--no-control-socket", PYTHONPATH=str(ROOT))
     with running(cmd=cmd, port=port, workers=2, env=env) as server:
         responses, _ = exchange(server, GET, 1)
         assert is_vrypt(responses[0])
-        assert f"0.0.0.0:{port}" in server.log
+        # Both families (issue 22): `[::]` with IPV6_V6ONLY off, or 0.0.0.0 without IPv6.
+        assert f"Listening at: http://{families.default_bind(port)} (" in server.log
 
 
 @pytest.mark.parametrize("bad", ["0", "65536", "http", "-1", "80.5"])

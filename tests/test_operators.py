@@ -18,9 +18,21 @@ from pathlib import Path
 import h11
 import pytest
 
-from tests.support import CONF, DATE, ROOT, Server, base_env, free_port, running
+from tests.support import (
+    CONF,
+    DATE,
+    ROOT,
+    Server,
+    base_env,
+    free_port,
+    is_vrypt,
+    read_responses,
+    running,
+    start_server,
+)
 from vrypt_worker import response
-from vrypt_worker.answer import DEFAULT
+from vrypt_worker.answer import DEFAULT, parse_header_lines
+from vrypt_worker.settings import SettingError
 
 GUNICORN = [sys.executable, "-m", "gunicorn"]
 VRYPT_SERVER = [sys.executable, "-m", "vrypt_worker"]
@@ -312,6 +324,52 @@ def test_bad_answer_variable_stops_the_start(name: str, value: str, why: str) ->
         assert "Booting worker" not in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.timeout(90)
+def test_a_bad_answer_is_refused_before_anything_binds(tmp_path: Path) -> None:
+    # Issue 22: the original logged `Listening at:` (and bound the port) before the refusal, so
+    # at a glance the server seemed to have started. Env and conf file, conf and bare drop-in.
+    conf = tmp_path / "bad.conf.py"
+    conf.write_text("from vrypt_worker.conf import *\nvrypt_status = 99\n")
+    for cmd, env, name in (
+        (gunicorn_cmd(free_port()), base_env(VRYPT_STATUS="ok"), "$VRYPT_STATUS"),
+        (
+            gunicorn_cmd(free_port(), "-k", "vrypt_worker.VryptWorker", "x:y", conf=None),
+            base_env(VRYPT_HEADERS="X-A: 1\rX-B: 2"),
+            "$VRYPT_HEADERS",
+        ),
+        (gunicorn_cmd(free_port(), conf=conf), base_env(), "vrypt_status"),
+        ([*VRYPT_SERVER, str(free_port())], base_env(VRYPT_BODY_FILE="/nonexistent"), "$VRYPT"),
+    ):
+        result = refused(cmd, env)
+        assert result.returncode == 2, result.stderr
+        assert f"cannot start: {name}" in result.stderr, result.stderr
+        assert "Listening at" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("X-A: 1\rX-B: 2", "line 1 'X-A: 1\\rX-B: 2': a bare CR (\\r) inside the value is invalid"),
+        ("X-A: 1\x0bX-B: 2", "a vertical tab (\\x0b) inside the value is invalid"),
+        ("X-A: 1\x0cX-B: 2", "a form feed (\\x0c) inside the value is invalid"),
+        ("X-A: 1\x85X-B: 2", "U+0085 (NEL, next line) inside the value is invalid"),
+        ("X-A: 1\u2028X-B: 2", "U+2028 (line separator) inside the value is invalid"),
+        ("X-A: 1\nX\x0bB: 2", "line 2 'X\\x0bB: 2' is not a field line `Name: value`: a vertical"),
+    ],
+)
+def test_header_lines_split_on_line_ends_only_and_say_what_is_wrong(value: str, said: str) -> None:
+    # Issue 22: str.splitlines made `b` of "X-A: a\rb" a line of its own ("line 2 'b' is not a
+    # field line"); only LF and CRLF end a line, and the character at fault is named.
+    with pytest.raises(SettingError) as caught:
+        parse_header_lines("$VRYPT_HEADERS", value)
+    assert said in str(caught.value), str(caught.value)
+
+
+def test_header_lines_end_at_lf_and_crlf() -> None:
+    lines = parse_header_lines("$VRYPT_HEADERS", "X-A: 1\r\nX-B: 2\nX-C: 3\r\n\n")
+    assert lines == (b"X-A: 1", b"X-B: 2", b"X-C: 3")
+
+
 BAD_ANSWER_CONF = [
     ("vrypt_status = 99", "vrypt_status", "outside 200-599"),
     ("vrypt_headers = ['X-Ok: 1', 'X-Bad: 1\\r\\nInjected: 1']", "vrypt_headers", "visible ASCII"),
@@ -389,6 +447,30 @@ def test_help_shows_the_port_variable() -> None:
     with_port = refused([*VRYPT_SERVER, "--help"], env)
     assert with_port.returncode == 0 and "default: $PORT, now 9000" in with_port.stdout
     assert "default 8080" not in with_port.stdout
+
+
+def test_help_says_a_bad_port_variable_is_invalid() -> None:
+    # Issue 22: the original said "default: $PORT, now abc", a port the start then refused.
+    bad = refused([*VRYPT_SERVER, "--help"], base_env(PORT="abc"))
+    assert bad.returncode == 0, bad.stderr
+    text = " ".join(bad.stdout.split())
+    assert "now abc" not in text, text
+    assert "the default, $PORT, is invalid: $PORT='abc': not a port number" in text, text
+
+
+@pytest.mark.timeout(60)
+def test_a_port_argument_wins_over_a_bad_port_variable() -> None:
+    # Issue 22: the original refused `PORT=abc vrypt-server 9000` although a port was given.
+    port = free_port()
+    env = base_env(PORT="abc", GUNICORN_CMD_ARGS="--no-control-socket --workers 1")
+    server = start_server(cmd=[*VRYPT_SERVER, str(port)], port=port, env=env)
+    try:
+        with server.connect() as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert is_vrypt(read_responses(sock, 1)[0])
+        assert "abc" not in server.log, server.log
+    finally:
+        server.stop()
 
 
 # --- a quiet, clear first start ------------------------------------------------------------------

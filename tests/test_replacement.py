@@ -204,8 +204,10 @@ def test_a_plain_listener_on_the_port_fails_the_start_without_a_respawn_loop() -
 
 def test_the_arbiter_names_its_address() -> None:
     with running(workers=2) as server:
-        line = server.wait_for_log(r"Listening at: (\S+) \(\d+\)").group(1)
-        assert line.split(",") == [f"http://127.0.0.1:{server.port}"] * 2, line
+        # Each address once, with its listener count (issue 22; the original repeated it per slot).
+        found = server.wait_for_log(r"Listening at: (\S+) \(\d+\)(.*)")
+        assert found.group(1) == f"http://127.0.0.1:{server.port}", found.group(0)
+        assert found.group(2) == "; 2 SO_REUSEPORT listeners on each address, one per worker slot"
         assert "one SO_REUSEPORT listener per worker on each address" in server.log
         assert "tcp_migrate_req" not in server.log
 

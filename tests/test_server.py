@@ -436,3 +436,20 @@ def test_keepalive_zero_closes_after_every_answer() -> None:
         responses, closed = exchange(srv, GET + GET, 2)
         assert len(responses) == 1 and closed
         assert responses[0].header(b"Connection") == b"close"
+
+
+def test_raw_bytes_above_0x7f_in_the_target_are_answered(server: Server) -> None:
+    # README, "What is answered": obs-text in the target is answered 200, as nginx does (gunicorn
+    # 27 answers 400); control bytes and DEL there still get 400 and the close.
+    for target in (b"/caf\xc3\xa9", b"/\x80", b"/q?\xff\xfe", b"http://h\xe9/p"):
+        with server.connect() as sock:
+            sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+            answer = StrictReader(sock).read()
+            assert answer is not None and is_vrypt(answer), target
+    for target in (b"/\x7f", b"/\x01"):
+        with server.connect() as sock:
+            sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+            reader = StrictReader(sock)
+            answer = reader.read()
+            assert answer is not None and answer.status == 400, target
+            assert reader.at_eof()

@@ -7,13 +7,14 @@ transport, and what each case here does:
   ALPN http/1.1): head (408 at T from the head's FIRST byte), body (408 at T after a body's
   last read), send (close at T after the last progress of answers the client does not take),
   keep-alive (close at T after the last request). With `prior-knowledge` alone a trusted
-  HTTP/1 client gets 400 at once: no HTTP/1 timeout applies there.
+  HTTP/1 client gets GOAWAY(PROTOCOL_ERROR) at once: no HTTP/1 timeout applies there.
 - TLS: the handshake (closed at the head timeout from the accept).
 - HTTP/2 (h2c prior knowledge, after `Upgrade: h2c`, TLS with ALPN h2), by connection:
   stalled, with the head timeout after the last frame that completed (a header block never
   finished; a stream body that stops), send, and idle (GOAWAY and close at the keep-alive
   timeout after the last read).
-- h2c: the preface (decided 1 s after the first byte: 400 on a prior-knowledge-only port).
+- h2c: the preface (decided 1 s after the first byte: GOAWAY(PROTOCOL_ERROR) on a
+  prior-knowledge-only port).
 
 Each case measures on a real gunicorn (one worker, an ephemeral port of 127.0.0.1, small
 timeouts) when the timeout fires, counted from an instant taken just BEFORE the client sent
@@ -45,6 +46,7 @@ import hpack
 import pytest
 import trustme
 
+from tests import h2_peer
 from tests.support import Server, StrictReader, base_env, is_vrypt, start_server
 
 # VRYPT_HEAD_TIMEOUT, VRYPT_BODY_TIMEOUT, VRYPT_SEND_TIMEOUT, --keep-alive: all different, so
@@ -478,13 +480,14 @@ def h2_probe(how: str, timeout: str) -> Probe:
 
 def h2c_preface(target: Target) -> tuple[float, float]:
     """Half the client preface, then nothing, on a prior-knowledge-only port: decided on what
-    came (400, close) at gunicorn's preface timeout from the first byte."""
+    came (GOAWAY(PROTOCOL_ERROR), close) at gunicorn's preface timeout from the first byte."""
     with target.connect() as peer:
         start = peer.send(PREFACE[:12])
         fired = peer.hear(start + PREFACE_TIMEOUT + LATE + 4)
         assert fired is not None, "no answer: the preface timeout did not fire"
         assert peer.closes_within(3)
-        assert bytes(peer.buf).startswith(b"HTTP/1.1 400 "), bytes(peer.buf)[:300]
+        # SETTINGS, GOAWAY(PROTOCOL_ERROR): HTTP/2 frames only (RFC 9113 §3.4; issue 22)
+        assert h2_peer.goaway_code(bytes(peer.buf)) == 1, bytes(peer.buf)[:300]
         return start, fired
 
 

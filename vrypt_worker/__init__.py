@@ -11,7 +11,13 @@ Use it as `gunicorn -c conf/gunicorn.conf.py`, `gunicorn -k vrypt_worker.VryptWo
 docs/architecture.md has every layer and the path on each transport (TLS, HTTP/2).
 """
 
-from vrypt_worker.worker import VryptWorker
+from vrypt_worker import reexec
+
+# Before anything of ours imports the standard library: a USR2 upgrade of a server started with
+# `python -m gunicorn` may run gunicorn's __main__.py as a script (reexec.py says why).
+reexec.unshadow_stdlib()
+
+from vrypt_worker.worker import VryptWorker  # noqa: E402
 
 __all__ = ["VryptWorker"]
 __version__ = "0.1.0"

@@ -38,6 +38,8 @@ from email.utils import formatdate
 from typing import Any
 from urllib.parse import unquote_to_bytes
 
+from gunicorn.util import split_request_uri
+
 from vrypt_worker.access_writer import LineWriter
 from vrypt_worker.h2 import hpack_decoder as hd
 
@@ -82,6 +84,28 @@ def escape(raw: bytes) -> str:
     if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
         return text
     return text.translate(_ESCAPES)
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """PATH_INFO (percent-decoded) and QUERY_STRING of a request target, as gunicorn derives them
+    (`util.split_request_uri`: urllib's urlsplit, `//` kept as a path), so that `%(U)s`,
+    `{path_info}e`, `%(q)s` and `{query_string}e` say what gunicorn's do: an absolute-form target
+    (`http://u:p@host/abs?x=1`) logs its path only (`/abs`), never scheme, host or credentials,
+    and a fragment is not part of the query (`/p#frag?x=1`: `/p`, empty). A target urlsplit
+    refuses (gunicorn answers it 400; here it is answered) logs whole, with no query, as
+    gunicorn's HTTP/2 request does. Called once per distinct head (the lines are cached)."""
+    if target[:1] == b"/" and target[:2] != b"//" and b"#" not in target:
+        path, _, query = target.partition(b"?")  # origin-form: what urlsplit gives, cheaper
+    else:
+        try:
+            parts = split_request_uri(target.decode("latin-1"))
+        except ValueError:
+            return target, b""
+        path = parts.path.encode("latin-1")
+        query = parts.query.encode("latin-1")
+    if b"%" in path:
+        path = unquote_to_bytes(path)
+    return path, query
 
 
 class _Probe(dict):
@@ -355,9 +379,7 @@ class AccessLog:
         if self.need_line:
             static["r"] = escape(line) if line else "-"
             if asked & _PARTS_ATOMS:
-                path, _, query = target.partition(b"?")
-                if b"%" in path:
-                    path = unquote_to_bytes(path)
+                path, query = split_target(target)
                 static["m"] = escape(method) if method else "-"
                 static["U"] = escape(path) if target else "-"
                 static["q"] = escape(query)

@@ -149,6 +149,44 @@ def parse_status(name: str, value: Any) -> tuple[int, bytes]:
     return code, reason.encode("ascii")
 
 
+_NAMED = {
+    "\r": "a bare CR (\\r)",
+    "\n": "a line feed (\\n)",
+    "\x0b": "a vertical tab (\\x0b)",
+    "\x0c": "a form feed (\\x0c)",
+    "\x85": "U+0085 (NEL, next line)",
+    "\u2028": "U+2028 (line separator)",
+    "\u2029": "U+2029 (paragraph separator)",
+    " ": "a space",
+    "\t": "a tab",
+}
+
+
+def _what(char: str) -> str:
+    """A character an operator may not see in their value, named."""
+    if char in _NAMED:
+        return _NAMED[char]
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte the environment could not decode (surrogateescape)
+        return f"the byte 0x{code - 0xDC00:02x} (not ASCII)"
+    if code < 0x20 or code == 0x7F:
+        return f"the control character {char!r}"
+    if code > 0x7E:
+        return f"the non-ASCII character U+{code:04X}"
+    return repr(char)
+
+
+def _first_bad(text: str, allowed: Any) -> str:
+    return next((char for char in text if not allowed(char)), "")
+
+
+def header_lines(text: str) -> list[str]:
+    """A multi-line value's lines: split at line ends only, LF or CRLF. str.splitlines would
+    also end a line at a bare CR, a vertical tab, a form feed, U+0085..., turning a stray
+    character into a field line of its own; here it stays in its line and is named there."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def parse_header_lines(name: str, value: Any) -> tuple[bytes, ...]:
     """One `Name: value` per line (a str), or a list of such lines, or a dict name -> value."""
     if isinstance(value, Mapping):
@@ -156,18 +194,31 @@ def parse_header_lines(name: str, value: Any) -> tuple[bytes, ...]:
     elif isinstance(value, list | tuple):
         lines = [_text(name, line) for line in value]
     else:
-        lines = _text(name, value).splitlines()
+        lines = header_lines(_text(name, value))
     out = []
     for number, line in enumerate(lines, 1):
-        if not line.strip():
+        if not line.strip(" \t"):
             continue  # blank lines separate nothing; a trailing newline is usual in YAML
         field_name, colon, field_value = line.partition(":")
         field_value = field_value.strip(" \t")
-        if not colon or not _FIELD_NAME.fullmatch(field_name):
-            raise SettingError(name, f"line {number} {line!r} is not a field line `Name: value`")
-        if not _FIELD_VALUE.fullmatch(field_value):
+        if not colon:
             raise SettingError(
-                name, f"line {number} {line!r}: the value must be visible ASCII, spaces and tabs"
+                name, f"line {number} {line!r} is not a field line `Name: value` (no colon)"
+            )
+        if not _FIELD_NAME.fullmatch(field_name):
+            bad = _first_bad(field_name, _FIELD_NAME.fullmatch)
+            why = f"{_what(bad)} in the name" if bad else "an empty name"
+            raise SettingError(
+                name,
+                f"line {number} {line!r} is not a field line `Name: value`: {why} is invalid "
+                "(a name is a token: letters, digits and !#$%&'*+.^_`|~-)",
+            )
+        if not _FIELD_VALUE.fullmatch(field_value):
+            bad = _first_bad(field_value, lambda char: char == "\t" or " " <= char <= "~")
+            raise SettingError(
+                name,
+                f"line {number} {line!r}: {_what(bad)} inside the value is invalid; the value "
+                "must be visible ASCII, spaces and tabs",
             )
         if field_name.lower() in _RESERVED:
             hint = " (use the content type setting)" if field_name.lower() == "content-type" else ""

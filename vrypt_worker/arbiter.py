@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from vrypt_worker import answer, listeners, metrics, settings, tls
+from vrypt_worker import announce, answer, listeners, metrics, reexec, settings, tls
 
 # The gunicorn Arbiter this process runs, once one of our hooks has seen it (None before that,
 # and for good where gunicorn never called them: check_config says so).
@@ -60,6 +60,8 @@ def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None
     global _server, _setup_cfg
     cfg = server.cfg
     if cfg is not _setup_cfg:  # Arbiter.setup, not TTIN/TTOU
+        if _setup_cfg is None:  # the start, not a HUP (on_reload keeps the answer on a bad one)
+            _refuse_bad_settings(cfg, server.log)  # before anything binds, as for $PORT
         _setup_cfg = cfg
         held = listeners.prepare(cfg, server.log, bool(server.LISTENERS))
         if held is not None:
@@ -68,6 +70,8 @@ def nworkers_changed(server: Any, new_value: int, old_value: int | None) -> None
     listeners.want_workers(new_value)
     if server is not _server:  # once per arbiter (a USR2 upgrade is a new process)
         _server = server
+        reexec.start_as_started(server)  # USR2 re-executes `python -m gunicorn` as started
+        announce.listening_once(server.log)  # `Listening at:` names each address once
         _freeze_heap_at_fork()
         _spawn_replacements_at_once(server)
 
@@ -89,11 +93,13 @@ def on_starting(server: Any) -> None:
     cfg = server.cfg
     if cfg.control_socket_disable or cfg.control_socket != cfg.settings["control_socket"].default:
         return
-    path = settings.control_socket_path(cfg.address, cfg.control_socket)
+    plain = path = settings.control_socket_path(cfg.address, cfg.control_socket)
     if _socket_in_use(path):
         # Another live server with the same binds (two SO_REUSEPORT servers can share a port):
         # never take its socket over. gunicorn announces the path it listens at.
         path = settings.control_socket_path(cfg.address, cfg.control_socket, os.getpid())
+        if server.master_pid:  # a USR2 upgrade: the plain name is ours again once promoted
+            reexec.plain_control_socket_at_promotion(server, plain, _socket_in_use)
     cfg.set("control_socket", path)
 
 
@@ -149,9 +155,9 @@ def check_config(cfg: Any, log: Any) -> None:
         raise RuntimeError(
             "vrypt_worker.VryptWorker cannot honour these settings: " + "; ".join(refused)
         )
-    # A bad VRYPT_* variable or answer setting stops the start here, in the arbiter, with
-    # a message naming it (exit 2), instead of failing in every worker; the chosen answer is
-    # inherited by every worker forked after this.
+    # A bad VRYPT_* variable or answer setting stops the start in the arbiter, with a message
+    # naming it (exit 2), instead of failing in every worker: before the binds (nworkers_changed),
+    # or here when that hook did not run; the chosen answer is inherited by every worker.
     _check_settings(cfg, log)
     if _server is None:
         log.warning(
@@ -169,20 +175,22 @@ def check_config(cfg: Any, log: Any) -> None:
             "systemd sockets; see docs/reliability.md"
         )
     if listeners.slot_mode():
-        # gunicorn's `Listening at:` names every slot's listener, so an address shows once per
-        # worker: say why, once.
+        # `Listening at:` counts each address's listeners (announce.py): say why there are many.
         log.info(
             "vrypt_worker: one SO_REUSEPORT listener per worker on each address, kept by "
             "the arbiter so that restarts never leave the port without one "
             "(VRYPT_REUSE_PORT=0 for a single shared listener)"
         )
+    if _server is not None:
+        announce.families_served(_server.LISTENERS, log)  # IPv6 and IPv4, or why not
     metrics.start(cfg, log)  # shared counter slots and the StatsD pusher, before any fork
 
 
-def _check_settings(cfg: Any, log: Any) -> None:
-    """The operators' settings: refuse a bad variable or answer setting (exit 2, the setting
-    named in the log), choose the answer every worker inherits, and say only what the operator
-    set and can act on."""
+def _refuse_bad_settings(cfg: Any, log: Any) -> answer.Answer:
+    """Refuse a bad variable or answer setting (exit 2, the setting named in the log), else
+    choose the answer every worker inherits. From nworkers_changed at the start, before any
+    listener is bound (so no `Listening at:` line makes a refused start look started), and from
+    check_config (for a start whose hooks never ran)."""
     try:
         settings.check_worker_environment()
         settings.check_bind_ports(cfg.address)
@@ -191,6 +199,14 @@ def _check_settings(cfg: Any, log: Any) -> None:
         log.error("vrypt_worker cannot start: %s", exc)
         sys.exit(settings.EXIT_BAD_SETTING)
     answer.activate(chosen)
+    return chosen
+
+
+def _check_settings(cfg: Any, log: Any) -> None:
+    """The operators' settings: refuse a bad one, choose the answer every worker inherits, and
+    say only what the operator set and can act on."""
+    # Checked already when nworkers_changed saw this config (the start, before the binds).
+    chosen = answer.active() if cfg is _setup_cfg else _refuse_bad_settings(cfg, log)
     if chosen != answer.DEFAULT:
         log.info(
             "vrypt_worker answers %d %s: %d-byte body, %d extra header lines",

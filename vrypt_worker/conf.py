@@ -5,7 +5,7 @@ can be overridden as usual: on the command line (which wins) or in `GUNICORN_CMD
 gunicorn has no flag to undo a value set here, an environment variable switches it instead, so an
 operator never edits this file to change a mode:
 
-  PORT               port to bind on 0.0.0.0 (default 8080), as gunicorn itself reads it
+  PORT               port to bind on [::] and 0.0.0.0 (default 8080), as gunicorn reads it
   WEB_CONCURRENCY    number of workers (default: the CPUs this process may run on)
   VRYPT_REUSE_PORT   1 (default): one SO_REUSEPORT listener per worker; 0: one shared listener
   VRYPT_DEFER_ACCEPT 1 (default): TCP listeners hand over a connection once its first bytes came
@@ -25,6 +25,7 @@ A bad value of any of them stops the start with a message naming it and exit sta
 import os
 
 from vrypt_worker import arbiter as _arbiter
+from vrypt_worker import families as _families
 from vrypt_worker import settings as _settings
 
 try:
@@ -36,7 +37,9 @@ try:
 except _settings.SettingError as _error:
     _settings.refuse(_error)
 
-bind = [f"0.0.0.0:{_port}"]
+# Both address families: `[::]` with IPV6_V6ONLY off, or `0.0.0.0` where the machine has no IPv6
+# sockets (vrypt_worker/families.py); the arbiter says which at start.
+bind = [_families.default_bind(_port)]
 workers = _workers or len(os.sched_getaffinity(0))
 worker_class = "vrypt_worker.VryptWorker"
 # Never imported by VryptWorker; named so that gunicorn needs no APP_MODULE argument, and so that

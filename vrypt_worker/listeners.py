@@ -42,6 +42,7 @@ from typing import Any
 
 from gunicorn import sock as gsock
 
+from vrypt_worker import families
 from vrypt_worker.metrics import alive_child
 
 MAX_SLOTS = 512  # far above any worker count
@@ -88,7 +89,7 @@ class SlotPool:
         if len(self.slots) >= MAX_SLOTS:
             raise RuntimeError(f"vrypt_worker: more than {MAX_SLOTS} listener slots")
         view = _ConfView(cfg, True)
-        self.slots.append([gsock._sock_type(addr)(addr, view, log) for addr in self.addresses])
+        self.slots.append([_listener(addr, view, log) for addr in self.addresses])
         return len(self.slots) - 1
 
     def live_holders(self, slot: int, arbiter_pid: int) -> int:
@@ -114,6 +115,22 @@ class SlotPool:
             slot = counts.index(min(counts))
         self.holders.setdefault(slot, []).append(worker)
         return slot
+
+
+class _DualStack(gsock.TCP6Socket):
+    """A `[::]` listener that serves IPv4 clients too: IPV6_V6ONLY off before the bind, whatever
+    the kernel's default (families.py)."""
+
+    def bind(self, sock: socket.socket) -> None:
+        families.serve_both(sock)
+        super().bind(sock)
+
+
+def _listener(address: tuple[Any, ...], view: _ConfView, log: Any) -> Any:
+    kind = gsock._sock_type(address)
+    if kind is gsock.TCP6Socket and address[0] == families.ANY_V6:
+        kind = _DualStack
+    return kind(address, view, log)
 
 
 def slot_mode() -> bool:

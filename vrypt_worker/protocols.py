@@ -8,8 +8,9 @@ own `Connection`, whose hot path this leaves untouched. For these, `Negotiation`
 protocol until the decision, then it hands every byte to the protocol chosen:
 
 - prior knowledge (`prior-knowledge`, `both`): the client preface `PRI * HTTP/2.0...` means
-  HTTP/2 from the first byte. Anything else is HTTP/1, or a 400 and close when prior knowledge
-  is the only mechanism (a trusted peer that should speak HTTP/2 and does not).
+  HTTP/2 from the first byte. Anything else is HTTP/1, or, when prior knowledge is the only
+  mechanism (a trusted peer that should speak HTTP/2 and does not), an invalid preface: our
+  SETTINGS, GOAWAY(PROTOCOL_ERROR) and close (RFC 9113 §3.4), never an HTTP/1 answer.
 - upgrade (`upgrade`, `both`): a first request that is a well-formed `Upgrade: h2c` (with
   HTTP2-Settings, a body of at most 64 KiB and not chunked) is answered `101 Switching
   Protocols`, its body skipped, and the connection continues in HTTP/2 with that request as
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vrypt_worker import access_log
-from vrypt_worker.framing import BAD_REQUEST, ERRORS
+from vrypt_worker.framing import ERRORS
 from vrypt_worker.h1_protocol import H1Protocol
 from vrypt_worker.h2 import (
     H2C_PREFACE_TIMEOUT,
@@ -123,11 +124,13 @@ class Negotiation:
                 return b""
             if state == MATCH:
                 return self._choose(factory.h2(self.sock), buf)
-            if factory.policy.mismatch_is_error:  # prior knowledge only: HTTP/1 is a mistake
-                h1 = factory.h1(self.sock)
-                self.chosen = h1
+            if factory.policy.mismatch_is_error:
+                # Prior knowledge only: the peer is served HTTP/2 and nothing else, so it gets
+                # HTTP/2 frames only: GOAWAY(PROTOCOL_ERROR), RFC 9113 §3.4 (not gunicorn's 400).
+                h2 = factory.h2(self.sock)
+                self.chosen = h2
                 self._buf = b""
-                return h1.refuse(BAD_REQUEST)
+                return h2.refuse_preface()
         if self.upgrade:
             end = buf.find(b"\r\n\r\n")
             if end < 0:

@@ -14,7 +14,6 @@ import functools
 import logging
 import os
 import pprint
-import resource
 import signal
 import socket
 import sys
@@ -27,7 +26,8 @@ import gevent.event
 from gunicorn.workers.base import Worker
 
 from vrypt_worker import arbiter, listeners, metrics, settings, tls
-from vrypt_worker.connection import READ, BaseConnection, WorkerState, evict
+from vrypt_worker.accepting import Listening, raise_nofile_limit, raw_socket
+from vrypt_worker.connection import BaseConnection, WorkerState, evict
 from vrypt_worker.framing import FramingRules, Limits
 from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy
 from vrypt_worker.plain import Connection, FirstRead
@@ -46,8 +46,6 @@ _STREAM = socket.SOCK_STREAM
 # Accepts per readable event on one listener. Several workers share the load through
 # SO_REUSEPORT or a shared queue, so a worker takes a batch and lets the loop serve its clients.
 _MAX_ACCEPT = 64
-# After EMFILE/ENFILE, accepting pauses this long instead of spinning on a queue it cannot drain.
-_ACCEPT_BACKOFF = 0.5
 # Draining: a connection with no request in progress may have one on the wire (a client that has
 # just connected, a keep-alive client about to send its next request). It gets this long for that
 # request to arrive and be answered with `Connection: close` before it is closed as idle.
@@ -59,11 +57,6 @@ _FRESH_GRACE = 1.0
 # A recycled worker keeps serving its slot at most this long for the successor it asked the
 # arbiter for (a reload in progress, say, keeps the arbiter busy); then it leaves as before.
 _SUCCESSOR_WAIT = 2.0
-
-
-def _raw(listener: Any) -> Any:
-    """The socket of a gunicorn listener object (None once closed), or the socket itself."""
-    return listener.sock if hasattr(listener, "sock") else listener
 
 
 # TERM with listeners that each worker binds itself (reuse_port with systemd's sockets, the one
@@ -80,12 +73,6 @@ _HANDOVER = 0.2
 _DEFER_SETTLE = 0.3
 _RESOURCE_ERRORS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
 _NOT_LISTENING = frozenset((errno.EBADF, errno.EINVAL, errno.ENOTSOCK))
-# The kernel's send buffer per connection (it doubles the value: 128 KiB, about 1,000 answers).
-# Left to autotuning, a client that pipelines and never reads makes the kernel hold megabytes of
-# our answers for it: with 3,000 such clients the machine's TCP memory went into pressure and a
-# normal client waited 4 s (p99; nginx, also autotuned, over 10 s). Fixed at this size: 0.05 ms.
-# Our answers are small, so a bigger buffer buys nothing but memory. Set on the listener once.
-_SNDBUF = 64 * 1024
 
 
 class VryptWorker(Worker):
@@ -147,11 +134,8 @@ class VryptWorker(Worker):
         self.timeouts = hostile_settings_from_env()
         self.state: WorkerState | None = None
         self.draining = False
-        self._accepting: list[tuple[Any, socket.socket]] = []
         self.max_connections = self.cfg.worker_connections
-        self._accept_paused = False
         self._stopped = False
-        self._last_accept_error = 0.0
         # The access log, when gunicorn's logger has it on, swaps in LoggingConnection at start
         # (access_log.py), so with it off the request path has not one check more.
         self.connection_class: type[BaseConnection] = Connection
@@ -159,6 +143,7 @@ class VryptWorker(Worker):
         # after a second without any), so plain HTTP/1 connections are read at their accept
         # (plain.FirstRead). Set in run(), once the connection class is known.
         self.defer_accept = settings.env_flag("VRYPT_DEFER_ACCEPT", True)
+        self.listening = Listening(self.log, self._on_acceptable, self.defer_accept)
         self.read_at_accept = False
         self.access_log: Any = None
         self.uwsgi: UwsgiFront | None = None  # protocol = uwsgi: set in run()
@@ -171,7 +156,9 @@ class VryptWorker(Worker):
     def init_process(self) -> None:
         metrics.attach(self)
         gevent.reinit()  # the hub must not share an epoll instance with the arbiter
-        self._raise_nofile_limit()
+        # As far as the hard limit allows; a hard limit too low for worker_connections was
+        # reported once by check_config, not again by every worker.
+        raise_nofile_limit(self.cfg.worker_connections + settings.NOFILE_RESERVE)
         super().init_process()
 
     def load_wsgi(self) -> None:
@@ -239,13 +226,7 @@ class VryptWorker(Worker):
         # (a bound method made once: calling it costs less than calling an instance)
         self.first_read = FirstRead(state, self.connection_class, self._add).read  # type: ignore[arg-type]
         self._done = gevent.event.Event()
-        for listener in self.sockets:
-            sock = _raw(listener)
-            sock.setblocking(False)
-            self._tune_listener(sock)
-            watcher = loop.io(sock.fileno(), READ)
-            self._accepting.append((watcher, sock))
-        self._resume_accepting(force=True)
+        self.listening.start(loop, [raw_socket(listener) for listener in self.sockets])
         # Metrics: the answered count reaches shared memory once per loop iteration, just before
         # the hub waits for I/O again, instead of once per request (a memoryview store costs a
         # few hundred instructions; under load one iteration answers dozens of requests).
@@ -300,29 +281,13 @@ class VryptWorker(Worker):
 
     # accepting ----------------------------------------------------------------------------------
 
-    def _tune_listener(self, sock: socket.socket) -> None:
-        """Options TCP listeners pass on to the connections they accept (Linux), set once."""
-        if sock.family not in (socket.AF_INET, socket.AF_INET6):
-            return
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SNDBUF)
-        self._defer_accepts(sock, self.defer_accept)
-
-    @staticmethod
-    def _defer_accepts(sock: socket.socket, on: bool) -> None:
-        """TCP_DEFER_ACCEPT, the listener's own option (shared by every worker that holds it):
-        1 s, the kernel's first SYN-ACK retransmission, after which a connection that has sent
-        nothing is handed over anyway."""
-        if sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, int(on))
-
     def _on_acceptable(self, listener: socket.socket, family: int) -> None:
         evicted = False
         for _ in range(_MAX_ACCEPT):
             # At the cap, a readable listener means a client waits: idle keep-alive connections
             # make room for it; with none, accepting pauses (the sweep retries once a second).
             if len(self.connections) >= self.max_connections and not self._make_room():
-                self._pause_accepting()
+                self.listening.pause()
                 return
             try:
                 if not self._accept_one(listener, family):
@@ -331,7 +296,7 @@ class VryptWorker(Worker):
                 if not evicted and self._make_room():
                     evicted = True
                     continue  # descriptors freed: take the waiting client now
-                self._back_off_accepting(exc)
+                self.listening.back_off(exc, self._has_room)
                 return
             if len(self.connections) >= self.max_connections:
                 return
@@ -386,45 +351,22 @@ class VryptWorker(Worker):
     def _make_room(self) -> bool:
         return evict(self.connections)
 
-    def _pause_accepting(self) -> None:
-        if not self._accept_paused:
-            self._accept_paused = True
-            for watcher, _sock in self._accepting:
-                watcher.stop()
-
-    def _resume_accepting(self, force: bool = False) -> None:
-        if (self._accept_paused or force) and not self.draining:
-            self._accept_paused = False
-            for watcher, sock in self._accepting:
-                watcher.start(self._on_acceptable, sock, int(sock.family))
-
-    def _back_off_accepting(self, exc: OSError) -> None:
-        now = time.monotonic()
-        if now - self._last_accept_error > 60:
-            self._last_accept_error = now
-            self.log.warning("accept failed (%s): pausing accepts for %.1fs", exc, _ACCEPT_BACKOFF)
-        self._pause_accepting()
-        timer = self.loop.timer(_ACCEPT_BACKOFF)
-        timer.start(self._end_back_off, timer)
-
-    def _end_back_off(self, timer: Any) -> None:
-        timer.close()
-        if len(self.connections) < self.max_connections:
-            self._resume_accepting()
+    def _has_room(self) -> bool:
+        return len(self.connections) < self.max_connections
 
     def connection_closed(self, conn: BaseConnection) -> None:
         self.connections.discard(conn)
         self.state.wheel.discard(conn)  # type: ignore[union-attr]  # (connections: in run())
         if self._late:
             self._late.pop(conn, None)
-        if self._accept_paused and len(self.connections) < self.max_connections:
-            self._resume_accepting()
+        if self.listening.paused and len(self.connections) < self.max_connections:
+            self.listening.resume()
         if self.draining:
             if self._old:
                 self._old.discard(conn)
-                if not self._old and self._accepting and not self._awaiting_successor:
+                if not self._old and self.listening and not self._awaiting_successor:
                     self._close_listeners()  # the last connection from before the drain left
-            if not self.connections and not self._accepting:
+            if not self.connections and not self.listening:
                 self._stop()
 
     # listener slots (listeners.py) ----------------------------------------------------------------
@@ -433,7 +375,7 @@ class VryptWorker(Worker):
         """Every clock tick: say again that this worker serves its slot, and serve any other
         slot nobody serves (its worker died or left and no replacement has claimed it)."""
         if self.draining:
-            if self._accepting and (
+            if self.listening and (
                 listeners.served_by_another(self.slot, self.ppid)
                 or (
                     self._awaiting_successor
@@ -447,18 +389,13 @@ class VryptWorker(Worker):
         for slot, socks in self.spare_slots.items():
             orphan = listeners.orphaned(slot, self.ppid)
             if orphan and slot not in self._adopted:
-                watchers = []
+                pairs = []
                 for listener in socks:
-                    sock = _raw(listener)
+                    sock = raw_socket(listener)
                     if sock is None:
                         break
-                    self._tune_listener(sock)
-                    watchers.append((self.loop.io(sock.fileno(), READ), sock))
-                self._adopted[slot] = watchers
-                self._accepting.extend(watchers)
-                if not self._accept_paused:
-                    for watcher, sock in watchers:
-                        watcher.start(self._on_acceptable, sock, int(sock.family))
+                    pairs.append(self.listening.add(sock))
+                self._adopted[slot] = pairs
             elif not orphan and slot in self._adopted:
                 self._drop_adopted(slot)
 
@@ -468,8 +405,7 @@ class VryptWorker(Worker):
 
     def _drop_adopted(self, slot: int) -> None:
         for pair in self._adopted.pop(slot):
-            pair[0].close()
-            self._accepting.remove(pair)
+            self.listening.remove(pair)
 
     def _close_spare_copies(self) -> None:
         """Leaving: close our copies of the other slots' listeners, so that at shutdown each
@@ -499,8 +435,7 @@ class VryptWorker(Worker):
         if self.defer_accept and not self.draining:
             # A worker TERMed turned deferral off on a listener it shares with us (a reload,
             # TTOU, a worker killed by hand): serving it, we turn it on again.
-            for _watcher, sock in self._accepting:
-                self._defer_accepts(sock, True)
+            self.listening.defer(True)
 
     def _on_sweep(self) -> None:
         self.notify()
@@ -520,13 +455,13 @@ class VryptWorker(Worker):
                 later = conn.on_tick(keepalive, now)
                 if later is not None and conn in connections:
                     file(conn, later)
-        if self._accept_paused and len(self.connections) >= self.max_connections:
-            self._resume_accepting()  # paused at the cap: a waiting client retries _make_room
-        if self.draining and self._accepting and time.monotonic() >= self._drain_deadline:
+        if self.listening.paused and len(self.connections) >= self.max_connections:
+            self.listening.resume()  # paused at the cap: a waiting client retries _make_room
+        if self.draining and self.listening and time.monotonic() >= self._drain_deadline:
             self._close_listeners()
         if (
             self.draining
-            and not self._accepting  # still listening during a handover
+            and not self.listening  # still listening during a handover
             and (not self.connections or time.monotonic() >= self._drain_deadline)
         ):
             if self.connections:
@@ -555,7 +490,7 @@ class VryptWorker(Worker):
         With `handover`, keep accepting for _HANDOVER seconds first."""
         if self.draining:
             return
-        self.draining = True
+        self.draining = self.listening.draining = True
         self.alive = False
         self.rules.open_until = 0
         self._drain_started = time.monotonic()
@@ -578,7 +513,7 @@ class VryptWorker(Worker):
             grace = self.loop.timer(_DRAIN_GRACE)
             grace.start(self._close_idle, grace)
             return
-        if handover and self._accepting:
+        if handover and self.listening:
             timer = self.loop.timer(_HANDOVER)
             timer.start(self._close_listeners, timer)
         else:
@@ -593,7 +528,7 @@ class VryptWorker(Worker):
         settled = (timer is not None and timer is self._settling) or (
             self.slot >= 0 and listeners.served_by_another(self.slot, self.ppid)
         )  # a successor holds the slot's socket: our close is not its last
-        if self._accepting and settle > 0 and not settled:
+        if self.listening and settle > 0 and not settled:
             if self._settling is None:  # the connections deferred before the drain first
                 self._settling = self.loop.timer(settle)
                 self._settling.start(self._close_listeners, self._settling)
@@ -602,11 +537,9 @@ class VryptWorker(Worker):
         if self.slot >= 0:
             listeners.release(self.slot)
         self._old.clear()
-        for watcher, _sock in self._accepting:
-            watcher.close()
-        self._accepting.clear()
+        self.listening.close()
         for listener in self.sockets:
-            sock = _raw(listener)
+            sock = raw_socket(listener)
             if sock is None:
                 continue  # closed already
             self._accept_queued(sock)
@@ -664,8 +597,7 @@ class VryptWorker(Worker):
         # never closes the last descriptor (the arbiter holds it), so it skips this.
         if self.defer_accept and not self._listeners_closed and not self._settle_until:
             self._settle_until = time.monotonic() + _DEFER_SETTLE
-            for _watcher, sock in self._accepting:
-                self._defer_accepts(sock, False)
+            self.listening.defer(False)
         self.start_draining(handover=self.cfg.reuse_port)  # reuse_port is off in slot mode
 
     def _on_quit(self) -> None:
@@ -677,13 +609,3 @@ class VryptWorker(Worker):
         self.alive = False
         self.cfg.worker_abort(self)
         sys.exit(1)
-
-    def _raise_nofile_limit(self) -> None:
-        # As far as the hard limit allows; a hard limit too low for worker_connections was
-        # reported once by check_config, not again by every worker.
-        need = self.cfg.worker_connections + settings.NOFILE_RESERVE
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and soft < need:
-            target = need if hard == resource.RLIM_INFINITY else min(need, hard)
-            if target > soft:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

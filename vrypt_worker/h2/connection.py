@@ -339,6 +339,21 @@ class H2Protocol(Requests, ControlFrames, Output):
         out.clear()
         return result
 
+    def refuse_preface(self) -> bytes:
+        """The client did not send the connection preface (or not in time): a connection error
+        of type PROTOCOL_ERROR (RFC 9113 §3.4). Our SETTINGS (the server preface comes first),
+        then GOAWAY(PROTOCOL_ERROR), then close: nothing that is not an HTTP/2 frame."""
+        if self.closing:
+            return b""
+        prefix = b"" if self._started else self.start()
+        out = self._out
+        out.clear()
+        out.append(prefix)
+        self._fail(ProtocolError(frames.PROTOCOL_ERROR, "invalid connection preface"))
+        result = b"".join(out)
+        out.clear()
+        return result
+
     def tick(self, now: float, last_input: float | None = None) -> bytes:
         """The timeouts (idle, stalled), measured from what the previous call saw, and the flood
         budgets' refill: `rate` tokens per second since the previous call (the transport calls

@@ -6,19 +6,24 @@
   `http` and TLS is off (with TLS,
   HTTP/2 is chosen by ALPN).
 - Only peers in `forwarded_allow_ips` may use h2c (Unix socket peers are trusted); everyone else
-  is served HTTP/1.x as if the setting were off.
+  is served HTTP/1.x as if the setting were off. An IPv4 peer of a dual-stack listener
+  (`::ffff:a.b.c.d`) is judged by its IPv4 address, unlike gunicorn.
 - With `prior-knowledge` alone, a trusted peer whose first bytes are not the connection preface
-  gets 400 and the connection closes; with `both`, an HTTP/1 request goes on as HTTP/1 (it may
-  be the upgrade request).
+  (or whose preface does not complete within H2C_PREFACE_TIMEOUT) is refused; with `both`, an
+  HTTP/1 request goes on as HTTP/1 (it may be the upgrade request).
 - An upgrade (RFC 7540 §3.2, which RFC 9113 §3.1 deprecates but gunicorn honours) needs an
   HTTP/1.1 request with `Upgrade: h2c`, `Connection` naming both `Upgrade` and
   `HTTP2-Settings`, exactly one `HTTP2-Settings` field that is valid base64url of valid
   settings, and a body of at most 65536 bytes by Content-Length. Otherwise the request is
   served as HTTP/1.1, no 101.
 
-One difference, by choice: gunicorn also upgrades a request with a chunked body (it reads the
-whole body first); here a chunked upgrade request is answered as HTTP/1.1 without upgrading, so
-that the transport only ever has a counted body to skip before the switch.
+Two differences, by choice:
+- gunicorn answers the refused peer an HTTP/1.1 `400`. A peer served HTTP/2 only gets HTTP/2
+  frames only: RFC 9113 §3.4 makes an invalid preface a connection error of type PROTOCOL_ERROR,
+  so it gets our SETTINGS, GOAWAY(PROTOCOL_ERROR) and the close (`H2Protocol.refuse_preface`).
+- gunicorn also upgrades a request with a chunked body (it reads the whole body first); here a
+  chunked upgrade request is answered as HTTP/1.1 without upgrading, so that the transport only
+  ever has a counted body to skip before the switch.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ MISMATCH = "mismatch"
 SERVE_H2 = "h2"  # the preface: hand every byte to H2Protocol
 WAIT = "wait"  # a prefix of the preface: read more (within H2C_PREFACE_TIMEOUT)
 SERVE_HTTP1 = "http1"  # not h2c: HTTP/1.x as usual
-REJECT_400 = "reject"  # prior-knowledge-only port, trusted peer, not the preface: 400, close
+REJECT = "reject"  # prior-knowledge-only port, trusted peer, not the preface: GOAWAY, close
 
 UPGRADE_101 = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
 
@@ -103,6 +108,11 @@ class H2cPolicy:
             ip = ipaddress.ip_address(peer[0])
         except ValueError:
             return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            # An IPv4 client of a dual-stack `[::]` listener (the default bind, families.py):
+            # judged as the IPv4 address it is, so that `127.0.0.1` in forwarded_allow_ips
+            # still means the local proxy. (gunicorn compares ::ffff:127.0.0.1 as IPv6.)
+            ip = ip.ipv4_mapped
         return any(ip in network for network in self.networks)
 
     def prior_knowledge_allowed(self, peer: Any) -> bool:
@@ -116,7 +126,7 @@ class H2cPolicy:
         return self.mode == "prior-knowledge"
 
     def first_bytes(self, peer: Any, buf: bytes) -> str:
-        """SERVE_H2, WAIT, SERVE_HTTP1 or REJECT_400 for what a new connection sent so far."""
+        """SERVE_H2, WAIT, SERVE_HTTP1 or REJECT for what a new connection sent so far."""
         if not self.prior_knowledge_allowed(peer):
             return SERVE_HTTP1
         state = preface_match(buf)
@@ -124,7 +134,7 @@ class H2cPolicy:
             return SERVE_H2
         if state == PARTIAL:
             return WAIT
-        return REJECT_400 if self.mismatch_is_error else SERVE_HTTP1
+        return REJECT if self.mismatch_is_error else SERVE_HTTP1
 
 
 @dataclass(frozen=True)
