@@ -12,13 +12,14 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support import StrictReader, base_env, free_port, is_vrypt, running
+from tests.support import CONF, StrictReader, base_env, free_port, is_vrypt, running
 from tests.test_metrics import Collector, metrics_env
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -427,3 +428,18 @@ def test_packets_inside_tls_and_a_forbidden_peer_after_the_handshake(tmp_path_fa
     ):
         sock.sendall(packet())
         assert is_500(StrictReader(sock).read())
+
+
+def test_a_dual_stack_listener_sees_nginx_on_127_0_0_1_as_allowed():
+    """On `[::]` (dual-stack), a peer on 127.0.0.1 is `::ffff:127.0.0.1`: still the default
+    allow list's 127.0.0.1 (gunicorn 27.0.1 would refuse it: docs/uwsgi.md)."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    port = free_port()
+    cmd = [sys.executable, "-m", "gunicorn", "-c", str(CONF), "--bind", f"[::]:{port}"]
+    cmd += ["--workers", "1", "--no-control-socket", *UWSGI]
+    with running(cmd=cmd, port=port) as server:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(packet())
+            assert is_vrypt(StrictReader(sock).read())
+        assert "not allowed" not in server.log
