@@ -353,6 +353,56 @@ def header_references_4k(port: int, tls: bool, seconds: float) -> Outcome:
     return header_references(port, tls, seconds, entry=3960)
 
 
+def big_reads(port: int, tls: bool, seconds: float) -> Outcome:
+    """Not an attack: a client that writes 5,000 HEAD requests at once (64 KiB, one read for the
+    server) and reads every answer, again and again. Each such read owes about 40 batches of
+    answers; the bystander's p99 shows whether they hold the loop (one batch per loop turn since
+    issue 25; all of them in one turn before)."""
+    sock = connect(port, tls)
+    block = request_block(b"HEAD", tls=tls)
+    one = frame(HEADERS, END_STREAM | END_HEADERS, 0, block)
+    started = time.monotonic()
+    deadline = started + seconds
+    sid = 1
+    sent = 0
+    closed = None
+    try:
+        sock.sendall(PREFACE + settings())
+        buf = b""
+        while time.monotonic() < deadline and sid < 2**31 - 20_000:
+            burst = b"".join(
+                one[:5] + struct.pack(">I", s) + one[9:] for s in range(sid, sid + 10_000, 2)
+            )
+            sock.sendall(burst)
+            sent += 5000
+            last = sid + 9_998
+            sid += 10_000
+            done = False
+            while not done:
+                chunk = sock.recv(262144)
+                if not chunk:
+                    closed = time.monotonic() - started
+                    return Outcome(closed, sent)
+                buf += chunk
+                pos, end = 0, len(buf)
+                while end - pos >= 9:
+                    length = int.from_bytes(buf[pos : pos + 3], "big")
+                    if end - pos < 9 + length:
+                        break
+                    stream = int.from_bytes(buf[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
+                    if buf[pos + 3] == SETTINGS and not buf[pos + 4] & ACK:
+                        sock.sendall(frame(SETTINGS, ACK, 0))
+                    if stream == last and buf[pos + 4] & END_STREAM:
+                        done = True
+                    pos += 9 + length
+                buf = buf[pos:]
+    except OSError:
+        closed = time.monotonic() - started
+    finally:
+        sock.close()
+    return Outcome(closed, sent)
+
+
 FLOODS: dict[str, Callable[[int, bool, float], Outcome]] = {
     "wu-held": window_update_with_held_answers,
     "references": header_references,
@@ -362,6 +412,7 @@ FLOODS: dict[str, Callable[[int, bool, float], Outcome]] = {
     "padded-data": padded_empty_data,
     "madeyoureset": made_you_reset,
     "rapid-reset": rapid_reset,
+    "big-reads": big_reads,
 }
 
 

@@ -2,7 +2,7 @@
 
     python -m bench.h2_hostile [--servers vrypt,nginx] [--transports h2c,tls-h2]
                                [--attacks nonreaders,wu-held,references,...] [--seconds 8]
-                               [--connections 1000]
+                               [--connections 1000] [--peer NAME=COMMAND]
 
 Each attack runs against each server with its default settings (vrypt: conf/gunicorn.conf.py,
 nginx: bench/servers.py's configuration; bench/transports.py adds h2c or TLS with ALPN h2), one
@@ -11,7 +11,9 @@ sequential GETs on one connection) run unpinned. Reported: when the server close
 attacker's connection ("open" if it still was after --seconds) and the GOAWAY code it sent, the
 worker's CPU time over the attack, the bystander's p99; for `nonreaders` (--connections clients
 that send HEAD or GET requests until the kernel takes no more and never read): the worker's RSS
-added and the bystander's p99 while they hold. The attacks are in bench/h2_attacks.py.
+added and the bystander's p99 while they hold. The attacks are in bench/h2_attacks.py;
+`big-reads` (not in the default list) is a legitimate client whose every write is 5,000
+requests: the bystander's p99 beside it shows whether one read's answers hold the loop.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from bench.h2_attacks import FLOODS, Bystander, non_readers
 from bench.hostile import cpu_s, rss_kb, workers
 from bench.scenarios import Placement, available_cpus
-from bench.servers import BUILTIN, RunningServer, running
+from bench.servers import BUILTIN, RunningServer, peer_spec, running
 from bench.transports import TRANSPORTS
 
 ERRORS = {0: "NO_ERROR", 1: "PROTOCOL_ERROR", 11: "ENHANCE_YOUR_CALM", 2: "INTERNAL_ERROR"}
@@ -81,10 +83,25 @@ def main() -> None:
     )
     p.add_argument("--servers", default="vrypt,nginx")
     p.add_argument("--transports", default="h2c,tls-h2")
-    p.add_argument("--attacks", default=",".join(["nonreaders", "nonreaders-get", *FLOODS]))
+    p.add_argument(
+        "--attacks",
+        default=",".join(
+            ["nonreaders", "nonreaders-get", *(a for a in FLOODS if a != "big-reads")]
+        ),
+    )
     p.add_argument("--seconds", type=float, default=8.0, help="how long each flood lasts")
     p.add_argument("--connections", type=int, default=1000, help="for nonreaders")
+    p.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="NAME=COMMAND",
+        help="another server, run by sh with {port}, {workers}, {certfile} and {keyfile} filled "
+        "in; it names its own HTTP/2 and TLS flags (bench/transports.py)",
+    )
     args = p.parse_args()
+    specs = dict(BUILTIN)
+    specs.update((spec.name, spec) for spec in map(peer_spec, args.peer))
     cpus = available_cpus()
     where = Placement(cpus[:1], cpus[1:] or cpus, 1)
     rows = []
@@ -92,7 +109,7 @@ def main() -> None:
         for transport_name in args.transports.split(","):
             transport = TRANSPORTS[transport_name]
             for name in args.servers.split(","):
-                with running(BUILTIN[name], where, transport=transport) as server:
+                with running(specs[name], where, transport=transport) as server:
                     if attack.startswith("nonreaders"):
                         method = b"GET" if attack == "nonreaders-get" else b"HEAD"
                         figures = run_nonreaders(server, transport.tls, args.connections, method)

@@ -443,3 +443,41 @@ def test_access_log_on_an_h2c_port_logs_http1_and_http2(tmp_path) -> None:
         text = log.read_text()
         assert '"GET /logged-h1 HTTP/1.1" 200 5' in text
         assert '"GET /logged-h2 HTTP/2.0" 200 5' in text
+
+
+def answers_to_one_big_write(sock: socket.socket, tls: bool, count: int = 5000) -> set[int]:
+    """`count` HEAD requests in one write (about 65 KB: many times what one call answers), then
+    read until every stream has its answer (or 20 s pass): the stream ids answered."""
+    from bench.h2_attacks import END_HEADERS, END_STREAM, HEADERS, PREFACE, frame, request_block
+    from bench.h2_attacks import settings as settings_frame
+
+    block = request_block(b"HEAD", tls=tls)
+    requests = b"".join(
+        frame(HEADERS, END_STREAM | END_HEADERS, 2 * i + 1, block) for i in range(count)
+    )
+    sock.settimeout(20)
+    sock.sendall(PREFACE + settings_frame() + requests)
+    answered: set[int] = set()
+    buf = b""
+    deadline = time.monotonic() + 20
+    while len(answered) < count and time.monotonic() < deadline:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+        while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+            length = int.from_bytes(buf[:3], "big")
+            stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+            if buf[3] == HEADERS and buf[4] & END_STREAM:
+                assert stream not in answered, f"stream {stream} answered twice"
+                answered.add(stream)
+            buf = buf[9 + length :]
+    return answered
+
+
+def test_one_write_of_thousands_of_requests_is_answered_whole(server: Server) -> None:
+    """The answers of one big read go out a batch per loop turn (transport.SessionConnection.
+    more): every request is still answered exactly once, whatever the client's pace."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        answered = answers_to_one_big_write(sock, tls=False)
+    assert answered == {2 * i + 1 for i in range(5000)}, len(answered)

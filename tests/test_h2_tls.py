@@ -130,3 +130,11 @@ def test_term_sends_goaway_over_tls(certs) -> None:  # noqa: F811
             assert client.goaway.last_stream_id >= first
         finally:
             client.close()
+
+
+def test_one_write_of_thousands_of_requests_is_answered_whole_over_tls(server, certs) -> None:  # noqa: F811
+    from tests.test_h2 import answers_to_one_big_write
+
+    with tls_connect(server, client_context(certs, alpn=["h2"])) as sock:
+        answered = answers_to_one_big_write(sock, tls=True)
+    assert answered == {2 * i + 1 for i in range(5000)}, len(answered)

@@ -1,4 +1,4 @@
-"""Metrics: the shared counter slots and the StatsD pusher (vrypt_worker/metrics.py).
+"""Metrics: the shared counter slots and the StatsD pushes (vrypt_worker/metrics/).
 
 The server tests run real gunicorn processes against a real UDP socket standing in for the
 collector, and check what arrives: exact totals across everything gunicorn does to its workers,
@@ -6,6 +6,7 @@ cadence, names, tags, and quiet failure when nobody listens."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -253,18 +254,22 @@ def hit(server, requests: int, per_connection: int = 5) -> int:
 
 
 def pusher_pid(server) -> int:
-    """The current pusher: the last one the arbiter started."""
-    server.wait_for_log(r"vrypt metrics: pusher pid \d+ sends")
-    started = re.findall(r"pusher pid (\d+) sends|; started pid (\d+)", server.log)
-    return int("".join(started[-1]))
+    """The worker whose turn it is to push: the last one that said it took the turn."""
+    server.wait_for_log(r"worker pid \d+ sends the metrics")
+    return int(re.findall(r"worker pid (\d+) sends the metrics", server.log)[-1])
+
+
+def turns_taken(server) -> int:
+    """How many times a worker took the turn to push (each says so once)."""
+    return len(re.findall(r"worker pid \d+ sends the metrics", server.log))
 
 
 def workers(server, count: int, timeout: float = 10.0) -> list[int]:
-    """The worker pids (not the pusher's), once there are `count` of them."""
+    """The worker pids, once there are `count` of them (the metrics have no process of their
+    own: every child of the arbiter is a worker)."""
     deadline = time.monotonic() + timeout
-    pusher = pusher_pid(server)
     while True:
-        pids = [pid for pid in server.worker_pids() if pid != pusher]
+        pids = server.worker_pids()
         if len(pids) == count or time.monotonic() > deadline:
             return pids
         time.sleep(0.05)
@@ -309,12 +314,15 @@ def test_rps_gauges_add_up_across_worker_sigkill(collector):
         assert len(workers(server, 2)) == 2
         answered += hit(server, 25)
         assert collector.wait_sum(answered, interval) == answered
-        # The pusher kept stdio (its log) and dropped every other descriptor of the arbiter:
-        # the listener must not stay open in a process that never accepts.
-        pusher, arbiter = fd_targets(pusher_pid(server)), fd_targets(server.proc.pid)
-        assert pusher[1] == arbiter[1] and pusher[2] == arbiter[2]
+        # The listener must not stay open in a process that never accepts: the server has no
+        # process but the arbiter and its workers (the metrics have none of their own), and
+        # every child of the arbiter holds the listener because it serves it.
+        arbiter = fd_targets(server.proc.pid)
         listeners = listening_sockets() & set(arbiter.values())
-        assert listeners and not listeners & set(pusher.values()), (pusher, arbiter)
+        children = server.worker_pids()
+        assert listeners and len(children) == 2, children
+        for child in children:
+            assert listeners <= set(fd_targets(child).values()), (child, arbiter)
         assert "Traceback" not in server.log
 
 
@@ -331,8 +339,8 @@ def test_rps_gauges_add_up_across_hup_reload_and_the_last_send_at_stop(collector
         assert not old & set(server.worker_pids()), "the old workers did not leave"
         assert reloading
         answered += reloading + hit(server, 20)
-        # TERM right away: what was answered since the last send goes out as the pusher leaves
-        # with the arbiter.
+        # TERM right away: what was answered since the last send goes out as the arbiter leaves,
+        # after its workers.
         server.signal(signal.SIGTERM)
         assert server.proc.wait(10) == 0
         deadline = time.monotonic() + 3
@@ -348,11 +356,18 @@ def test_rps_gauges_add_up_across_recycling_and_ttin_ttou(collector):
     interval = 0.2
     with running("--max-requests", "5", workers=2, env=metrics_env(collector, interval)) as s:
         answered = READY + hit(s, 40, per_connection=1)
-        # A pusher that dies is started again at the next spawn, from where it stopped.
-        os.kill(pusher_pid(s), signal.SIGKILL)
+        # The worker that pushes dies: another one takes the turn over, from where it stopped
+        # (with max_requests 5 the pushing worker also recycles every few requests, and hands
+        # the turn over each time).
+        pusher, taken = pusher_pid(s), turns_taken(s)
+        with contextlib.suppress(ProcessLookupError):  # it may have recycled already
+            os.kill(pusher, signal.SIGKILL)
         answered += hit(s, 5, per_connection=1)
+        deadline = time.monotonic() + 10
+        while turns_taken(s) == taken:  # another worker took the turn
+            assert time.monotonic() < deadline, s.log
+            time.sleep(0.05)
         s.signal(signal.SIGTTIN)
-        s.wait_for_log(r"vrypt metrics: pusher pid \d+ was gone; started pid \d+")
         assert len(workers(s, 3)) == 3
         answered += hit(s, 20, per_connection=1)
         s.signal(signal.SIGTTOU)
@@ -457,7 +472,7 @@ def test_a_missing_collector_changes_nothing_and_a_bad_target_is_reported_once(h
         assert len(found) == complaints, server.log
         assert all("not logged again" in line for line in found)
         announced = re.findall(
-            r"\[INFO\] vrypt metrics: pusher pid \d+ sends StatsD to (\S+)", server.log
+            r"\[INFO\] vrypt metrics: the workers send StatsD to (\S+) every", server.log
         )
         assert announced == [host.format(port=port)], server.log
         assert "Traceback" not in server.log
@@ -478,41 +493,37 @@ def rps_lines(collector: Collector, since: float = 0.0) -> list[tuple[float, str
 def test_a_killed_pusher_is_replaced_within_two_intervals_and_totals_stay_exact(
     collector, interval
 ):
-    """SIGKILL the pusher under a known number of requests: a worker takes its role over and the
-    gauges go on within two intervals of the kill, with intervals shorter and longer than the
-    workers' 1 s sweep; the next worker spawn brings a pusher process back, which takes the role
-    back. At no time do two processes send (consecutive gauges stay an interval apart), and the
-    gauges and counters add up exactly to the requests answered, before and after."""
+    """SIGKILL the worker that pushes, twice, under a known number of requests: another worker
+    takes the turn over and the gauges go on within two intervals of each kill, with intervals
+    shorter and longer than the workers' 1 s sweep. At no time do two processes send
+    (consecutive gauges stay an interval apart), and the gauges and counters add up exactly to
+    the requests answered, before and after each kill. (Before issue 21 the pusher was a process
+    of its own, killed here, with a worker standing in until the arbiter forked a new one.)"""
     with running(workers=2, env=metrics_env(collector, interval)) as server:
         answered = READY + hit(server, 40)
         assert collector.wait_sum(answered, interval) == answered
-        workers(server, 2)
-        time.sleep(1.2)  # every worker has swept once: the deputy's timer runs
-        pusher = pusher_pid(server)
-        before = rps_lines(collector)
-        killed_at = time.monotonic()
-        os.kill(pusher, signal.SIGKILL)
-        answered += hit(server, 30)  # answered while nobody pushes
-        deadline = killed_at + 2 * interval + 2.0
-        while not rps_lines(collector, killed_at) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        after = rps_lines(collector, killed_at)
-        assert after, f"no gauge within {deadline - killed_at:.1f}s of the kill"
-        resumed = after[0][0] - killed_at
-        assert resumed <= 2 * interval, f"first gauge {resumed:.2f}s after the kill"
-        assert after[0][2] != before[-1][2], "the same socket sent: the pusher was not killed?"
-        server.wait_for_log(r"the pusher \(pid \d+\) is gone; worker pid \d+ sends the metrics")
-        answered += hit(server, 25)
-        assert collector.wait_sum(answered, interval) == answered
-        # A spawn brings a pusher process back (the worker that stood in stands down).
-        server.signal(signal.SIGTTIN)
-        server.wait_for_log(rf"pusher pid {pusher} was gone; started pid \d+")
-        assert len(workers(server, 3)) == 3
-        answered += hit(server, 15)
-        assert collector.wait_sum(answered, interval) == answered
+        for _kill in range(2):
+            workers(server, 2)
+            time.sleep(1.2)  # every worker has swept once
+            pusher = pusher_pid(server)
+            before = rps_lines(collector)
+            killed_at = time.monotonic()
+            os.kill(pusher, signal.SIGKILL)
+            answered += hit(server, 30)  # answered while nobody pushes
+            deadline = killed_at + 2 * interval + 2.0
+            while not rps_lines(collector, killed_at) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            after = rps_lines(collector, killed_at)
+            assert after, f"no gauge within {deadline - killed_at:.1f}s of the kill"
+            resumed = after[0][0] - killed_at
+            assert resumed <= 2 * interval, f"first gauge {resumed:.2f}s after the kill"
+            assert after[0][2] != before[-1][2], "the same socket sent: was the pusher killed?"
+            server.wait_for_log(rf"pid {pusher} no longer sends the metrics; worker pid \d+ sends")
+            answered += hit(server, 25)
+            assert collector.wait_sum(answered, interval) == answered
         assert sum(collector.values("gunicorn.requests", "c")) == answered
-        # One sender at a time, each at its own cadence: the pusher, the worker standing in, the
-        # new pusher, one after the other, never interleaved.
+        # One sender at a time, each at its own cadence: the first pusher, the worker that took
+        # its turn over, the one that took it from that one, never interleaved.
         lines = rps_lines(collector)
         runs = [
             (port, [t for t, _l, _p in run])
@@ -522,6 +533,37 @@ def test_a_killed_pusher_is_replaced_within_two_intervals_and_totals_stay_exact(
         for _port, times in runs:
             gaps = [b - a for a, b in itertools.pairwise(times)]
             assert min(gaps, default=interval) >= 0.5 * interval, gaps
+        assert "Traceback" not in server.log
+
+
+@pytest.mark.parametrize("count", [1, 2], ids=["one-worker", "two-workers"])
+def test_no_gap_of_two_intervals_when_the_pushing_worker_dies_or_is_reloaded(collector, count):
+    """Issue 21: with the workers as the only pushers, a gauge still arrives at least every two
+    intervals when the worker that pushes is killed (its replacement, or another worker, takes
+    the turn) and across a HUP reload (the draining pusher hands the turn to a new worker), with
+    one worker as with two; and the totals stay exact."""
+    interval = 0.5
+    with running(workers=count, env=metrics_env(collector, interval)) as server:
+        answered = READY + hit(server, 10)
+        assert collector.wait_sum(answered, interval) == answered
+        start = time.monotonic()
+        os.kill(pusher_pid(server), signal.SIGKILL)
+        assert len(workers(server, count)) == count
+        time.sleep(3 * interval)
+        answered += hit(server, 10)
+        old = set(workers(server, count))
+        server.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        while old & set(server.worker_pids()) and time.monotonic() < deadline:
+            answered += hit(server, 5)
+            time.sleep(0.05)
+        assert not old & set(server.worker_pids()), "the old workers did not leave"
+        answered += hit(server, 10)
+        assert collector.wait_sum(answered, interval) == answered
+        times = [t for t, _line, _port in rps_lines(collector, start)]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
+        assert len(times) >= 6 and max(gaps) < 2 * interval, gaps
+        assert collector.values("gunicorn.workers")[-3:] == [count] * 3
         assert "Traceback" not in server.log
 
 
@@ -611,6 +653,10 @@ def test_worker_count_is_gunicorns_own_else_the_serving_workers():
         # The deputy: the live, serving worker with the lowest slot.
         assert board.first_serving(me, below=0, me=live.pid)
         assert not board.first_serving(me, below=3, me=12345), "slot 0 serves"
+        # Whose turn it is may stay with a live worker that serves, not one that drains or died.
+        assert board.serving(live.pid, me)
+        assert not board.serving(draining.pid, me) and not board.serving(dead.pid, me)
+        assert not board.serving(12345, me), "not a worker on the board"
         board.words[0 * metrics.WORDS + metrics.SERVING] = 0
         assert board.first_serving(me, below=3, me=12345), "draining and dead ones do not count"
     finally:
@@ -627,3 +673,33 @@ def test_a_collector_not_listening_is_not_reported_but_a_bad_target_is():
     unresolvable = socket.gaierror(-2, "Name or service not known")
     assert not metrics.not_listening(unresolvable)
     assert not metrics.not_listening(FileNotFoundError(2, "No such file or directory"))
+
+
+def test_an_ip_literal_is_not_resolved_and_a_name_is():
+    """A worker that pushes to an IP literal (the default 127.0.0.1:8125) calls no resolver:
+    gevent's, imported after the fork, would cost it about 3 MB of memory of its own."""
+
+    def refuse(*args):
+        raise AssertionError(f"resolved {args}")
+
+    assert metrics.literal_address("127.0.0.1", 8125, socket.AF_INET) == ("127.0.0.1", 8125)
+    assert metrics.literal_address("::1", 9, socket.AF_INET6) == ("::1", 9, 0, 0)
+    assert metrics.literal_address("statsd.local", 9, socket.AF_INET) is None
+    assert not metrics.is_name(("127.0.0.1", 8125)) and not metrics.is_name("/run/statsd.sock")
+    assert metrics.is_name(("localhost", 8125))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        udp.settimeout(2)
+        client = metrics.TaggedStatsClient("127.0.0.1", udp.getsockname()[1], getaddrinfo=refuse)
+        client.gauge("vrypt.rps", 1)
+        assert udp.recv(512) == b"vrypt.rps:1|g"
+        client.close()
+        asked = []
+
+        def resolve(*args):
+            asked.append(args[0])
+            return socket.getaddrinfo(*args)
+
+        client = metrics.TaggedStatsClient("localhost", udp.getsockname()[1], getaddrinfo=resolve)
+        client.close()
+        assert asked == ["localhost"]

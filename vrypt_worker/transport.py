@@ -143,12 +143,10 @@ class SessionConnection(BaseConnection):
                     elif protocol.closing:
                         self.finish()
                     else:
-                        answer = protocol.writable()  # all went: what it held back may go
+                        # All went: what the protocol held back may go, as more() sends it.
+                        answer = protocol.writable()
                         if answer:
-                            self.send(session.send(answer))
-                            self.more()
-                            if protocol.closing and not self.pending:
-                                self.finish()
+                            self.wait_writable(session.send(answer))
                     return
             out = session.output()  # session tickets, a KeyUpdate's answer
             if out:
@@ -166,13 +164,17 @@ class SessionConnection(BaseConnection):
             self.close()
 
     def more(self) -> None:
-        """Our writes have all gone: what the protocol held back may go now."""
-        protocol = self.protocol
-        while not self.pending and self.reader is not None:
-            answer = protocol.writable()
-            if not answer:
-                return
-            self.send(self.session.send(answer))
+        """Our writes have all gone: what the protocol held back may go now, one batch per loop
+        turn. A 64 KiB read of small HTTP/2 requests owes about 40 batches of 128 answers (4 ms
+        on the hot path, 20 ms on the general one): each batch waits as `pending` for the socket
+        to be writable (at once, unless the client stopped reading), so the loop serves the
+        other connections between two batches, reading stays stopped meanwhile (input cannot
+        pile up behind the batches), and the send timeout applies as to any blocked write."""
+        if self.pending or self.reader is None:
+            return
+        answer = self.protocol.writable()
+        if answer:
+            self.wait_writable(self.session.send(answer))
 
     def on_eof(self) -> None:
         """The peer closed TCP (or sent close_notify). The protocol hears of it when that ends

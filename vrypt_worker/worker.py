@@ -239,6 +239,7 @@ class VryptWorker(Worker):
         clock.start(self._on_clock)
         sweep = loop.timer(1.0, 1.0)
         sweep.start(self._on_sweep)
+        metrics.watch(self)  # whose turn it is to push the metrics: looked at from the start
         if self.cfg.reuse_port:  # listeners bound by each worker: the arbiter has none to name
             self.log.info(
                 "Listening at: %s (worker %s)", ",".join(map(str, self.sockets)), self.pid
@@ -440,7 +441,7 @@ class VryptWorker(Worker):
     def _on_sweep(self) -> None:
         self.notify()
         metrics.publish(self)
-        metrics.watch(self)  # takes over a dead metrics pusher's role (at most once per sweep)
+        metrics.watch(self)  # takes the pushing turn when the worker that had it is gone
         keepalive = max(self.cfg.keepalive, 1)  # 0 closes after each answer; idle bound 1 s
         now = time.monotonic()
         # The wheel: only the connections filed under this tick are looked at (their timeouts

@@ -5,7 +5,8 @@ One concern per module:
 - `board`: the shared counter slots every process of the server maps, and their bookkeeping.
 - `statsd`: where metrics go (gunicorn's statsd settings), the clients, reporting a broken
   collector once.
-- `pushing`: reading the board once per interval and sending the differences.
+- `pushing`: reading the board once per interval and sending the differences, from one serving
+  worker at a time (whose turn it is: `Turn`).
 - `server`: what the arbiter and each worker call (start, claim, attach, publish, watch).
 - `logger`: gunicorn's statsd logger for this server (`logger_class` in the conf).
 
@@ -18,6 +19,7 @@ from vrypt_worker.metrics.board import (
     MIN_SLOTS,
     OPEN,
     OWNER,
+    PUSHED,
     PUSHER,
     REJECTED,
     SENT_ANSWERED,
@@ -31,7 +33,7 @@ from vrypt_worker.metrics.board import (
     alive_child,
 )
 from vrypt_worker.metrics.logger import StatsdLogger
-from vrypt_worker.metrics.pushing import Deputy, Pusher
+from vrypt_worker.metrics.pushing import Pusher, Turn
 from vrypt_worker.metrics.server import attach, claim, publish, record_workers, start, watch
 from vrypt_worker.metrics.statsd import (
     DEFAULT_INTERVAL,
@@ -41,6 +43,8 @@ from vrypt_worker.metrics.statsd import (
     collector_problem,
     first_report,
     interval_from_env,
+    is_name,
+    literal_address,
     make_client,
     not_listening,
     statsd_prefix,
@@ -52,6 +56,7 @@ __all__ = [
     "MIN_SLOTS",
     "OPEN",
     "OWNER",
+    "PUSHED",
     "PUSHER",
     "REJECTED",
     "SENT_ANSWERED",
@@ -62,11 +67,11 @@ __all__ = [
     "WORDS",
     "WORKERS",
     "Board",
-    "Deputy",
     "Pusher",
     "Settings",
     "StatsdLogger",
     "TaggedStatsClient",
+    "Turn",
     "UnixDatagramStatsClient",
     "alive_child",
     "attach",
@@ -74,6 +79,8 @@ __all__ = [
     "collector_problem",
     "first_report",
     "interval_from_env",
+    "is_name",
+    "literal_address",
     "make_client",
     "not_listening",
     "publish",

@@ -5,7 +5,8 @@ worker from a dead one; docs/metrics.md explains the design.
 Slot layout (uint64 words): answered, rejected, open connections, owner pid, serving (1 until the
 worker starts draining), 3 words of padding. The line after the slots: the totals sent so far,
 the number of slots ever handed out, the pid of the process whose turn it is to push, gunicorn's
-own worker count (+1; 0 when the arbiter has not said).
+own worker count (+1; 0 when the arbiter has not said), and when the last push took its totals
+(CLOCK_MONOTONIC nanoseconds, the same clock in every process).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any, Protocol
 SLOT_BYTES = 64  # one cache line: a worker's stores never share a line with another worker's
 WORDS = SLOT_BYTES // 8
 ANSWERED, REJECTED, OPEN, OWNER, SERVING = 0, 1, 2, 3, 4
-# The line after the slots: written by whoever pushes (SENT_*, PUSHER) and by the arbiter (USED,
-# WORKERS).
-SENT_ANSWERED, SENT_REJECTED, USED, PUSHER, WORKERS = 0, 1, 2, 3, 4
+# The line after the slots: written by whoever pushes (SENT_*, PUSHER, PUSHED) and by the
+# arbiter (USED, WORKERS).
+SENT_ANSWERED, SENT_REJECTED, USED, PUSHER, WORKERS, PUSHED = 0, 1, 2, 3, 4, 5
 MIN_SLOTS = 1024
 
 
@@ -145,6 +146,14 @@ class Board:
         `StatsdLogger.gauge`), else the serving workers on the board."""
         recorded = self.words[self.header + WORKERS]
         return recorded - 1 if recorded else self.live(parent)[1]
+
+    def serving(self, pid: int, parent: int) -> bool:
+        """True if `pid` is a live worker of `parent` whose slot says it serves."""
+        words = self.words
+        for base in range(0, words[self.header + USED] * WORDS, WORDS):
+            if words[base + OWNER] == pid:
+                return bool(words[base + SERVING]) and alive_child(pid, parent)
+        return False
 
     def first_serving(self, parent: int, below: int, me: int) -> bool:
         """True if no live, serving worker of `parent` other than `me` holds a slot below

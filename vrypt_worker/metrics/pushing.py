@@ -1,51 +1,37 @@
-"""The pusher: once per interval it reads the board and sends the differences. It runs as a
-process of its own forked from the arbiter, and in a worker (the deputy) while that process is
-gone (docs/metrics.md, "How it works").
+"""Pushing: once per interval, one process reads the board and sends the differences to StatsD.
+
+That process is one of the serving workers, from a timer on its hub (`Turn`); the board's PUSHER
+word names it. No process of its own: the counts, the totals sent so far and the time of the
+last push all live in the shared board, so whichever worker pushes next goes on exactly where
+the last one stopped. The arbiter sends the last interval as it exits, once every worker is gone
+(`Pusher` is the same there). docs/metrics.md, "How it works", tells the whole story.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import logging
 import os
-import resource
-import signal
 import socket
-import sys
 import time
 from typing import Any
 
-from gunicorn import util
 from statsd.client.base import StatsClientBase
 
-from vrypt_worker.metrics.board import PUSHER, SERVING, WORDS, WORKERS, Board, alive_child
+from vrypt_worker.metrics.board import PUSHED, PUSHER, SERVING, WORDS, WORKERS, Board
 from vrypt_worker.metrics.statsd import Resolver, Settings, collector_problem, make_client
 
 _RESOLVE_BACKOFF_MAX = 30.0
-_PR_SET_PDEATHSIG = 1
-# Signals meant for the arbiter; a pusher in the same process group must not die of them (a
-# Ctrl-C in a terminal reaches the whole group) and leaves when the arbiter does.
-_IGNORED_SIGNALS = (
-    signal.SIGHUP,
-    signal.SIGINT,
-    signal.SIGQUIT,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-    signal.SIGTTIN,
-    signal.SIGTTOU,
-    signal.SIGWINCH,
-)
-
-
-# --- the pusher --------------------------------------------------------------------------------
+# How long a worker that wrote its pid into the PUSHER word waits before it reads the word again
+# and, if it still names it, pushes. Anyone who claimed at the same moment (another worker that
+# also took itself for the first serving one) has written by then, and a pusher that read the
+# word just before the claim has taken its totals: the last writer wins and the others stand
+# down, so two processes never take the same totals.
+_CLAIM_SETTLE = 0.1
 
 
 class Pusher:
-    """Once per interval: read the board, send the differences. Runs in the pusher process, or in
-    a worker that took the role over (`Deputy`); `me` is the pid the board's PUSHER word names
-    while it is this one's turn."""
+    """One push: read the board, send the differences and the gauges. `me` is the pid the
+    board's PUSHER word names while it is this process's turn."""
 
     def __init__(
         self,
@@ -82,7 +68,7 @@ class Pusher:
         self._error_log().warning(msg, *args)
 
     def mine(self) -> bool:
-        """Is it this process's turn? Another process that took the role over wrote its pid."""
+        """Is it this process's turn? A process that took the turn over wrote its pid."""
         return self.board.words[self.board.header + PUSHER] == self.me
 
     def connect(self, now: float) -> None:
@@ -99,6 +85,7 @@ class Pusher:
     def push(self) -> None:
         board = self.board
         answered, rejected = board.take()
+        board.words[board.header + PUSHED] = time.monotonic_ns()  # the next pusher keeps pace
         connections, serving = board.live(self.parent)
         recorded = board.words[board.header + WORKERS]
         workers = recorded - 1 if recorded else serving
@@ -131,67 +118,39 @@ class Pusher:
                 self.client.close()
             self.client = None
 
-    def run(self) -> None:
-        """Send every interval until the arbiter is gone, then send the last one.
 
-        SIGTERM (the arbiter's death through PR_SET_PDEATHSIG, or a stop sent to the whole
-        process group) does not end the pusher at once while the arbiter lives: the workers are
-        still answering their last requests, which the final send must include. A pusher whose
-        turn was taken (it was stopped long enough for a worker to think it dead) leaves."""
-        interval = self.settings.interval
-        next_at = time.monotonic() + interval
-        leave_at: float | None = None
-        while os.getppid() == self.parent:
-            now = time.monotonic()
-            if leave_at is not None and now >= leave_at:
-                break
-            if now >= next_at:
-                if not self.mine():
-                    self._error_log().info(
-                        "vrypt metrics: pid %s sends the metrics now; pusher pid %s leaves",
-                        self.board.words[self.board.header + PUSHER],
-                        self.me,
-                    )
-                    return
-                self.push_safely()
-                next_at += interval
-                if next_at <= now:  # we were stopped for a while: no burst of catching up
-                    next_at = now + interval
-                continue
-            if signal.sigtimedwait((signal.SIGTERM,), next_at - now) and leave_at is None:
-                leave_at = now + self.settings.grace + 2 * interval
-        if self.mine():
-            self.push_safely()
-
-
-# --- a worker standing in for a dead pusher ----------------------------------------------------
-
-# How long a worker that wrote its pid into the PUSHER word waits before it reads the word again
-# and, if it still names it, pushes. Anyone who claimed at the same moment (another worker that
-# also thought itself the deputy, a pusher the arbiter just forked) has written by then; the
-# last writer wins and the others stand down, so two processes never take the same totals.
-_CLAIM_SETTLE = 0.1
-
-
-def _cooperative_getaddrinfo(*args: Any) -> list[Any]:
+def cooperative_getaddrinfo(*args: Any) -> list[Any]:
     """Name resolution in a worker that pushes: gevent's resolver, which does not block the hub
-    that serves the requests (the pusher process may block; a worker must not)."""
-    import gevent.socket  # only in workers, which run gevent already
+    that serves the requests (an IP literal needs none: `literal_address`)."""
+    import gevent.socket  # only for a name; preloaded in the arbiter then (`preload_resolver`)
 
     return gevent.socket.getaddrinfo(*args)
 
 
-class Deputy:
-    """In a worker: takes the pusher's role over while the pusher process is gone.
+def preload_resolver() -> None:
+    """In the arbiter, when statsd_host is a name: gevent's resolver and what it imports (its
+    thread pool, the IDNA codec), loaded before the workers fork so that the one that pushes
+    shares them instead of importing them on its own (about 3 MB each time)."""
+    import encodings.idna  # noqa: F401  # getaddrinfo's codec for a str host
 
-    Every worker looks once per sweep (`watch`) whether it is the deputy: the live, serving
-    worker with the lowest slot. Only the deputy runs a timer on its hub, once per interval, that
-    looks at the process the board's PUSHER word names (one /proc read). When that process is
-    gone, the deputy writes its own pid there, waits `_CLAIM_SETTLE` and, if the word still names
-    it, pushes from then on, once per interval from the same timer, until another process claims
-    the word: the pusher the arbiter forks when it next spawns a worker. A dead pusher is thus
-    replaced within one interval plus the settle time, at any interval. The totals sent live in
-    the board, so the deputy goes on exactly where the dead pusher stopped."""
+    import gevent.resolver.thread
+    import gevent.socket
+    import gevent.threadpool  # noqa: F401
+
+
+class Turn:
+    """In a worker: whose turn it is to push, and this worker's pushes while it is its own.
+
+    A serving worker looks every half interval (one timer on its hub, from its start) at the
+    process the board's PUSHER word names: one /proc read. While that process serves, nothing
+    more. When it is gone (killed, exited) or drains (a reload, TTOU, recycling, the stop), or
+    when nobody pushes yet, the first serving worker (the live one with the lowest slot, so that
+    the workers do not all claim at once) writes its own pid there, waits `_CLAIM_SETTLE` and,
+    if the word still names it, pushes from then on, every interval, keeping the pace of the last
+    push (the board keeps its time): one interval after it, or at once if that is past. A worker
+    that finds the word naming someone else stops pushing and looks again. A pusher that drains
+    goes on pushing until a serving worker has taken the turn, so a reload leaves no gap; one that
+    dies is replaced within half an interval plus the settle time."""
 
     def __init__(self, worker: Any, board: Board, settings: Settings, arbiter: int) -> None:
         self.worker = worker
@@ -200,60 +159,86 @@ class Deputy:
         self.arbiter = arbiter
         self.slot = worker.slot_base // WORDS
         self.me = os.getpid()
-        self.deputy = False
+        self.timer: Any = None  # every half interval while looking, every interval while pushing
+        self.pushing = False
         self.claiming = False
-        self.timer: Any = None
         self.pusher: Pusher | None = None
         self.busy = False
 
-    def _pushing(self) -> bool:
+    def _mine(self) -> bool:
         return self.board.words[self.board.header + PUSHER] == self.me
 
-    def sweep(self) -> None:
-        board = self.board
-        serving = bool(self.worker.alive)
-        board.words[self.worker.slot_base + SERVING] = int(serving)
-        self.deputy = serving and board.first_serving(self.arbiter, self.slot, self.me)
-        needed = self.deputy or self.claiming or self._pushing()
-        if needed and self.timer is None:
-            # The first look right away: a worker that becomes the deputy because the previous
-            # one died (perhaps while it was pushing) does not wait a whole interval.
-            self.timer = self.worker.loop.timer(0.0, self.settings.interval)
-            self.timer.start(self.tick)
-        elif not needed and self.timer is not None:
+    def _every(self, after: float, repeat: float, callback: Any) -> None:
+        if self.timer is not None:
             self.timer.close()
-            self.timer = None
-            self._stand_down()
+        self.timer = self.worker.loop.timer(after, repeat)
+        self.timer.start(callback)
 
-    def tick(self) -> None:
+    def sweep(self) -> None:
+        """At the worker's start and once per sweep: say whether it still serves; look from now
+        on (the first look right away: a worker that replaces a dead pusher does not wait)."""
+        self.board.words[self.worker.slot_base + SERVING] = int(bool(self.worker.alive))
+        if self.timer is None and self.worker.alive:
+            self._every(0.0, self.settings.interval / 2, self.look)
+
+    def look(self) -> None:
+        if self.claiming or not self.worker.alive:  # a worker that drains never takes the turn
+            return
         board = self.board
         current = board.words[board.header + PUSHER]
         if current == self.me:
-            if not self.claiming:  # a claim is confirmed first (`_confirm`), then pushed
-                self._push()
+            self._push_from_now()
             return
-        self._stand_down()
-        if self.claiming or not self.deputy:
+        if current and board.serving(current, self.arbiter):
             return
-        if current and alive_child(current, self.arbiter):
+        if not board.first_serving(self.arbiter, self.slot, self.me):
             return
         board.words[board.header + PUSHER] = self.me
         self.claiming = True
         settle = self.worker.loop.timer(min(self.settings.interval / 2, _CLAIM_SETTLE))
         settle.start(self._confirm, settle, current)
 
-    def _confirm(self, settle: Any, gone: int) -> None:
+    def _confirm(self, settle: Any, previous: int) -> None:
         settle.close()
         self.claiming = False
-        if not self._pushing():
+        if not self._mine():
             return  # someone claimed after us: theirs
-        self.worker.log.warning(
-            "vrypt metrics: the pusher (pid %s) is gone; worker pid %s sends the metrics until "
-            "the arbiter starts a new pusher",
-            gone,
-            self.me,
-        )
-        self._push()
+        if previous:
+            # Not a warning: a worker that recycles or drains for a reload hands over this way,
+            # and gunicorn itself reports a worker that was killed.
+            self.worker.log.info(
+                "vrypt metrics: pid %s no longer sends the metrics; worker pid %s sends the "
+                "metrics now",
+                previous,
+                self.me,
+            )
+        else:
+            self.worker.log.info("vrypt metrics: worker pid %s sends the metrics", self.me)
+        self._push_from_now()
+
+    def _push_from_now(self) -> None:
+        interval = self.settings.interval
+        last = self.board.words[self.board.header + PUSHED]
+        wait = 0.0
+        if last:  # keep the pace: a gauge is "requests in one interval"
+            wait = max(0.0, last / 1e9 + interval - time.monotonic())
+        self.pushing = True
+        self._every(wait, interval, self._tick)
+
+    def _tick(self) -> None:
+        if self._mine():
+            self._push()
+            return
+        # Another worker took the turn (it found this one draining, or took it for dead).
+        self.pushing = False
+        if self.pusher is not None:
+            self.pusher.close()
+            self.pusher = None
+        if self.worker.alive:
+            self._every(self.settings.interval / 2, self.settings.interval / 2, self.look)
+        else:
+            self.timer.close()
+            self.timer = None
 
     def _push(self) -> None:
         if self.busy:  # the last push still waits for a name to resolve
@@ -264,9 +249,9 @@ class Deputy:
                 self.settings,
                 self.arbiter,
                 self.worker.log,
-                getaddrinfo=_cooperative_getaddrinfo,
+                getaddrinfo=cooperative_getaddrinfo,
             )
-        import gevent
+        import gevent  # only in workers, which run gevent already
 
         self.busy = True
         gevent.spawn(self._push_in_greenlet, self.pusher)
@@ -278,96 +263,3 @@ class Deputy:
                 pusher.push_safely()
         finally:
             self.busy = False
-
-    def _stand_down(self) -> None:
-        if self.pusher is not None:
-            self.pusher.close()
-            self.pusher = None
-
-
-# --- the process that runs the pusher ------------------------------------------------------------
-
-
-def _kept_fds(log: Any) -> set[int]:
-    """stdio and whatever the log writes to: every other descriptor of the arbiter (listeners,
-    worker heartbeat files, the control socket) is closed in the pusher."""
-    keep = {0, 1, 2}
-    loggers = [logging.getLogger()] + [
-        item
-        for item in logging.Logger.manager.loggerDict.values()
-        if isinstance(item, logging.Logger)
-    ]
-    for item in loggers:
-        for handler in item.handlers:
-            for attr in ("stream", "socket"):
-                with contextlib.suppress(Exception):
-                    keep.add(getattr(handler, attr).fileno())
-    with contextlib.suppress(Exception):
-        keep.add(log.sock.fileno())
-    return {fd for fd in keep if fd >= 0}
-
-
-def _close_fds_except(keep: set[int]) -> None:
-    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    top = max(4096 if soft == resource.RLIM_INFINITY else soft, max(keep) + 1)
-    low = 0
-    for fd in sorted(keep):
-        if low < fd:  # never an empty range: CPython 3.11 turns closerange(0, 0) into "all"
-            os.closerange(low, fd)
-        low = fd + 1
-    if low < top:
-        os.closerange(low, top)
-
-
-def _die_with_parent() -> None:
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-
-
-def _pusher_main(board: Board, settings: Settings, parent: int, log: Any, keep: set[int]) -> None:
-    for sig in _IGNORED_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    with contextlib.suppress(ValueError):
-        signal.set_wakeup_fd(-1)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    _close_fds_except(keep)
-    _die_with_parent()  # then check: the arbiter may have died before prctl took effect
-    board.words[board.header + PUSHER] = os.getpid()
-    with contextlib.suppress(Exception):
-        util._setproctitle(f"vrypt metrics [{getattr(log.cfg, 'proc_name', 'gunicorn')}]")
-    Pusher(board, settings, parent, log).run()
-
-
-def fork_pusher(board: Board, settings: Settings, arbiter: int, log: Any) -> int:
-    """In the arbiter: fork the pusher process; its pid."""
-    keep = _kept_fds(log)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the pusher: never return into gunicorn's code
-        code = 0
-        try:
-            _pusher_main(board, settings, arbiter, log, keep)
-        except BaseException:
-            code = 1
-            with contextlib.suppress(BaseException):
-                getattr(log, "error_log", log).exception("vrypt metrics: the pusher failed")
-        finally:
-            os._exit(code)
-    # Written here too, not only in the child: from the fork on, the word names the new pusher,
-    # so a worker that was standing in stands down at its next tick, before the first push.
-    board.words[board.header + PUSHER] = pid
-    return pid
-
-
-def pusher_alive(pid: int) -> bool:
-    """In the arbiter. gunicorn's reap_workers (waitpid(-1)) may already have reaped our child:
-    it logs "Reaped unknown child process" at debug level and goes on, and then so do we."""
-    try:
-        done, _status = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return False
-    return done == 0

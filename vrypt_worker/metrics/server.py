@@ -1,11 +1,12 @@
 """This server's metrics, from the processes' side: what the arbiter does (`start` before any
-fork, `claim` a slot for each worker it builds, `record_workers` as gunicorn sends its count) and
-what a worker does (`attach` after its fork, `publish` its counters, `watch` the pusher once per
-sweep). One arbiter per process, so the state is module-level.
+fork, `claim` a slot for each worker it builds, `record_workers` as gunicorn sends its count, the
+last push as it exits) and what a worker does (`attach` after its fork, `publish` its counters,
+`watch` whose turn it is to push). One arbiter per process, so the state is module-level.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +16,7 @@ from vrypt_worker.metrics.board import (
     MIN_SLOTS,
     OPEN,
     OWNER,
+    PUSHER,
     REJECTED,
     SERVING,
     SLOT_BYTES,
@@ -22,26 +24,20 @@ from vrypt_worker.metrics.board import (
     WORKERS,
     Board,
 )
-from vrypt_worker.metrics.pushing import Deputy, fork_pusher, pusher_alive
-from vrypt_worker.metrics.statsd import Settings, notices
+from vrypt_worker.metrics.pushing import Pusher, Turn, preload_resolver
+from vrypt_worker.metrics.statsd import Settings, is_name, notices
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Server:
-    """This arbiter's metrics state."""
+    """This arbiter's metrics state, inherited by its workers."""
 
     board: Board
     settings: Settings
     arbiter: int
-    pusher: int = 0
 
 
 _server: _Server | None = None
-
-
-def _fork_pusher(server: _Server, log: Any) -> int:
-    server.pusher = fork_pusher(server.board, server.settings, server.arbiter, log)
-    return server.pusher
 
 
 def start(cfg: Any, log: Any) -> None:
@@ -54,24 +50,31 @@ def start(cfg: Any, log: Any) -> None:
     workers = max(int(cfg.workers or 1), 1)
     server = _Server(Board(max(MIN_SLOTS, 4 * workers)), settings, os.getpid())
     _server = server
-    pid = _fork_pusher(server, log)
+    if is_name(settings.host):
+        preload_resolver()
+    # gunicorn's arbiter leaves through sys.exit once its workers are gone (Arbiter.halt).
+    atexit.register(_push_at_exit, server, log)
     # The one announcement of where metrics go. A collector that is not running there is not
     # reported (fire-and-forget gauges); a target that cannot work (a name that does not
     # resolve, no route) is, once for the whole server.
     log.info(
-        "vrypt metrics: pusher pid %s sends StatsD to %s every %gs%s",
-        pid,
+        "vrypt metrics: the workers send StatsD to %s every %gs%s, one worker at a time",
         settings.target,
         settings.interval,
         f" with prefix {settings.prefix!r}" if settings.prefix else "",
     )
 
 
-def _ensure_pusher(server: _Server, log: Any) -> None:
-    if server.pusher and not pusher_alive(server.pusher):
-        old = server.pusher
-        pid = _fork_pusher(server, log)
-        log.warning("vrypt metrics: pusher pid %s was gone; started pid %s", old, pid)
+def _push_at_exit(server: _Server, log: Any) -> None:
+    """The last push, from the arbiter after its workers have exited: what they answered since
+    the last push of the worker whose turn it was (a stop's final answers) is sent too."""
+    if os.getpid() != server.arbiter:
+        return  # a worker that leaves through sys.exit inherited this handler
+    board = server.board
+    board.words[board.header + PUSHER] = server.arbiter
+    pusher = Pusher(board, server.settings, server.arbiter, log)
+    pusher.push_safely()
+    pusher.close()
 
 
 def _private_counts() -> memoryview:
@@ -91,7 +94,6 @@ def claim(worker: Any) -> tuple[memoryview, int, int, int]:
     server = _server
     if server is None or os.getpid() != server.arbiter:
         return _private_counts(), 0, 0, 0
-    _ensure_pusher(server, worker.log)
     slot = server.board.claim(worker)
     if slot is None:
         if not _warned_full:
@@ -106,37 +108,38 @@ def claim(worker: Any) -> tuple[memoryview, int, int, int]:
 
 
 def attach(worker: Any) -> None:
-    """In the worker after the fork: mark the slot as this process's, for the pusher."""
+    """In the worker after the fork: mark the slot as this process's."""
     worker.counts[worker.slot_base + OWNER] = os.getpid()
     worker.counts[worker.slot_base + SERVING] = 1
 
 
 def record_workers(count: Any) -> None:
     """In the arbiter: gunicorn's own worker count, as its statsd logger sends it (on change
-    only); the pusher sends the last value every interval."""
+    only); whoever pushes sends the last value every interval."""
     server = _server
     if server is not None and os.getpid() == server.arbiter and isinstance(count, int):
         server.board.words[server.board.header + WORKERS] = max(count, 0) + 1
 
 
-_deputy: Deputy | None = None
-_deputy_failed = False
+_turn: Turn | None = None
+_turn_failed = False
 
 
 def watch(worker: Any) -> None:
-    """In every worker, once per sweep (VryptWorker._on_sweep): is the pusher's role to be taken
-    over, and by this worker? See `Deputy`. Never on the request path."""
-    global _deputy, _deputy_failed
+    """In every worker, at its start and once per sweep (VryptWorker.run, _on_sweep): whose turn
+    it is to push, and this worker's pushes when it is its own. See `Turn`. Never on the request
+    path."""
+    global _turn, _turn_failed
     server = _server
-    if server is None or worker.counts is not server.board.words or _deputy_failed:
+    if server is None or worker.counts is not server.board.words or _turn_failed:
         return  # no metrics, or a worker without a slot (it is not counted, so it cannot push)
     try:
-        if _deputy is None:
-            _deputy = Deputy(worker, server.board, server.settings, server.arbiter)
-        _deputy.sweep()
+        if _turn is None:
+            _turn = Turn(worker, server.board, server.settings, server.arbiter)
+        _turn.sweep()
     except Exception:  # the sweep also runs timeouts and the heartbeat: never break it
-        _deputy_failed = True
-        worker.log.exception("vrypt metrics: the pusher watch failed; it is off in this worker")
+        _turn_failed = True
+        worker.log.exception("vrypt metrics: the pushing turn failed; it is off in this worker")
 
 
 def publish(worker: Any) -> None:

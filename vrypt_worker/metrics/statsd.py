@@ -36,7 +36,6 @@ class Settings:
     prefix: str = ""
     tags: str = ""
     interval: float = DEFAULT_INTERVAL
-    grace: float = 30.0  # how long a pusher sent SIGTERM waits for the arbiter to leave
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> Settings | None:
@@ -47,7 +46,6 @@ class Settings:
             prefix=statsd_prefix(cfg.statsd_prefix),
             tags=cfg.dogstatsd_tags or "",
             interval=interval_from_env(),
-            grace=float(cfg.graceful_timeout),
         )
 
     @property
@@ -72,6 +70,26 @@ class _TaggedSend:
 Resolver = Callable[..., list[Any]]  # socket.getaddrinfo's signature
 
 
+def literal_address(host: str, port: int, family: int) -> tuple[Any, ...] | None:
+    """The socket address of an IP literal (the default 127.0.0.1), None for a name. A literal
+    needs no resolver: in a worker, gevent's resolver and the IDNA codec that getaddrinfo loads
+    for any str host would be imported after the fork, and cost that worker about 3 MB of
+    memory it does not share (docs/performance.md, "Memory")."""
+    try:
+        socket.inet_pton(family, host)
+    except (OSError, ValueError):
+        return None
+    return (host, port) if family == socket.AF_INET else (host, port, 0, 0)
+
+
+def is_name(host: Any) -> bool:
+    """True for a statsd_host that names a host rather than an IP literal or a unix socket."""
+    if isinstance(host, str):
+        return False
+    family = socket.AF_INET6 if util.is_ipv6(host[0]) else socket.AF_INET
+    return literal_address(host[0], int(host[1]), family) is None
+
+
 class TaggedStatsClient(_TaggedSend, StatsClientBase):
     """pystatsd's UDP client with dogstatsd tags (`|#k:v,...` on every line, as gunicorn does),
     on a connected socket whose send errors reach the caller: pystatsd swallows them, and an
@@ -87,8 +105,9 @@ class TaggedStatsClient(_TaggedSend, StatsClientBase):
         getaddrinfo: Resolver = socket.getaddrinfo,
     ) -> None:
         family = socket.AF_INET6 if ipv6 else socket.AF_INET
-        # As pystatsd's StatsClient does; may raise gaierror.
-        family, _, _, _, addr = getaddrinfo(host, port, family, socket.SOCK_DGRAM)[0]
+        addr = literal_address(host, port, family)
+        if addr is None:  # a name: as pystatsd's StatsClient does; may raise gaierror
+            family, _, _, _, addr = getaddrinfo(host, port, family, socket.SOCK_DGRAM)[0]
         self._addr = addr
         self._prefix = None
         self._maxudpsize = 512
