@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {value:,.0f} | {ratio} |")
     kind = "new connections (`Connection: close`)" if args.close else "keep-alive connections"
     if args.uwsgi:
-        kind = "new connections, one uwsgi packet each (as nginx's uwsgi_pass),"
+        kind = "new connections, one uwsgi packet each (as nginx's uwsgi_pass)"
     each = "one request"
     if args.pipeline > 1 and not args.close:
         each = f"{args.pipeline} pipelined requests"

@@ -171,7 +171,7 @@ class UwsgiConnection(SessionConnection):
     plain HTTP path answers a cached head; the end of the input then closes it. Any other read
     makes the connection's UwsgiProtocol (the `choose` of SessionConnection, which serves it
     from then on: nothing of it is copied here). Measured with `python -m bench.instructions
-    --uwsgi` (docs/uwsgi.md): 40,200 user-space instructions per nginx request, where a
+    --uwsgi` (docs/uwsgi.md): 39,800 user-space instructions per nginx request, where a
     SessionConnection with its UwsgiProtocol made at the accept took 64,900.
     """
 
