@@ -48,12 +48,18 @@ from bench import h2wire
 from bench.h2load import h2load_command
 from bench.h2load import timed as h2load_timed
 from bench.load import LoadError, LoadResult, run_wrk, wrk_command
-from bench.procstat import core_times, sample_tree, session_pids, tcp_passive_opens
+from bench.procstat import (
+    core_times,
+    cpu_by_command,
+    sample_tree,
+    session_pids,
+    tcp_passive_opens,
+)
 from bench.scenarios import Placement, ProtoScenario, Scenario, cpu_list
 from bench.servers import ROOT, ServerSpec, running
 from bench.tls import client_context
 from bench.tlsload import read_answer
-from bench.transports import TRANSPORTS, Transport
+from bench.transports import TRANSPORTS, FrontTransport, Transport
 
 if TYPE_CHECKING:
     from bench.runner import Run
@@ -229,6 +235,7 @@ def measure(
         elif warmup > 0:
             _load(scenario, where, server.port, url, warmup, None, expect, Path(tmp), state)
         before, core_before = sample_tree(server.sid), core_times(where.server_cpus)
+        split_before = cpu_by_command(server.sid, "nginx")
         wchar_before = _wchar(server.sid)
         opens_before, started = tcp_passive_opens(), time.monotonic()
         if scenario.tool == "idle":
@@ -261,6 +268,11 @@ def measure(
             )
             wall = time.monotonic() - started
             after, core_after = sample_tree(server.sid), core_times(where.server_cpus)
+            if isinstance(transport, FrontTransport) and result.requests:
+                # nginx in front: its share and the server's, per request
+                split = cpu_by_command(server.sid, "nginx")
+                extra["front µs/req"] = (split[0] - split_before[0]) * 1e6 / result.requests
+                extra["backend µs/req"] = (split[1] - split_before[1]) * 1e6 / result.requests
             if scenario.tool == "tlsload" and result.requests:
                 # Server side: a full TLS 1.3 handshake sends the certificate and its signature,
                 # a resumed one does not, so the bytes the server wrote per connection say

@@ -134,6 +134,20 @@ PROTO_SCENARIOS: dict[str, ProtoScenario] = {
             "proxy-ka100", "keep-alive, proxy_protocol on, no header, 100 connections, wrk, 1 core",
             100, transport="proxy",
         ),
+        # nginx in front (issue 22): wrk keep-alive to nginx, nginx to the server by uwsgi_pass
+        # or proxy_pass; both on the server's core (bench/transports.py, FrontTransport).
+        ProtoScenario(
+            "nginx-uwsgi", "nginx uwsgi_pass in front, wrk keep-alive 100 connections, 1 core",
+            100, transport="nginx-uwsgi",
+        ),
+        ProtoScenario(
+            "nginx-proxy", "nginx proxy_pass (HTTP/1.0, an upstream connection per request) "
+            "in front, wrk keep-alive 100 connections, 1 core", 100, transport="nginx-proxy",
+        ),
+        ProtoScenario(
+            "nginx-proxy-ka", "nginx proxy_pass (HTTP/1.1, upstream keepalive) in front, wrk "
+            "keep-alive 100 connections, 1 core", 100, transport="nginx-proxy-ka",
+        ),
     )
 }  # fmt: skip
 SCENARIOS.update(PROTO_SCENARIOS)

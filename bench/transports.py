@@ -20,6 +20,7 @@ must say itself.
 
 from __future__ import annotations
 
+import shlex
 import socket
 import ssl
 import sys
@@ -27,7 +28,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import h2wire
-from bench.servers import NGINX, NGINX_CONF, PROBE, ServerError, ServerSpec, probe
+from bench.servers import (
+    FRONT_LOCATIONS,
+    NGINX,
+    NGINX_CONF,
+    NGINX_FRONT_CONF,
+    PROBE,
+    ServerError,
+    ServerSpec,
+    free_port,
+    probe,
+)
 from bench.tls import client_context, make_certificate
 
 # What the readiness probe sends first to a server with the PROXY protocol on.
@@ -167,7 +178,57 @@ class Transport:
                 return None
 
 
-TRANSPORTS = {
+@dataclass(frozen=True)
+class FrontTransport:
+    """nginx in front of a gunicorn server (vrypt, or gunicorn's own workers): the load talks
+    HTTP/1.1 to nginx, nginx to the server by `uwsgi_pass` (the server gets `--protocol
+    uwsgi`) or `proxy_pass` (servers.FRONT_LOCATIONS). Both run in the server's session, on its
+    core: the run's CPU is theirs together, and proto.measure splits it (`front µs/req`,
+    `backend µs/req`)."""
+
+    name: str
+    front: str  # a key of servers.FRONT_LOCATIONS
+    tls: bool = False
+    h2: bool = False
+    keepalive: int = 0
+    scheme: str = "http"
+
+    def gunicorn_flags(self) -> list[str]:
+        return ["--protocol", "uwsgi"] if self.front == "uwsgi" else []
+
+    def build(self, spec: ServerSpec, port: int, workers: int, tmp: Path) -> list[str]:
+        backend = free_port()
+        argv = spec.build(backend, workers, tmp)
+        if argv[:3] != [sys.executable, "-m", "gunicorn"]:
+            raise ServerError(f"{spec.name}: nginx goes in front of gunicorn servers only")
+        conf = tmp / "front.conf"
+        conf.write_text(
+            NGINX_FRONT_CONF.format(
+                tmp=tmp, port=port, backend=backend, location=FRONT_LOCATIONS[self.front]
+            )
+        )
+        front = [NGINX, "-p", str(tmp), "-e", str(tmp / "front-error.log"), "-c", str(conf)]
+        # nginx in the background, then the server in the shell's place: one session, killed
+        # as one group.
+        command = shlex.join(front) + " & exec " + shlex.join([*argv, *self.gunicorn_flags()])
+        return ["sh", "-c", command]
+
+    def describe(self) -> str:
+        return (
+            f"nginx (1 worker) in front: `{FRONT_LOCATIONS[self.front].strip().splitlines()[-1]}` "
+            "to the server on 127.0.0.1:BACKEND (upstream `keepalive 32`), both on the server's "
+            "core; gunicorn: `" + " ".join(self.gunicorn_flags()) + "`"
+        )
+
+    def probe(self, port: int, timeout: float = 1.0) -> bytes | None:
+        """nginx's answer, None while it cannot reach the server yet (502, 504)."""
+        status = probe(port, timeout)
+        if status is not None and status.split()[1:2] in ([b"502"], [b"504"]):
+            return None
+        return status
+
+
+TRANSPORTS: dict[str, Transport | FrontTransport] = {
     t.name: t
     for t in (
         Transport("tls", tls=True, h2=False),
@@ -175,5 +236,8 @@ TRANSPORTS = {
         Transport("h2c", tls=False, h2=True),
         Transport("plain", tls=False, h2=False),
         Transport("proxy", tls=False, h2=False, proxy=True),
+        FrontTransport("nginx-uwsgi", "uwsgi"),
+        FrontTransport("nginx-proxy", "proxy"),
+        FrontTransport("nginx-proxy-ka", "proxy-ka"),
     )
 }
