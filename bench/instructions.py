@@ -5,6 +5,8 @@ move with the machine's noise.
     python -m bench.instructions --close [--rounds 50]   # a new connection per request
     python -m bench.instructions --close --keep DIR      # and keep the dumps: callgrind_annotate
     python -m bench.instructions --pipeline 16           # 16 pipelined requests per send (pipe16)
+    python -m bench.instructions --proxy v1 [--close]    # vrypt with and without a PROXY header
+    python -m bench.instructions --uwsgi --servers vrypt # --protocol uwsgi, as nginx loads it
 
 Wall-clock CPU per request moves by ±10-30 % from run to run on a shared machine; the number of
 instructions a server executes in user space per request does not (±2 % here), so a change to
@@ -36,6 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.proxyload import HEADERS
 from bench.scenarios import Placement, available_cpus
 from bench.servers import (
     BUILTIN,
@@ -46,8 +49,12 @@ from bench.servers import (
     peer_spec,
     running,
 )
+from bench.transports import TRANSPORTS
 
 WARMUP_ROUNDS = 30
+# `--proxy v1|v2`: what each new connection sends before its first request (bench.proxyload's
+# header), to the servers measured a second time with the PROXY protocol on.
+HEADER = b""
 READY_TIMEOUT = 120.0  # a Python server starts in seconds under valgrind, not milliseconds
 
 
@@ -66,13 +73,56 @@ def drive_closing(port: int, connections: int, rounds: int, timeout: float = 60.
         ]
         try:
             for sock in socks:
-                sock.sendall(req)
+                sock.sendall(HEADER + req)
             for sock in socks:
                 buf = b""
                 while chunk := sock.recv(4096):
                     buf += chunk
                 if not buf.endswith(b"Vrypt"):
                     raise RuntimeError("an answer without its body before the close")
+        finally:
+            for sock in socks:
+                sock.close()
+
+
+def uwsgi_packet(remote_port: int) -> bytes:
+    """A GET as nginx's `uwsgi_pass` with its `uwsgi_params` sends it (the vars nginx fills in
+    for `GET /` from a client on `remote_port`)."""
+    pairs = (
+        ("QUERY_STRING", ""), ("REQUEST_METHOD", "GET"), ("CONTENT_TYPE", ""),
+        ("CONTENT_LENGTH", ""), ("REQUEST_URI", "/"), ("PATH_INFO", "/"),
+        ("DOCUMENT_ROOT", "/usr/share/nginx/html"), ("SERVER_PROTOCOL", "HTTP/1.1"),
+        ("REQUEST_SCHEME", "http"), ("REMOTE_ADDR", "127.0.0.1"),
+        ("REMOTE_PORT", str(remote_port)), ("SERVER_PORT", "8080"), ("SERVER_NAME", ""),
+        ("HTTP_HOST", "127.0.0.1:8080"),
+    )  # fmt: skip
+    block = b"".join(
+        len(k).to_bytes(2, "little") + k.encode() + len(v).to_bytes(2, "little") + v.encode()
+        for k, v in pairs
+    )
+    return b"\0" + len(block).to_bytes(2, "little") + b"\0" + block
+
+
+def drive_uwsgi(port: int, connections: int, rounds: int, timeout: float = 60.0) -> None:
+    """As nginx's `uwsgi_pass` does: a new connection per request, one packet, the answer read
+    (Content-Length), then the close from our side (nginx never reuses a uwsgi connection).
+    The packets differ in REMOTE_PORT only, one per connection slot, as wrk's 100 connections
+    through nginx make them."""
+    for _ in range(rounds):
+        socks = [
+            socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            for _ in range(connections)
+        ]
+        try:
+            for index, sock in enumerate(socks):
+                sock.sendall(uwsgi_packet(40000 + index))
+            for sock in socks:
+                buf = b""
+                while not buf.endswith(b"\r\n\r\nVrypt"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise RuntimeError("closed before the answer")
+                    buf += chunk
         finally:
             for sock in socks:
                 sock.close()
@@ -89,10 +139,12 @@ def drive(
     socks = [
         socket.create_connection(("127.0.0.1", port), timeout=timeout) for _ in range(connections)
     ]
+    first = HEADER  # once per connection, with its first request
     try:
         for _ in range(rounds):
             for sock in socks:
-                sock.sendall(req)
+                sock.sendall(first + req)
+            first = b""
             for sock in socks:
                 buf = b""
                 while not (buf.endswith(b"Vrypt") and buf.count(ends) == depth):
@@ -168,6 +220,31 @@ def callgrind_control(option: str, pid: int, port: int, timeout: float = 60.0) -
         raise RuntimeError(f"callgrind_control {option} {pid} failed ({ctl.returncode})")
 
 
+class UwsgiReadiness:
+    """For `running`: the server's own command, and readiness asked with a uwsgi packet."""
+
+    @staticmethod
+    def build(spec: ServerSpec, port: int, workers: int, tmp: Path) -> list[str]:
+        return spec.build(port, workers, tmp)
+
+    @staticmethod
+    def probe(port: int, timeout: float = 1.0) -> bytes | None:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+                sock.sendall(uwsgi_packet(1))
+                line = sock.recv(4096).split(b"\r\n", 1)[0]
+                return line or None
+        except OSError:
+            return None
+
+
+def with_flags(spec: ServerSpec, *flags: str) -> ServerSpec:
+    def build(port: int, workers: int, tmp: Path) -> list[str]:
+        return [*spec.build(port, workers, tmp), *flags]
+
+    return dataclasses.replace(spec, build=build)
+
+
 def under_callgrind(spec: ServerSpec, out_dir: Path) -> ServerSpec:
     def build(port: int, workers: int, tmp: Path) -> list[str]:
         return [
@@ -188,13 +265,15 @@ def measure(
     cpus: tuple[int, ...],
     keep: Path | None = None,
     depth: int = 1,
+    uwsgi: bool = False,
 ) -> float:
     """User-space instructions per request of the server's worker; with `keep`, its dump is
     copied there as `callgrind.NAME`, for `callgrind_annotate` (where the instructions go)."""
     with tempfile.TemporaryDirectory(prefix=f"callgrind-{spec.name}-") as tmpdir:
         out_dir = Path(tmpdir)
         where = Placement(cpus[:1], cpus[1:] or cpus, 1)
-        with running(under_callgrind(spec, out_dir), where, READY_TIMEOUT) as server:
+        readiness = UwsgiReadiness() if uwsgi else None
+        with running(under_callgrind(spec, out_dir), where, READY_TIMEOUT, readiness) as server:
             worker = worker_pid(server.proc.pid)
             drive(server.port, connections, WARMUP_ROUNDS)
             callgrind_control("-z", worker, server.port)
@@ -214,6 +293,17 @@ def measure(
             return total_instructions(dump) / (rounds * connections * depth)
 
 
+def with_proxy(spec: ServerSpec, version: str) -> ServerSpec:
+    """The server with the PROXY protocol on: gunicorn `--proxy-protocol auto`, nginx `listen
+    ... proxy_protocol` (what bench.transports' `proxy` transport does)."""
+    proxy = TRANSPORTS["proxy"]
+
+    def build(port: int, workers: int, tmp: Path) -> list[str]:
+        return proxy.build(spec, port, workers, tmp)
+
+    return dataclasses.replace(spec, name=f"{spec.name}+proxy-{version}", build=build)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m bench.instructions", description=__doc__.split("\n\n")[0]
@@ -224,6 +314,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--connections", type=int, default=100, help="connections (default 100)")
     p.add_argument(
         "--close", action="store_true", help="a new connection per request (`Connection: close`)"
+    )
+    p.add_argument(
+        "--uwsgi",
+        action="store_true",
+        help="vrypt with --protocol uwsgi, loaded as nginx's uwsgi_pass does (a new connection, "
+        "one packet, the close from the client); compare with --close",
     )
     p.add_argument(
         "--keep",
@@ -238,9 +334,17 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="N requests per send on each connection, pipelined (default 1)",
     )
+    p.add_argument(
+        "--proxy",
+        choices=("v1", "v2"),
+        help="measure each server again with the PROXY protocol on and this header on every "
+        "new connection (gunicorn --proxy-protocol auto, nginx listen ... proxy_protocol)",
+    )
     args = p.parse_args(argv)
     global drive
-    if args.close:
+    if args.uwsgi:
+        drive = drive_uwsgi  # type: ignore[assignment]  # callgrind_control's pokes too
+    elif args.close:
         drive = drive_closing  # type: ignore[assignment]  # callgrind_control's pokes too
     elif args.pipeline > 1:
         drive = functools.partial(drive, depth=args.pipeline)  # type: ignore[assignment]
@@ -253,12 +357,23 @@ def main(argv: list[str] | None = None) -> int:
     specs = [dataclasses.replace(s, build=single[s.name]) if s.name in single else s for s in specs]
     specs = [s for s in specs if s.name not in single or nginx_available()]
     specs += [peer_spec(arg) for arg in args.peer]
+    if args.uwsgi:  # the gunicorn servers speak uwsgi; nginx cannot be the server here
+        specs = [with_flags(s, "--protocol", "uwsgi") for s in specs if s.name not in single]
     results: dict[str, float] = {}
-    for spec in specs:
+    runs = [(spec, b"") for spec in specs]
+    if args.proxy:  # side by side: each server without, then with, the header
+        header = HEADERS[args.proxy]
+        # (gunicorn only: its probes and callgrind_control's pokes go without a header, which
+        # `--proxy-protocol` allows and nginx's `proxy_protocol` refuses)
+        runs += [(with_proxy(s, args.proxy), header) for s in specs if s.name not in single]
+    global HEADER
+    for spec, header in runs:
         print(f"{spec.name}: measuring under callgrind ...", file=sys.stderr, flush=True)
+        HEADER = header
         results[spec.name] = measure(
-            spec, args.connections, args.rounds, available_cpus(), args.keep, args.pipeline
-        )
+            spec, args.connections, args.rounds, available_cpus(), args.keep, args.pipeline,
+            args.uwsgi,
+        )  # fmt: skip
     reference = results.get("nginx")
     print("| server | user-space instructions per request | vs nginx |")
     print("|---|---|---|")
@@ -266,6 +381,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{value / reference:.2f}x" if reference else "-"
         print(f"| {name} | {value:,.0f} | {ratio} |")
     kind = "new connections (`Connection: close`)" if args.close else "keep-alive connections"
+    if args.uwsgi:
+        kind = "new connections, one uwsgi packet each (as nginx's uwsgi_pass)"
     each = "one request"
     if args.pipeline > 1 and not args.close:
         each = f"{args.pipeline} pipelined requests"

@@ -84,6 +84,23 @@ def sample_tree(sid: int) -> TreeSample:
     )
 
 
+def cpu_by_command(sid: int, name: str) -> tuple[float, float]:
+    """CPU seconds (user + system) of a session's processes whose command is `name` (nginx in
+    front of a server: bench/transports.py), and of the others."""
+    named = other = 0.0
+    for pid in session_pids(sid):
+        try:
+            command = (PROC / str(pid) / "comm").read_text().strip()
+        except OSError:
+            continue
+        seconds = sum(cpu_seconds(pid))
+        if command == name:
+            named += seconds
+        else:
+            other += seconds
+    return named, other
+
+
 @dataclass(frozen=True)
 class CoreTimes:
     """Busy time of some CPUs from /proc/stat, in seconds."""

@@ -12,6 +12,10 @@
 | idle-h2 | h2c, prior knowledge | the same with HTTP/2 (one stream each) |
 | idle-h2-tls | TLS, ALPN h2 | the same with HTTP/2 over TLS |
 | h3 | TLS and HTTP/3 on UDP | bench.h3load: aioquic client processes, 2 conns x 20 streams |
+| new-py | plain HTTP/1.1 | bench.proxyload: a new connection per request, no header |
+| proxy-v1-new | plain, `proxy_protocol` on | bench.proxyload --header v1: the same, v1 header |
+| proxy-v2-new | plain, `proxy_protocol` on | bench.proxyload --header v2: the same, v2 header |
+| proxy-ka100 | plain, `proxy_protocol` on | wrk keep-alive, 100 connections (no header) |
 
 Every scenario here runs one server worker on the first CPU and the load on the others, like the
 one-core HTTP/1 scenarios, and is measured the same way (bench/runner.py): the server tree's CPU
@@ -45,12 +49,18 @@ from bench import h2wire
 from bench.h2load import h2load_command
 from bench.h2load import timed as h2load_timed
 from bench.load import LoadError, LoadResult, run_wrk, wrk_command
-from bench.procstat import core_times, sample_tree, session_pids, tcp_passive_opens
+from bench.procstat import (
+    core_times,
+    cpu_by_command,
+    sample_tree,
+    session_pids,
+    tcp_passive_opens,
+)
 from bench.scenarios import Placement, ProtoScenario, Scenario, cpu_list
 from bench.servers import ROOT, ServerSpec, running
 from bench.tls import client_context
 from bench.tlsload import read_answer
-from bench.transports import TRANSPORTS, Transport
+from bench.transports import TRANSPORTS, FrontTransport, Transport
 
 if TYPE_CHECKING:
     from bench.runner import Run
@@ -101,6 +111,23 @@ def _h3load(
         socket_error_kinds=errors,
     )
     return result, {}, "HTTP/3 (QUIC v1, TLS 1.3)"
+
+
+def _proxyload(scenario: ProtoScenario, where: Placement, port: int, seconds: float) -> dict:
+    argv = [
+        "taskset", "-c", cpu_list(where.load_cpus),
+        sys.executable, "-m", "bench.proxyload", "--port", str(port), "--seconds", str(seconds),
+        "--procs", str(scenario.connections), "--header", scenario.header,
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 60)
+    except subprocess.TimeoutExpired as exc:
+        raise LoadError(f"bench.proxyload did not finish: {exc}") from exc
+    if done.returncode != 0:
+        raise LoadError(f"bench.proxyload failed ({done.returncode}): {done.stderr[-2000:]}")
+    data = json.loads(done.stdout)
+    data.update(resumed=0, tls="", cipher="")
+    return data
 
 
 def _tlsload_result(data: dict) -> tuple[LoadResult, dict[str, float], str]:
@@ -238,6 +265,7 @@ def measure(
         elif warmup > 0:
             _load(scenario, where, server.port, url, warmup, None, expect, Path(tmp), state)
         before, core_before = sample_tree(server.sid), core_times(where.server_cpus)
+        split_before = cpu_by_command(server.sid, "nginx")
         wchar_before = _wchar(server.sid)
         opens_before, started = tcp_passive_opens(), time.monotonic()
         if scenario.tool == "idle":
@@ -270,6 +298,11 @@ def measure(
             )
             wall = time.monotonic() - started
             after, core_after = sample_tree(server.sid), core_times(where.server_cpus)
+            if isinstance(transport, FrontTransport) and result.requests:
+                # nginx in front: its share and the server's, per request
+                split = cpu_by_command(server.sid, "nginx")
+                extra["front µs/req"] = (split[0] - split_before[0]) * 1e6 / result.requests
+                extra["backend µs/req"] = (split[1] - split_before[1]) * 1e6 / result.requests
             if scenario.tool == "tlsload" and result.requests:
                 # Server side: a full TLS 1.3 handshake sends the certificate and its signature,
                 # a resumed one does not, so the bytes the server wrote per connection say
@@ -308,6 +341,9 @@ def _load(
         return _tlsload_result(_tlsload(scenario, where, port, seconds))
     if scenario.tool == "h3load":
         return _h3load(scenario, where, port, seconds)
+    if scenario.tool == "proxyload":
+        result, _extra, _note = _tlsload_result(_proxyload(scenario, where, port, seconds))
+        return result, {}, f"PROXY {scenario.header}" if scenario.header else ""
     argv = wrk_command(scenario, where, port, seconds, tmp)
     argv[-1] = url
     return run_wrk(argv, seconds), {}, ""
@@ -357,6 +393,12 @@ def describe_load(scenario: Scenario, seconds: float) -> str:
         return (
             f"`python -m bench.h3load --port PORT --seconds {seconds:g} --procs "
             f"{scenario.connections} --streams {scenario.streams}`" + served
+        )
+    if scenario.tool == "proxyload":
+        header = f" --header {scenario.header}" if scenario.header else ""
+        return (
+            f"`python -m bench.proxyload --port PORT --seconds {seconds:g} "
+            f"--procs {scenario.connections}{header}`" + served
         )
     if scenario.tool == "idle":
         return (

@@ -74,6 +74,7 @@ class ProtoScenario(Scenario):
     tool: str = "wrk"  # wrk | h2load | tlsload | idle
     streams: int = 1  # h2load -m
     resume: bool = False  # tlsload --resume
+    header: str = ""  # proxyload --header (v1, v2): a PROXY header first on each connection
 
 
 PROTO_SCENARIOS: dict[str, ProtoScenario] = {
@@ -114,6 +115,38 @@ PROTO_SCENARIOS: dict[str, ProtoScenario] = {
         ProtoScenario(
             "idle-h2-tls", "memory per idle HTTP/2-over-TLS connection, 1000 connections", 1000,
             transport="tls-h2", tool="idle",
+        ),
+        # PROXY protocol (issue 22): the same client with and without a header, so their ratio
+        # is the header's cost on a new connection; and wrk keep-alive with the setting on.
+        ProtoScenario(
+            "new-py", "new connection per request, bench.proxyload, 4 clients, 1 core", 4,
+            close=True, transport="plain", tool="proxyload",
+        ),
+        ProtoScenario(
+            "proxy-v1-new", "new connection per request with a PROXY v1 header, 4 clients, 1 core",
+            4, close=True, transport="proxy", tool="proxyload", header="v1",
+        ),
+        ProtoScenario(
+            "proxy-v2-new", "new connection per request with a PROXY v2 header, 4 clients, 1 core",
+            4, close=True, transport="proxy", tool="proxyload", header="v2",
+        ),
+        ProtoScenario(
+            "proxy-ka100", "keep-alive, proxy_protocol on, no header, 100 connections, wrk, 1 core",
+            100, transport="proxy",
+        ),
+        # nginx in front (issue 22): wrk keep-alive to nginx, nginx to the server by uwsgi_pass
+        # or proxy_pass; both on the server's core (bench/transports.py, FrontTransport).
+        ProtoScenario(
+            "nginx-uwsgi", "nginx uwsgi_pass in front, wrk keep-alive 100 connections, 1 core",
+            100, transport="nginx-uwsgi",
+        ),
+        ProtoScenario(
+            "nginx-proxy", "nginx proxy_pass (HTTP/1.0, an upstream connection per request) "
+            "in front, wrk keep-alive 100 connections, 1 core", 100, transport="nginx-proxy",
+        ),
+        ProtoScenario(
+            "nginx-proxy-ka", "nginx proxy_pass (HTTP/1.1, upstream keepalive) in front, wrk "
+            "keep-alive 100 connections, 1 core", 100, transport="nginx-proxy-ka",
         ),
     )
 }  # fmt: skip

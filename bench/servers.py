@@ -149,6 +149,70 @@ def _nginx_deferred(port: int, workers: int, tmp: Path) -> list[str]:
     return [NGINX, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)]
 
 
+# nginx in front of a gunicorn server (bench/transports.py, `FrontTransport`): the
+# nginx-uwsgi, nginx-proxy and nginx-proxy-ka scenarios. One worker, on the server's core with
+# the backend (taskset covers both); the client side as in NGINX_CONF.
+NGINX_FRONT_CONF = """\
+daemon off;
+master_process on;
+worker_processes 1;
+worker_rlimit_nofile 20000;
+pid {tmp}/front.pid;
+error_log {tmp}/front-error.log warn;
+events {{
+    worker_connections 10000;
+}}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    keepalive_timeout 30s;
+    keepalive_requests 1000000000;
+    upstream backend {{
+        server 127.0.0.1:{backend};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+{location}
+        }}
+    }}
+}}
+"""
+# What each front passes to the backend. uwsgi: nginx's own `uwsgi_params`, written out; nginx's
+# uwsgi module never keeps an upstream connection (docs/uwsgi.md), `keepalive` or not. proxy:
+# nginx's default proxy_pass (HTTP/1.0 and `Connection: close`: a new upstream connection per
+# request, like uwsgi); proxy-ka: HTTP/1.1 to the upstream with its connections kept.
+FRONT_LOCATIONS = {
+    "uwsgi": """\
+            uwsgi_param QUERY_STRING $query_string;
+            uwsgi_param REQUEST_METHOD $request_method;
+            uwsgi_param CONTENT_TYPE $content_type;
+            uwsgi_param CONTENT_LENGTH $content_length;
+            uwsgi_param REQUEST_URI $request_uri;
+            uwsgi_param PATH_INFO $document_uri;
+            uwsgi_param DOCUMENT_ROOT $document_root;
+            uwsgi_param SERVER_PROTOCOL $server_protocol;
+            uwsgi_param REQUEST_SCHEME $scheme;
+            uwsgi_param HTTPS $https if_not_empty;
+            uwsgi_param REMOTE_ADDR $remote_addr;
+            uwsgi_param REMOTE_PORT $remote_port;
+            uwsgi_param SERVER_PORT $server_port;
+            uwsgi_param SERVER_NAME $server_name;
+            uwsgi_pass backend;""",
+    "proxy": """\
+            proxy_pass http://backend;""",
+    "proxy-ka": """\
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_pass http://backend;""",
+}
+
+
 def peer_spec(arg: str) -> ServerSpec:
     """``NAME=COMMAND``: COMMAND is run by sh, with ``{port}`` and ``{workers}`` filled in."""
     name, sep, command = arg.partition("=")
@@ -250,14 +314,15 @@ def free_port() -> int:
 PROBE = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
 
 
-def probe(port: int, timeout: float = 1.0) -> bytes | None:
+def probe(port: int, timeout: float = 1.0, header: bytes = b"") -> bytes | None:
     """Connect, send a GET, and return the response's status line once its head and body
     (Content-Length, else up to the close) have arrived; None on any failure. It does not wait
-    for the close, so servers that ignore `Connection: close` are probed too."""
+    for the close, so servers that ignore `Connection: close` are probed too. `header`: sent
+    first (a PROXY protocol header)."""
     buf = b""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-            sock.sendall(PROBE)
+            sock.sendall(header + PROBE)
             while True:
                 head_end = buf.find(b"\r\n\r\n")
                 if head_end >= 0:

@@ -22,6 +22,7 @@ must say itself.
 
 from __future__ import annotations
 
+import shlex
 import socket
 import ssl
 import sys
@@ -29,8 +30,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import h2wire
-from bench.servers import NGINX, NGINX_CONF, PROBE, ServerError, ServerSpec, probe
+from bench.servers import (
+    FRONT_LOCATIONS,
+    NGINX,
+    NGINX_CONF,
+    NGINX_FRONT_CONF,
+    PROBE,
+    ServerError,
+    ServerSpec,
+    free_port,
+    probe,
+)
 from bench.tls import client_context, make_certificate
+
+# What the readiness probe sends first to a server with the PROXY protocol on.
+PROXY_PROBE = b"PROXY TCP4 127.0.0.1 127.0.0.1 1 1\r\n"
 
 # The plain nginx configuration with its listen line and TLS lines replaced.
 _LISTEN = "        listen 127.0.0.1:{port};\n"
@@ -53,13 +67,17 @@ class Transport:
     # vrypt's conf/gunicorn.conf.py both keep idle connections 30 s.
     keepalive: int = 0
     h3: bool = False  # HTTP/3 on UDP at the TLS port as well (vrypt: VRYPT_HTTP3)
+    # PROXY protocol (issue 22): gunicorn `--proxy-protocol auto`, nginx `listen ...
+    # proxy_protocol`; the load sends a header first (bench.proxyload), or none (wrk).
+    proxy: bool = False
 
     @property
     def scheme(self) -> str:
         return "https" if self.tls else "http"
 
     def nginx_listen(self) -> str:  # nginx keeps idle connections 30 s (NGINX_CONF)
-        return " ".join(("ssl" if self.tls else "", "http2" if self.h2 else "")).strip()
+        words = ("ssl" if self.tls else "", "http2" if self.h2 else "")
+        return " ".join((*words, "proxy_protocol" if self.proxy else "")).strip()
 
     def gunicorn_flags(self, cert: Path, key: Path) -> list[str]:
         flags = ["--certfile", str(cert), "--keyfile", str(key)] if self.tls else []
@@ -71,16 +89,18 @@ class Transport:
             flags += ["--keep-alive", str(self.keepalive)]
         if self.h3:
             flags += ["-e", "VRYPT_HTTP3=1"]
+        if self.proxy:
+            flags += ["--proxy-protocol", "auto"]
         return flags
 
     def build(self, spec: ServerSpec, port: int, workers: int, tmp: Path) -> list[str]:
         """The server's command line for this transport (certificate made in ``tmp``)."""
         argv = spec.build(port, workers, tmp)
-        if not self.tls and not self.h2:  # plain HTTP/1.1: only gunicorn's keep-alive changes
+        if not self.tls and not self.h2 and not self.proxy:  # plain: gunicorn's keep-alive
             if argv[:3] == [sys.executable, "-m", "gunicorn"]:
                 return [*argv, *self.gunicorn_flags(Path(), Path())]
             return argv
-        cert, key = make_certificate(tmp)
+        cert, key = make_certificate(tmp) if self.tls else (Path(), Path())
         if argv[:1] == [NGINX]:
             conf = Path(argv[argv.index("-c") + 1])
             text = conf.read_text()
@@ -100,7 +120,7 @@ class Transport:
         return argv
 
     def describe(self) -> str:
-        if not self.tls and not self.h2:
+        if not self.tls and not self.h2 and not self.proxy:
             flags = " ".join(self.gunicorn_flags(Path(), Path()))
             return "as in the HTTP/1.1 scenarios" + (f"; gunicorn: `{flags}`" if flags else "")
         return (
@@ -120,8 +140,8 @@ class Transport:
         `HTTP/2 <status>`, None while nothing listens; ServerError when something answers in
         the wrong protocol (a plain server on a TLS port, no h2 by ALPN), which waiting won't
         fix."""
-        if not self.tls and not self.h2:
-            return probe(port, timeout)
+        if not self.tls and not self.h2:  # (a server with PROXY on may require a header)
+            return probe(port, timeout, PROXY_PROBE if self.proxy else b"")
         try:
             raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         except OSError:
@@ -163,7 +183,57 @@ class Transport:
                 return None
 
 
-TRANSPORTS = {
+@dataclass(frozen=True)
+class FrontTransport:
+    """nginx in front of a gunicorn server (vrypt, or gunicorn's own workers): the load talks
+    HTTP/1.1 to nginx, nginx to the server by `uwsgi_pass` (the server gets `--protocol
+    uwsgi`) or `proxy_pass` (servers.FRONT_LOCATIONS). Both run in the server's session, on its
+    core: the run's CPU is theirs together, and proto.measure splits it (`front µs/req`,
+    `backend µs/req`)."""
+
+    name: str
+    front: str  # a key of servers.FRONT_LOCATIONS
+    tls: bool = False
+    h2: bool = False
+    keepalive: int = 0
+    scheme: str = "http"
+
+    def gunicorn_flags(self) -> list[str]:
+        return ["--protocol", "uwsgi"] if self.front == "uwsgi" else []
+
+    def build(self, spec: ServerSpec, port: int, workers: int, tmp: Path) -> list[str]:
+        backend = free_port()
+        argv = spec.build(backend, workers, tmp)
+        if argv[:3] != [sys.executable, "-m", "gunicorn"]:
+            raise ServerError(f"{spec.name}: nginx goes in front of gunicorn servers only")
+        conf = tmp / "front.conf"
+        conf.write_text(
+            NGINX_FRONT_CONF.format(
+                tmp=tmp, port=port, backend=backend, location=FRONT_LOCATIONS[self.front]
+            )
+        )
+        front = [NGINX, "-p", str(tmp), "-e", str(tmp / "front-error.log"), "-c", str(conf)]
+        # nginx in the background, then the server in the shell's place: one session, killed
+        # as one group.
+        command = shlex.join(front) + " & exec " + shlex.join([*argv, *self.gunicorn_flags()])
+        return ["sh", "-c", command]
+
+    def describe(self) -> str:
+        return (
+            f"nginx (1 worker) in front: `{FRONT_LOCATIONS[self.front].strip().splitlines()[-1]}` "
+            "to the server on 127.0.0.1:BACKEND (upstream `keepalive 32`), both on the server's "
+            "core; gunicorn: `" + " ".join(self.gunicorn_flags()) + "`"
+        )
+
+    def probe(self, port: int, timeout: float = 1.0) -> bytes | None:
+        """nginx's answer, None while it cannot reach the server yet (502, 504)."""
+        status = probe(port, timeout)
+        if status is not None and status.split()[1:2] in ([b"502"], [b"504"]):
+            return None
+        return status
+
+
+TRANSPORTS: dict[str, Transport | FrontTransport] = {
     t.name: t
     for t in (
         Transport("tls", tls=True, h2=False),
@@ -171,5 +241,9 @@ TRANSPORTS = {
         Transport("h2c", tls=False, h2=True),
         Transport("plain", tls=False, h2=False),
         Transport("h3", tls=True, h2=False, h3=True),
+        Transport("proxy", tls=False, h2=False, proxy=True),
+        FrontTransport("nginx-uwsgi", "uwsgi"),
+        FrontTransport("nginx-proxy", "proxy"),
+        FrontTransport("nginx-proxy-ka", "proxy-ka"),
     )
 }

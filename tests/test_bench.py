@@ -135,9 +135,10 @@ def test_nginx_with_deferred_accepts_is_measured_when_named(tmp_path: Path) -> N
     [summary] = data["summary"]
     assert summary["server"] == "nginx-deferred" and summary["scenario"] == "close"
     assert summary["rps"] > 0 and summary["errors"] == 0
-    # (wrk's 100 connections still open when the 1 s run ends made no request: on a busy
-    # machine, with a few hundred requests in the run, they add 100 / rps to the ratio)
-    assert 0.9 < summary["connections_per_req"] < 1.1 + 100 / summary["rps"], summary
+    # A new connection per request: at least one each (keep-alive would be far below). No upper
+    # bound: on a busy machine wrk's connects that the 1 s run cut short (open, or still
+    # deferred by the kernel, with no request) added 0.13-0.29 here.
+    assert summary["connections_per_req"] > 0.9, summary
 
 
 @needs_wrk

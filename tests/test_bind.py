@@ -140,3 +140,18 @@ def test_default_bind_with_ipv6_disabled_by_sysctl_serves_ipv4() -> None:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "serves IPv" in result.stdout, result.stdout  # said at start, whichever it is
+
+
+@pytest.mark.skipif(not DUAL, reason="this machine has no IPv6 sockets")
+def test_ipv4_proxy_of_the_dual_stack_bind_may_send_a_proxy_header() -> None:
+    # 127.0.0.1 through `[::]` is ::ffff:127.0.0.1; proxy_allow_ips says 127.0.0.1 (the default).
+    from vrypt_worker.proxy_header import v1_header
+
+    server = default_bind_server("--proxy-protocol", "v1")
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(v1_header(("203.0.113.7", 4242), ("198.51.100.1", 80)) + GET)
+            got = read_responses(sock, 1)
+        assert len(got) == 1 and is_vrypt(got[0]), got  # 403 when judged as IPv6
+    finally:
+        server.stop()

@@ -366,13 +366,18 @@ class AccessLog:
                 method = parts[0]
                 target = parts[1] if len(parts) > 1 else b""
         static = self.request_atoms(line, method, target, version, fields)
-        answer = self.answers.get(kind)
-        if answer is None:  # the answer's parts but its Date (a dynamic atom) never change
-            answer = self.answers[kind] = _answer_atoms(self.worker.responses.bytes_for[kind])
-        static.update(answer)
+        static.update(self.answer_atoms(kind))
         static["{script_name}e"] = ""
         static["{wsgi.url_scheme}e"] = "http"
         return static
+
+    def answer_atoms(self, kind: int) -> dict[str, str]:
+        """`s`, `b`, `B` and `{header}o` of the HTTP/1 answer of this kind (the response
+        table's), cached: its parts but its Date (a dynamic atom) never change."""
+        answer = self.answers.get(kind)
+        if answer is None:
+            answer = self.answers[kind] = _answer_atoms(self.worker.responses.bytes_for[kind])
+        return answer
 
     def request_atoms(
         self,

@@ -140,10 +140,8 @@ def check_config(cfg: Any, log: Any) -> None:
                 "TLS settings that cannot be loaded (certfile, keyfile, ca_certs, ciphers, "
                 f"ssl_context): {exc}"
             )
-    if (cfg.proxy_protocol or "off") != "off":
-        refused.append("proxy_protocol: PROXY protocol headers are not parsed")
-    if cfg.protocol != "http":
-        refused.append(f"protocol={cfg.protocol}: only http is served")
+    if cfg.protocol not in ("http", "uwsgi"):
+        refused.append(f"protocol={cfg.protocol}: only http and uwsgi are served")
     if cfg.reuse_port and any(not isinstance(address, tuple) for address in cfg.address):
         # gunicorn sets SO_REUSEPORT on every listener it creates; unix sockets refuse it and
         # inherited descriptors are ignored, so the worker would loop on errors instead.

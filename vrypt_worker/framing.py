@@ -34,7 +34,9 @@ CONTINUE = 12  # interim `100 Continue`, not an answer
 # CONNECT: a 2xx to CONNECT must carry neither Content-Length nor Transfer-Encoding (RFC 9110
 # §9.3.6), so this 200 says neither; its body `Vrypt` is delimited by the close that follows.
 TUNNEL = 13
-KINDS = 14
+# 500: never chosen by this framer; the answer uwsgi_framing.py gives a refused uwsgi packet.
+INTERNAL_ERROR = 14
+KINDS = 15
 CLOSING = OK_CLOSE
 ERRORS = frozenset(range(BAD_REQUEST, REQUEST_TIMEOUT + 1))
 

@@ -387,25 +387,29 @@ class FirstRead:
         self.new = new
         self.add = add
 
-    def read(self, fd: int, family: int) -> None:
+    def read(self, fd: int, family: int, given: bytes = b"") -> None:
         """A plain HTTP/1 connection, just accepted: with TCP_DEFER_ACCEPT its request is
         usually here already. Read it now; a whole cached head whose answer closes the connection
         (`Connection: close`, HTTP/1.0, draining: what health checks and probes send) is
         answered and closed on the descriptor, without a socket object, a watcher or a
         Connection (the hot path of Connection.on_readable and answer_and_close, for a
         connection that never reaches the loop), and reported to the access log when it is on.
-        Anything else becomes a Connection, given what was read."""
-        try:
-            # os.set_blocking is one ioctl; fcntl.fcntl(fd, F_SETFL, O_NONBLOCK) would first try
-            # its third argument as a buffer and format the TypeError it then drops (a tenth
-            # of this path's instructions, measured with callgrind).
-            os.set_blocking(fd, False)
-            data: bytes | None = os.read(fd, FIRST_RECV_SIZE)
-        except (BlockingIOError, InterruptedError):
-            data = None  # nothing yet (a second passed, or the option is off for this listener)
-        except OSError:
-            os.close(fd)
-            return
+        Anything else becomes a Connection, given what was read. `given`: bytes already read
+        from the non-blocking descriptor, in place of this read (what followed a PROXY
+        protocol header, proxied.py)."""
+        data: bytes | None = given
+        if not given:
+            try:
+                # os.set_blocking is one ioctl; fcntl.fcntl(fd, F_SETFL, O_NONBLOCK) would
+                # first try its third argument as a buffer and format the TypeError it then
+                # drops (a tenth of this path's instructions, measured with callgrind).
+                os.set_blocking(fd, False)
+                data = os.read(fd, FIRST_RECV_SIZE)
+            except (BlockingIOError, InterruptedError):
+                data = None  # nothing yet (a second passed, or the option is off here)
+            except OSError:
+                os.close(fd)
+                return
         if data is not None:
             if not data:  # connected and closed without a request
                 os.close(fd)

@@ -22,6 +22,7 @@ _STATUS = {
     framing.NOT_IMPLEMENTED: b"501 Not Implemented",
     framing.VERSION_NOT_SUPPORTED: b"505 HTTP Version Not Supported",
     framing.REQUEST_TIMEOUT: b"408 Request Timeout",
+    framing.INTERNAL_ERROR: b"500 Internal Server Error",
 }
 
 

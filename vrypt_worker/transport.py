@@ -281,6 +281,9 @@ class SessionConnection(BaseConnection):
         except TLSError:
             self.abort()
             return None
+        if protocol.closing:  # a timeout that ends the connection without an answer (uwsgi)
+            self.finish()
+            return None if self.reader is None else tick + 1
         if not protocol.idle():
             return tick + 1
         due = seen + 1 + keepalive

@@ -32,10 +32,12 @@ from vrypt_worker.framing import FramingRules, Limits
 from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy
 from vrypt_worker.plain import Connection, FirstRead
 from vrypt_worker.protocols import ProtocolFactory
+from vrypt_worker.proxied import ProxyStage
 from vrypt_worker.response import ResponseTable
 from vrypt_worker.settings import hostile_settings_from_env
 from vrypt_worker.tls import TLSSession
 from vrypt_worker.transport import PLAIN, SessionConnection
+from vrypt_worker.uwsgi import UwsgiFront
 
 # gevent imports pprint the first time a signal handler is installed (gevent.util), which every
 # worker does in init_signals: imported with this module, in the arbiter, it costs no worker's
@@ -144,7 +146,9 @@ class VryptWorker(Worker):
         self.defer_accept = settings.env_flag("VRYPT_DEFER_ACCEPT", True)
         self.listening = Listening(self.log, self._on_acceptable, self.defer_accept)
         self.read_at_accept = False
+        self.proxy: Any = None  # PROXY protocol: the stage (ProxyStage.accept) every accept goes to
         self.access_log: Any = None
+        self.uwsgi: UwsgiFront | None = None  # protocol = uwsgi: set in run()
         # TLS (gunicorn's certfile/keyfile): one context per configuration, made here in the
         # arbiter before the fork, so that every worker resumes every worker's sessions.
         self.tls_context = tls.context_for(self.cfg, self.log) if self.cfg.is_ssl else None
@@ -219,11 +223,30 @@ class VryptWorker(Worker):
         self.h2c = self.protocols if policy.available and policy.mode != "off" else None
         if self.tls_context is not None:
             self.connection_class = self._tls_connection  # type: ignore[assignment]
+        # gunicorn's `protocol = uwsgi` (nginx's uwsgi_pass): packets, not HTTP (uwsgi.py).
+        if self.cfg.protocol == "uwsgi":
+            self.uwsgi = UwsgiFront(state, self.cfg, self.tls_context)
         # Plain HTTP/1 only (not TLS, not h2c); with the access log on too, which is told of an
         # answer given there.
-        self.read_at_accept = self.defer_accept and self.tls_context is None and self.h2c is None
+        self.read_at_accept = (
+            self.defer_accept and self.tls_context is None and self.h2c is None and not self.uwsgi
+        )
         # (a bound method made once: calling it costs less than calling an instance)
         self.first_read = FirstRead(state, self.connection_class, self._add).read  # type: ignore[arg-type]
+        # PROXY protocol (`proxy_protocol`): every connection's header first, then the connection
+        # _connection makes; the stage does its own read at the accept (proxied.py).
+        plain = self.tls_context is None and self.h2c is None
+        stage = ProxyStage.from_config(
+            self.cfg,
+            state,
+            self._connection,
+            self._add,
+            self.defer_accept,
+            self.first_read if plain else None,
+        )
+        if stage is not None:
+            self.proxy = stage.accept
+            self.read_at_accept = False
         self._done = gevent.event.Event()
         self.listening.start(loop, [raw_socket(listener) for listener in self.sockets])
         if plan is not None:
@@ -332,20 +355,30 @@ class VryptWorker(Worker):
             if self.read_at_accept:
                 self.first_read(fd, family)
                 return True
+            if self.proxy is not None:
+                self.proxy(fd, family, _addr)
+                return True
             sock = RawSocket(family, _STREAM, 0, fd)
             try:
                 sock.setblocking(False)
             except OSError:
                 sock.close()
                 continue
-            conn = None
-            state = self.state
-            if self.h2c is not None:  # h2c for trusted peers (protocols.py), else Connection
-                negotiation = self.h2c.negotiation(_addr, sock)
-                if negotiation is not None:
-                    conn = SessionConnection(state, sock, PLAIN, negotiation)
-            self._add(conn if conn is not None else self.connection_class(state, sock))
+            conn = self._connection(sock, _addr)
+            self._add(conn)
+            if self.uwsgi is not None and self.defer_accept:
+                conn.on_readable()  # its packet is usually here: answered now, not next turn
             return True
+
+    def _connection(self, sock: Any, peer: Any) -> BaseConnection:
+        """The connection a socket just accepted from `peer` becomes."""
+        if self.uwsgi is not None:  # protocol = uwsgi (uwsgi.py), plain or TLS
+            return self.uwsgi.connection(self.state, sock, peer)
+        if self.h2c is not None:  # h2c for trusted peers (protocols.py), else Connection
+            negotiation = self.h2c.negotiation(peer, sock)
+            if negotiation is not None:
+                return SessionConnection(self.state, sock, PLAIN, negotiation)
+        return self.connection_class(self.state, sock)
 
     def _add(self, conn: BaseConnection) -> None:
         self.connections.add(conn)
