@@ -38,6 +38,7 @@ from bench.servers import (
     ServerError,
     ServerSpec,
     describe_command,
+    hypercorn_available,
     nginx_available,
     peer_spec,
     vrypt_importable,
@@ -111,6 +112,8 @@ def available(name: str) -> bool:
         return vrypt_importable()
     if name in ("nginx", "nginx-log", "nginx-deferred"):
         return nginx_available()
+    if name == "hypercorn":
+        return hypercorn_available()
     return True
 
 

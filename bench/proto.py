@@ -11,6 +11,7 @@
 | idle-tls | TLS, HTTP/1.1 | the same over TLS |
 | idle-h2 | h2c, prior knowledge | the same with HTTP/2 (one stream each) |
 | idle-h2-tls | TLS, ALPN h2 | the same with HTTP/2 over TLS |
+| h3 | TLS and HTTP/3 on UDP | bench.h3load: aioquic client processes, 2 conns x 20 streams |
 | new-py | plain HTTP/1.1 | bench.proxyload: a new connection per request, no header |
 | proxy-v1-new | plain, `proxy_protocol` on | bench.proxyload --header v1: the same, v1 header |
 | proxy-v2-new | plain, `proxy_protocol` on | bench.proxyload --header v2: the same, v2 header |
@@ -81,6 +82,35 @@ def _tlsload(scenario: ProtoScenario, where: Placement, port: int, seconds: floa
     if done.returncode != 0:
         raise LoadError(f"bench.tlsload failed ({done.returncode}): {done.stderr[-2000:]}")
     return json.loads(done.stdout)
+
+
+def _h3load(
+    scenario: ProtoScenario, where: Placement, port: int, seconds: float
+) -> tuple[LoadResult, dict[str, float], str]:
+    argv = [
+        "taskset", "-c", cpu_list(where.load_cpus),
+        sys.executable, "-m", "bench.h3load", "--port", str(port), "--seconds", str(seconds),
+        "--procs", str(scenario.connections), "--streams", str(scenario.streams),
+    ]  # fmt: skip
+    try:
+        done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=seconds + 90)
+    except subprocess.TimeoutExpired as exc:
+        raise LoadError(f"bench.h3load did not finish: {exc}") from exc
+    if done.returncode != 0:
+        raise LoadError(f"bench.h3load failed ({done.returncode}): {done.stderr[-2000:]}")
+    data = json.loads(done.stdout)
+    errors = dict(data["errors"])
+    result = LoadResult(
+        requests=data["requests"],
+        seconds=data["seconds"],
+        rps=data["requests"] / data["seconds"] if data["seconds"] else 0.0,
+        p50_us=float(data["p50_us"]),
+        p99_us=float(data["p99_us"]),
+        socket_errors=sum(errors.values()),
+        non_2xx=data["non_2xx"],
+        socket_error_kinds=errors,
+    )
+    return result, {}, "HTTP/3 (QUIC v1, TLS 1.3)"
 
 
 def _proxyload(scenario: ProtoScenario, where: Placement, port: int, seconds: float) -> dict:
@@ -309,6 +339,8 @@ def _load(
         return result, {}, note
     if scenario.tool == "tlsload":
         return _tlsload_result(_tlsload(scenario, where, port, seconds))
+    if scenario.tool == "h3load":
+        return _h3load(scenario, where, port, seconds)
     if scenario.tool == "proxyload":
         result, _extra, _note = _tlsload_result(_proxyload(scenario, where, port, seconds))
         return result, {}, f"PROXY {scenario.header}" if scenario.header else ""
@@ -356,6 +388,11 @@ def describe_load(scenario: Scenario, seconds: float) -> str:
         return (
             f"`python -m bench.tlsload --port PORT --seconds {seconds:g} "
             f"--procs {scenario.connections}{resume}`" + served
+        )
+    if scenario.tool == "h3load":
+        return (
+            f"`python -m bench.h3load --port PORT --seconds {seconds:g} --procs "
+            f"{scenario.connections} --streams {scenario.streams}`" + served
         )
     if scenario.tool == "proxyload":
         header = f" --header {scenario.header}" if scenario.header else ""

@@ -150,5 +150,14 @@ PROTO_SCENARIOS: dict[str, ProtoScenario] = {
         ),
     )
 }  # fmt: skip
+# HTTP/3 (issue 23): aioquic's client in processes on the load core (bench/h3load.py).
+PROTO_SCENARIOS["h3"] = ProtoScenario(
+    "h3",
+    "HTTP/3, 2 connections x 20 streams, aioquic client processes, 1 core",
+    2,
+    transport="h3",
+    tool="h3load",
+    streams=20,
+)
 SCENARIOS.update(PROTO_SCENARIOS)
 # --- end of HTTP/2 and TLS scenarios

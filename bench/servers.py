@@ -265,9 +265,37 @@ BUILTIN: dict[str, ServerSpec] = {
         _gevent_builder("gevent_pywsgi"),
     ),
 }
+
+
+def _hypercorn(port: int, workers: int, tmp: Path) -> list[str]:
+    """hypercorn with HTTP/3 (`--quic-bind`, aioquic) on the TLS port, a 3-line ASGI app; the
+    certificate is filled in by the h3 transport (bench/transports.py)."""
+    command = (
+        f"exec {shlex.quote(sys.executable)} -m hypercorn --workers {workers} "
+        f"--bind 127.0.0.1:{port} --quic-bind 127.0.0.1:{port} "
+        "--certfile {certfile} --keyfile {keyfile} bench.asgi_app:app"
+    )
+    return ["sh", "-c", command]
+
+
+def hypercorn_available() -> bool:
+    probe = "import hypercorn, aioquic"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+BUILTIN["hypercorn"] = ServerSpec(
+    "hypercorn",
+    "hypercorn --quic-bind (aioquic) + 3-line ASGI app; only with the h3 scenario's transport",
+    _hypercorn,
+    command=(
+        "python -m hypercorn --workers N --bind 127.0.0.1:PORT --quic-bind 127.0.0.1:PORT "
+        "--certfile TMPDIR/cert.pem --keyfile TMPDIR/key.pem bench.asgi_app:app"
+    ),
+)
+
 # Run only when named (--servers): the access-log and deferred-accept comparisons, not part of
 # the default set.
-OPT_IN = frozenset(("vrypt-log", "nginx-log", "nginx-deferred"))
+OPT_IN = frozenset(("vrypt-log", "nginx-log", "nginx-deferred", "hypercorn"))
 
 
 def server_env(extra: tuple[tuple[str, str], ...]) -> dict[str, str]:

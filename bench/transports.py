@@ -8,6 +8,8 @@ A transport turns a server's plain command into the TLS or HTTP/2 one:
   --keyfile K --http-protocols h2,h1`.
 - `h2c`: nginx `listen ... http2;` (prior knowledge only); gunicorn `--http-protocols h2,h1
   --http2-cleartext prior-knowledge`.
+- `h3`: TLS as `tls`, and HTTP/3 on UDP at the same port: gunicorn (vrypt) `-e VRYPT_HTTP3=1`;
+  hypercorn `--quic-bind` (servers.py). nginx-light 1.22 has no HTTP/3.
 
 nginx 1.22's defaults are kept but two: `ssl_protocols TLSv1.2 TLSv1.3` (1.22 leaves 1.3 out by
 default; gunicorn and the clients negotiate 1.3), and the keep-alive settings of the plain
@@ -64,6 +66,7 @@ class Transport:
     # gunicorn's default (2 s) would close them before the reading; nginx's configuration and
     # vrypt's conf/gunicorn.conf.py both keep idle connections 30 s.
     keepalive: int = 0
+    h3: bool = False  # HTTP/3 on UDP at the TLS port as well (vrypt: VRYPT_HTTP3)
     # PROXY protocol (issue 22): gunicorn `--proxy-protocol auto`, nginx `listen ...
     # proxy_protocol`; the load sends a header first (bench.proxyload), or none (wrk).
     proxy: bool = False
@@ -84,6 +87,8 @@ class Transport:
             flags += ["--http2-cleartext", "prior-knowledge"]
         if self.keepalive:
             flags += ["--keep-alive", str(self.keepalive)]
+        if self.h3:
+            flags += ["-e", "VRYPT_HTTP3=1"]
         if self.proxy:
             flags += ["--proxy-protocol", "auto"]
         return flags
@@ -235,6 +240,7 @@ TRANSPORTS: dict[str, Transport | FrontTransport] = {
         Transport("tls-h2", tls=True, h2=True),
         Transport("h2c", tls=False, h2=True),
         Transport("plain", tls=False, h2=False),
+        Transport("h3", tls=True, h2=False, h3=True),
         Transport("proxy", tls=False, h2=False, proxy=True),
         FrontTransport("nginx-uwsgi", "uwsgi"),
         FrontTransport("nginx-proxy", "proxy"),

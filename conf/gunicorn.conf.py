@@ -15,3 +15,9 @@ from vrypt_worker.conf import *  # noqa: F403
 # vrypt_body_file = "maintenance.html"             # relative to the directory gunicorn runs in
 # vrypt_content_type = "text/html; charset=utf-8"  # guessed from the file name when unset
 # vrypt_headers = {"Retry-After": "120"}           # or a list of "Name: value" lines
+
+# HTTP/3 (QUIC on UDP, the port of each bind), only with certfile and keyfile, and aioquic
+# installed (pip install 'vrypt-worker[http3]'); answers over TLS then carry Alt-Svc. VRYPT_HTTP3
+# in the environment wins. See docs/http3.md.
+#
+# vrypt_http3 = True

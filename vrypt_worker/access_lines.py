@@ -219,6 +219,18 @@ def _h2_answer_atoms(answers: Any, kind: int) -> dict[str, str]:
     return atoms
 
 
+def _h3_answer_atoms(answers: Any, head: bool) -> dict[str, str]:
+    """`s`, `b`, `B` and the `{header}o` atoms of the HTTP/3 answer (h3/answers.py)."""
+    sent = "0" if head else str(len(answers.body))
+    atoms = {"s": "-", "b": sent, "B": sent}
+    for name, value in answers.ok:
+        if name == b":status":
+            atoms["s"] = escape(value)
+        elif name[:1] != b":":
+            atoms[f"{{{escape(name)}}}o"] = escape(value)
+    return atoms
+
+
 class Client:
     """Who a line is about, one per connection: the client's address and port as logged (`h`,
     `{remote_addr}e`, `{remote_port}e`), when the read being answered began (`log_start`, for
@@ -282,6 +294,9 @@ class AccessLog:
         self.h2_templates: tuple[dict[Any, str], dict[Any, str]] = ({}, {})
         self.h2_requests: tuple[dict[Any, dict[str, str]], dict[Any, dict[str, str]]] = ({}, {})
         self.h2_answers: dict[int, dict[str, str]] = {}
+        # HTTP/3 (quic.py): templates by (request fields, HEAD?), answer atoms by HEAD?
+        self.h3_templates: dict[tuple[Any, bool], str] = {}
+        self.h3_answers: dict[bool, dict[str, str]] = {}
         # The head and answer kind of the last HTTP/1 line, and its template: a keep-alive
         # client repeats its request (`answered`).
         self.recent_head = b""
@@ -478,6 +493,44 @@ class AccessLog:
                 templates.clear()
             templates[(key[0], key[1], kind)] = found
         return found
+
+    # HTTP/3 ---------------------------------------------------------------------------------
+
+    def h3_answered(
+        self, peer: Any, fields: list[tuple[bytes, bytes]], head: bool, answers: Any
+    ) -> None:
+        """One HTTP/3 request (its decoded fields) answered with `answers` (h3/answers.py),
+        HEAD without the body; `peer` the client's address. Logged as gunicorn would log it with
+        `HTTP/3.0` as the protocol; the template is cached by the request's fields."""
+        key = (tuple(fields), head)
+        template = self.h3_templates.get(key)
+        if template is None:
+            pseudo: dict[bytes, bytes] = {}
+            regular: list[tuple[bytes, bytes]] = []
+            for name, value in fields:
+                if name[:1] == b":":
+                    pseudo.setdefault(name, value)
+                else:
+                    regular.append((name, value))
+            authority = pseudo.get(b":authority")
+            if authority:
+                regular = [field for field in regular if field[0] != b"host"]
+                regular.append((b"host", authority))
+            method, path = pseudo.get(b":method", b"GET"), pseudo.get(b":path", b"/")
+            atoms = self.request_atoms(
+                method + b" " + path + b" HTTP/3.0", method, path, b"HTTP/3.0", regular
+            )
+            atoms["{script_name}e"] = ""
+            atoms["{wsgi.url_scheme}e"] = "https"
+            atoms["{http_version}e"] = "3"
+            answer = self.h3_answers.get(head)
+            if answer is None:
+                answer = self.h3_answers[head] = _h3_answer_atoms(answers, head)
+            template = self.render({**atoms, **answer})
+            if len(self.h3_templates) >= _TEMPLATES:
+                self.h3_templates.clear()
+            self.h3_templates[key] = template
+        self.lines.append(self.fresh_line(Client(peer), template, time.perf_counter()))
 
     def line(self, conn: Any, head: bytes, kind: int, duration: float) -> str:
         template = self.template(head, kind)

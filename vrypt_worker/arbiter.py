@@ -35,7 +35,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from vrypt_worker import announce, answer, listeners, metrics, reexec, settings, tls
+from vrypt_worker import announce, answer, http3, listeners, metrics, reexec, settings, tls
 
 # The gunicorn Arbiter this process runs, once one of our hooks has seen it (None before that,
 # and for good where gunicorn never called them: check_config says so).
@@ -184,6 +184,25 @@ def check_config(cfg: Any, log: Any) -> None:
     metrics.start(cfg, log)  # shared counter slots and the StatsD pusher, before any fork
 
 
+def _decide_http3(cfg: Any, log: Any) -> None:
+    """HTTP/3 on or off (http3.py), once the listeners are bound (a port 0 bind resolved):
+    refuse what cannot be honoured (exit 2, the setting named), and say where it answers."""
+    try:
+        quic = http3.decide(cfg, listeners.bound_addresses() or cfg.address)
+    except settings.SettingError as exc:
+        log.error("vrypt_worker cannot start: %s", exc)
+        sys.exit(settings.EXIT_BAD_SETTING)
+    if quic is not None:
+        log.info(
+            "vrypt_worker: HTTP/3 on, at %s (%s); answers over TLS carry %s",
+            quic.describe(),
+            "one SO_REUSEPORT UDP socket per worker slot"
+            if listeners.slot_mode()
+            else "each worker binds its own SO_REUSEPORT UDP socket",
+            quic.alt_svc.decode("ascii"),
+        )
+
+
 def _refuse_bad_settings(cfg: Any, log: Any) -> answer.Answer:
     """Refuse a bad variable or answer setting (exit 2, the setting named in the log), else
     choose the answer every worker inherits. From nworkers_changed at the start, before any
@@ -205,6 +224,7 @@ def _check_settings(cfg: Any, log: Any) -> None:
     say only what the operator set and can act on."""
     # Checked already when nworkers_changed saw this config (the start, before the binds).
     chosen = answer.active() if cfg is _setup_cfg else _refuse_bad_settings(cfg, log)
+    _decide_http3(cfg, log)
     if chosen != answer.DEFAULT:
         log.info(
             "vrypt_worker answers %d %s: %d-byte body, %d extra header lines",

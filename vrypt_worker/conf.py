@@ -16,6 +16,8 @@ operator never edits this file to change a mode:
   VRYPT_BODY_TIMEOUT seconds between two reads of a request body (default 60)
   VRYPT_SEND_TIMEOUT seconds a client may leave owed answers untaken before the close (default 60)
   VRYPT_HEAD_BUFFER  bytes of unfinished heads a worker holds before big ones get 431 (32 MiB)
+  VRYPT_HTTP3        1: HTTP/3 on UDP at the port of each bind, only with certfile and keyfile
+                     (default 0; also `vrypt_http3 = True` in a conf file; docs/http3.md)
   VRYPT_STATUS, VRYPT_BODY, VRYPT_BODY_FILE, VRYPT_CONTENT_TYPE, VRYPT_HEADERS: the answer
                      (vrypt_worker/answer.py; also `vrypt_status` ... as variables of a conf file)
 

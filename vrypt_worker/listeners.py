@@ -214,6 +214,11 @@ def want_workers(count: int) -> None:
         _pool.wanted = max(count, 1)
 
 
+def bound_addresses() -> list[tuple[Any, ...]] | None:
+    """In the arbiter: the slots' addresses (a port 0 bind resolved), None without slots."""
+    return list(_pool.addresses) if _pool is not None else None
+
+
 def held_listeners() -> list[Any]:
     """In the arbiter: every slot's listeners, for gunicorn's LISTENERS (a USR2 upgrade gets them
     all, a slot added for a new worker too)."""

@@ -189,6 +189,30 @@ def statsd_interval_from_env() -> float:
     return value
 
 
+# --- HTTP/3 (issue 23) -------------------------------------------------------------------------
+
+HTTP3_CONF = "vrypt_http3"
+
+
+def http3_wanted(conf: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> bool:
+    """$VRYPT_HTTP3, else the conf file's `vrypt_http3` (a bool, or the same words as the
+    variable); off when neither is set. The environment wins, as for the answer's settings."""
+    raw = environ.get("VRYPT_HTTP3", "")
+    if raw.strip():
+        return _named("VRYPT_HTTP3", _flag, raw)
+    value = conf.get(HTTP3_CONF)
+    if value is None:
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return _flag(value)
+        except ValueError as exc:
+            raise SettingError(HTTP3_CONF, str(exc)) from None
+    raise SettingError(HTTP3_CONF, f"expected True or False, got {type(value).__name__}")
+
+
 # --- every variable at once --------------------------------------------------------------------
 
 
@@ -213,6 +237,7 @@ def check_worker_environment(environ: Mapping[str, str] = os.environ) -> None:
     # mistake the operator wants to hear about rather than a setting silently ignored.
     env_flag("VRYPT_REUSE_PORT", True, environ)
     env_flag("VRYPT_DEFER_ACCEPT", True, environ)  # read by the worker
+    env_flag("VRYPT_HTTP3", False, environ)  # checked against the TLS settings by arbiter.py
     env_statsd_host(environ)
 
 

@@ -25,7 +25,7 @@ import gevent
 import gevent.event
 from gunicorn.workers.base import Worker
 
-from vrypt_worker import arbiter, listeners, metrics, settings, tls
+from vrypt_worker import answer, arbiter, http3, listeners, metrics, settings, tls
 from vrypt_worker.accepting import Listening, raise_nofile_limit, raw_socket
 from vrypt_worker.connection import BaseConnection, WorkerState, evict
 from vrypt_worker.framing import FramingRules, Limits
@@ -152,6 +152,9 @@ class VryptWorker(Worker):
         # TLS (gunicorn's certfile/keyfile): one context per configuration, made here in the
         # arbiter before the fork, so that every worker resumes every worker's sessions.
         self.tls_context = tls.context_for(self.cfg, self.log) if self.cfg.is_ssl else None
+        # HTTP/3 (http3.py, quic.py): the slot's UDP sockets, made and kept by the arbiter.
+        self.quic: Any = None
+        self.quic_sockets = http3.slot_sockets(self.slot)
 
     # gunicorn lifecycle -------------------------------------------------------------------------
 
@@ -188,7 +191,10 @@ class VryptWorker(Worker):
     def run(self) -> None:
         hub = gevent.get_hub()
         self.loop = loop = hub.loop
-        self.responses = ResponseTable(time.time())
+        # With HTTP/3 on, answers over TCP name its port (Alt-Svc), through the answer.
+        plan = http3.active()
+        tcp_answer = http3.advertised(answer.active(), plan)
+        self.responses = ResponseTable(time.time(), tcp_answer)
         from vrypt_worker import access_log  # imports this module
 
         self.access_log = access_log.start(self)
@@ -210,7 +216,7 @@ class VryptWorker(Worker):
             state,
             H2cPolicy.from_config(self.cfg),
             H2Config.from_gunicorn(self.cfg, head_timeout=state.head_timeout),
-            H2Answers(time.time()),
+            H2Answers(time.time(), tcp_answer),
         )
         policy = self.protocols.policy
         # Only then does an accept look at the peer (h2c is for trusted peers only).
@@ -243,6 +249,15 @@ class VryptWorker(Worker):
             self.read_at_accept = False
         self._done = gevent.event.Event()
         self.listening.start(loop, [raw_socket(listener) for listener in self.sockets])
+        if plan is not None:
+            from vrypt_worker.quic import QuicService  # (aioquic: only with HTTP/3 on)
+
+            # Slot sockets are steered by connection ID (http3.py); a worker's own are not.
+            prefix = http3.cid_prefix(self.slot) if self.quic_sockets else b""
+            sockets = self.quic_sockets or http3.own_sockets()
+            self.quic = QuicService(
+                state, plan, sockets, self.access_log, prefix, self.max_connections
+            )
         # Metrics: the answered count reaches shared memory once per loop iteration, just before
         # the hub waits for I/O again, instead of once per request (a memoryview store costs a
         # few hundred instructions; under load one iteration answers dozens of requests).
@@ -269,6 +284,8 @@ class VryptWorker(Worker):
             sweep.stop()
             for conn in list(self.connections):
                 conn.close()
+            if self.quic is not None:
+                self.quic.close()
         self._exit_now()
 
     def _tls_connection(self, state: WorkerState, sock: Any) -> SessionConnection:
@@ -387,7 +404,7 @@ class VryptWorker(Worker):
                 self._old.discard(conn)
                 if not self._old and self.listening and not self._awaiting_successor:
                     self._close_listeners()  # the last connection from before the drain left
-            if not self.connections and not self.listening:
+            if self._quiet() and not self.listening:
                 self._stop()
 
     # listener slots (listeners.py) ----------------------------------------------------------------
@@ -417,6 +434,8 @@ class VryptWorker(Worker):
                         break
                     pairs.append(self.listening.add(sock))
                 self._adopted[slot] = pairs
+                if self.quic is not None and http3.adopts(self.slot, slot, self.spare_slots):
+                    self.quic.adopt(slot, http3.held_sockets(slot), http3.cid_prefix(slot))
             elif not orphan and slot in self._adopted:
                 self._drop_adopted(slot)
 
@@ -425,6 +444,8 @@ class VryptWorker(Worker):
             self._tend_slots()
 
     def _drop_adopted(self, slot: int) -> None:
+        if self.quic is not None:
+            self.quic.release(slot)
         for pair in self._adopted.pop(slot):
             self.listening.remove(pair)
 
@@ -451,6 +472,8 @@ class VryptWorker(Worker):
         now = time.time()
         self.responses.refresh(now)
         self.protocols.h2_answers.refresh(now)
+        if self.quic is not None:
+            self.quic.refresh(now)
         if self.slot >= 0:
             self._tend_slots()
         if self.defer_accept and not self.draining:
@@ -483,7 +506,7 @@ class VryptWorker(Worker):
         if (
             self.draining
             and not self.listening  # still listening during a handover
-            and (not self.connections or time.monotonic() >= self._drain_deadline)
+            and (self._quiet() or time.monotonic() >= self._drain_deadline)
         ):
             if self.connections:
                 self.log.warning(
@@ -516,6 +539,10 @@ class VryptWorker(Worker):
         self.rules.open_until = 0
         self._drain_started = time.monotonic()
         self._drain_deadline = self._drain_started + self.cfg.graceful_timeout
+        if self.quic is not None:
+            # GOAWAY now, and the UDP socket left to the successor (or to its queue) as soon as
+            # every connection is closing: both processes reading it would lose datagrams.
+            self.quic.drain(self._quic_drained)
         if self.slot >= 0:
             # The slot's socket lives on in the arbiter, so nothing is lost whenever we stop
             # accepting. But our replacement is forked only once we have exited (recycling) or
@@ -570,11 +597,19 @@ class VryptWorker(Worker):
                 pass
         for conn in list(self.connections):
             conn.drain()
-        if not self.connections:
+        if self._quiet():
             self._stop()
         else:
             grace = self.loop.timer(_DRAIN_GRACE)
             grace.start(self._close_idle, grace)
+
+    def _quiet(self) -> bool:
+        """No connection left: TCP, and QUIC (quic.py) when HTTP/3 is on."""
+        return not self.connections and (self.quic is None or not self.quic.busy())
+
+    def _quic_drained(self) -> None:
+        if self.draining and not self.listening and self._quiet():
+            self._stop()
 
     def _close_idle(self, timer: Any) -> None:
         """Close the idle connections; one that has sent nothing yet gets _FRESH_GRACE (from its
