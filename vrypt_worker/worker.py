@@ -29,15 +29,10 @@ from vrypt_worker import answer, arbiter, http3, listeners, metrics, settings, t
 from vrypt_worker.accepting import Listening, raise_nofile_limit, raw_socket
 from vrypt_worker.connection import BaseConnection, WorkerState, evict
 from vrypt_worker.framing import FramingRules, Limits
-from vrypt_worker.h2 import H2Answers, H2Config, H2cPolicy
-from vrypt_worker.plain import Connection, FirstRead
-from vrypt_worker.protocols import ProtocolFactory
-from vrypt_worker.proxied import ProxyStage
+from vrypt_worker.intake import Intake
+from vrypt_worker.plain import Connection
 from vrypt_worker.response import ResponseTable
 from vrypt_worker.settings import hostile_settings_from_env
-from vrypt_worker.tls import TLSSession
-from vrypt_worker.transport import PLAIN, SessionConnection
-from vrypt_worker.uwsgi import UwsgiFront
 
 # gevent imports pprint the first time a signal handler is installed (gevent.util), which every
 # worker does in init_signals: imported with this module, in the arbiter, it costs no worker's
@@ -147,8 +142,8 @@ class VryptWorker(Worker):
         self.listening = Listening(self.log, self._on_acceptable, self.defer_accept)
         self.read_at_accept = False
         self.proxy: Any = None  # PROXY protocol: the stage (ProxyStage.accept) every accept goes to
+        self.intake: Intake | None = None  # what an accepted connection becomes: set in run()
         self.access_log: Any = None
-        self.uwsgi: UwsgiFront | None = None  # protocol = uwsgi: set in run()
         # TLS (gunicorn's certfile/keyfile): one context per configuration, made here in the
         # arbiter before the fork, so that every worker resumes every worker's sessions.
         self.tls_context = tls.context_for(self.cfg, self.log) if self.cfg.is_ssl else None
@@ -210,43 +205,20 @@ class VryptWorker(Worker):
         )
         state.max_requests = self.max_requests
         state.access_log = self.access_log
-        # HTTP/1 inside TLS and HTTP/2 (by ALPN, or h2c from trusted peers) are protocols behind
-        # a session (transport.py); plain HTTP/1 stays on plain.Connection.
-        self.protocols = ProtocolFactory(
+        # What an accepted connection becomes (intake.py); the hot choices stay attributes here.
+        intake = self.intake = Intake(
             state,
-            H2cPolicy.from_config(self.cfg),
-            H2Config.from_gunicorn(self.cfg, head_timeout=state.head_timeout),
-            H2Answers(time.time(), tcp_answer),
-        )
-        policy = self.protocols.policy
-        # Only then does an accept look at the peer (h2c is for trusted peers only).
-        self.h2c = self.protocols if policy.available and policy.mode != "off" else None
-        if self.tls_context is not None:
-            self.connection_class = self._tls_connection  # type: ignore[assignment]
-        # gunicorn's `protocol = uwsgi` (nginx's uwsgi_pass): packets, not HTTP (uwsgi.py).
-        if self.cfg.protocol == "uwsgi":
-            self.uwsgi = UwsgiFront(state, self.cfg, self.tls_context)
-        # Plain HTTP/1 only (not TLS, not h2c); with the access log on too, which is told of an
-        # answer given there.
-        self.read_at_accept = (
-            self.defer_accept and self.tls_context is None and self.h2c is None and not self.uwsgi
-        )
-        # (a bound method made once: calling it costs less than calling an instance)
-        self.first_read = FirstRead(state, self.connection_class, self._add).read  # type: ignore[arg-type]
-        # PROXY protocol (`proxy_protocol`): every connection's header first, then the connection
-        # _connection makes; the stage does its own read at the accept (proxied.py).
-        plain = self.tls_context is None and self.h2c is None
-        stage = ProxyStage.from_config(
             self.cfg,
-            state,
-            self._connection,
+            self.connection_class,
+            self.tls_context,
             self._add,
             self.defer_accept,
-            self.first_read if plain else None,
+            tcp_answer,
         )
-        if stage is not None:
-            self.proxy = stage.accept
-            self.read_at_accept = False
+        self.read_at_accept = intake.read_at_accept
+        self.first_read = intake.first_read
+        self.proxy = intake.proxy
+        self.take = intake.take
         self._done = gevent.event.Event()
         self.listening.start(loop, [raw_socket(listener) for listener in self.sockets])
         if plan is not None:
@@ -287,11 +259,6 @@ class VryptWorker(Worker):
             if self.quic is not None:
                 self.quic.close()
         self._exit_now()
-
-    def _tls_connection(self, state: WorkerState, sock: Any) -> SessionConnection:
-        """What a TLS listener's connection becomes: a session, the protocol chosen by ALPN."""
-        session = TLSSession(self.tls_context, bool(self.cfg.suppress_ragged_eofs))
-        return SessionConnection(state, sock, session, None, self.protocols.for_alpn)
 
     def _exit_now(self) -> None:
         """Leave without the interpreter's teardown (tens of milliseconds of freeing modules and
@@ -364,21 +331,8 @@ class VryptWorker(Worker):
             except OSError:
                 sock.close()
                 continue
-            conn = self._connection(sock, _addr)
-            self._add(conn)
-            if self.uwsgi is not None and self.defer_accept:
-                conn.on_readable()  # its packet is usually here: answered now, not next turn
+            self.take(sock, _addr)
             return True
-
-    def _connection(self, sock: Any, peer: Any) -> BaseConnection:
-        """The connection a socket just accepted from `peer` becomes."""
-        if self.uwsgi is not None:  # protocol = uwsgi (uwsgi.py), plain or TLS
-            return self.uwsgi.connection(self.state, sock, peer)
-        if self.h2c is not None:  # h2c for trusted peers (protocols.py), else Connection
-            negotiation = self.h2c.negotiation(peer, sock)
-            if negotiation is not None:
-                return SessionConnection(self.state, sock, PLAIN, negotiation)
-        return self.connection_class(self.state, sock)
 
     def _add(self, conn: BaseConnection) -> None:
         self.connections.add(conn)
@@ -471,7 +425,7 @@ class VryptWorker(Worker):
     def _on_clock(self) -> None:
         now = time.time()
         self.responses.refresh(now)
-        self.protocols.h2_answers.refresh(now)
+        self.intake.protocols.h2_answers.refresh(now)
         if self.quic is not None:
             self.quic.refresh(now)
         if self.slot >= 0:
