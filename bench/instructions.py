@@ -5,6 +5,8 @@ move with the machine's noise.
     python -m bench.instructions --close [--rounds 50]   # a new connection per request
     python -m bench.instructions --close --keep DIR      # and keep the dumps: callgrind_annotate
     python -m bench.instructions --pipeline 16           # 16 pipelined requests per send (pipe16)
+    python -m bench.instructions --tls [--resume] --rounds 20 --connections 20
+                                   # a new TLS connection per request: full (or resumed) handshake
 
 Wall-clock CPU per request moves by ±10-30 % from run to run on a shared machine; the number of
 instructions a server executes in user space per request does not (±2 % here), so a change to
@@ -35,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.scenarios import Placement, available_cpus
 from bench.servers import (
@@ -46,8 +49,11 @@ from bench.servers import (
     peer_spec,
     running,
 )
+from bench.tlsdrive import TLSDriver
+from bench.transports import TRANSPORTS
 
 WARMUP_ROUNDS = 30
+TLS_WARMUP_ROUNDS = 3  # a handshake under callgrind takes tens of milliseconds
 READY_TIMEOUT = 120.0  # a Python server starts in seconds under valgrind, not milliseconds
 
 
@@ -168,17 +174,37 @@ def callgrind_control(option: str, pid: int, port: int, timeout: float = 60.0) -
         raise RuntimeError(f"callgrind_control {option} {pid} failed ({ctl.returncode})")
 
 
-def under_callgrind(spec: ServerSpec, out_dir: Path) -> ServerSpec:
+def under_callgrind(spec: ServerSpec, out_dir: Path, transport: Any = None) -> ServerSpec:
+    """`spec` under callgrind; with `transport` (bench/transports.py: TLS), its command for it."""
+
     def build(port: int, workers: int, tmp: Path) -> list[str]:
+        command = (
+            transport.build(spec, port, workers, tmp)
+            if transport is not None
+            else spec.build(port, workers, tmp)
+        )
         return [
             "valgrind",
             "--tool=callgrind",
             "--trace-children=yes",
             f"--callgrind-out-file={out_dir}/callgrind.%p",
-            *spec.build(port, workers, tmp),
+            *command,
         ]
 
     return dataclasses.replace(spec, build=build)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProbeOnly:
+    """A transport's probe, for `running`, around a command already made for it."""
+
+    transport: Any
+
+    def build(self, spec: ServerSpec, port: int, workers: int, tmp: Path) -> list[str]:
+        return spec.build(port, workers, tmp)
+
+    def probe(self, port: int, timeout: float = 1.0) -> bytes | None:
+        return self.transport.probe(port, timeout)
 
 
 def measure(
@@ -188,15 +214,19 @@ def measure(
     cpus: tuple[int, ...],
     keep: Path | None = None,
     depth: int = 1,
+    transport: Any = None,
+    warmup: int = WARMUP_ROUNDS,
 ) -> float:
     """User-space instructions per request of the server's worker; with `keep`, its dump is
     copied there as `callgrind.NAME`, for `callgrind_annotate` (where the instructions go)."""
     with tempfile.TemporaryDirectory(prefix=f"callgrind-{spec.name}-") as tmpdir:
         out_dir = Path(tmpdir)
         where = Placement(cpus[:1], cpus[1:] or cpus, 1)
-        with running(under_callgrind(spec, out_dir), where, READY_TIMEOUT) as server:
+        probe = _ProbeOnly(transport) if transport is not None else None
+        served = under_callgrind(spec, out_dir, transport)
+        with running(served, where, READY_TIMEOUT, transport=probe) as server:
             worker = worker_pid(server.proc.pid)
-            drive(server.port, connections, WARMUP_ROUNDS)
+            drive(server.port, connections, warmup)
             callgrind_control("-z", worker, server.port)
             drive(server.port, connections, rounds)
             before = set(out_dir.glob(f"callgrind.{worker}.*"))
@@ -238,9 +268,22 @@ def main(argv: list[str] | None = None) -> int:
         metavar="N",
         help="N requests per send on each connection, pipelined (default 1)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="a new TLS connection per request, full handshake (bench/tlsdrive.py)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="with --tls: resumed handshakes (session tickets)"
+    )
     args = p.parse_args(argv)
     global drive
-    if args.close:
+    transport = None
+    warmup = WARMUP_ROUNDS
+    if args.tls:
+        transport = TRANSPORTS["tls"]
+        warmup = TLS_WARMUP_ROUNDS
+    elif args.close:
         drive = drive_closing  # type: ignore[assignment]  # callgrind_control's pokes too
     elif args.pipeline > 1:
         drive = functools.partial(drive, depth=args.pipeline)  # type: ignore[assignment]
@@ -256,9 +299,23 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     for spec in specs:
         print(f"{spec.name}: measuring under callgrind ...", file=sys.stderr, flush=True)
+        if args.tls:  # a client per server: no session offered to another server
+            drive = tls_driver = TLSDriver(args.resume)  # type: ignore[assignment]
         results[spec.name] = measure(
-            spec, args.connections, args.rounds, available_cpus(), args.keep, args.pipeline
+            spec,
+            args.connections,
+            args.rounds,
+            available_cpus(),
+            args.keep,
+            args.pipeline,
+            transport,
+            warmup,
         )
+        if args.tls:
+            print(
+                f"{spec.name}: {tls_driver.resumed} of {tls_driver.handshakes} handshakes resumed",
+                file=sys.stderr,
+            )
     reference = results.get("nginx")
     print("| server | user-space instructions per request | vs nginx |")
     print("|---|---|---|")
@@ -266,12 +323,14 @@ def main(argv: list[str] | None = None) -> int:
         ratio = f"{value / reference:.2f}x" if reference else "-"
         print(f"| {name} | {value:,.0f} | {ratio} |")
     kind = "new connections (`Connection: close`)" if args.close else "keep-alive connections"
+    if args.tls:
+        kind = "new TLS connections, " + ("resumed" if args.resume else "full") + " handshakes,"
     each = "one request"
     if args.pipeline > 1 and not args.close:
         each = f"{args.pipeline} pipelined requests"
     print(
         f"\n{args.connections} {kind}, {args.rounds} measured rounds of {each} "
-        f"per connection, after {WARMUP_ROUNDS} warm-up rounds."
+        f"per connection, after {warmup} warm-up rounds."
     )
     return 0
 

@@ -35,6 +35,7 @@ from vrypt_worker.protocols import ProtocolFactory
 from vrypt_worker.response import ResponseTable
 from vrypt_worker.settings import hostile_settings_from_env
 from vrypt_worker.tls import TLSSession
+from vrypt_worker.tls_accept import TLSFirstRead
 from vrypt_worker.transport import PLAIN, SessionConnection
 
 # gevent imports pprint the first time a signal handler is installed (gevent.util), which every
@@ -231,6 +232,9 @@ class VryptWorker(Worker):
         self.read_at_accept = self.defer_accept and self.tls_context is None and self.h2c is None
         # (a bound method made once: calling it costs less than calling an instance)
         self.first_read = FirstRead(state, self.connection_class, self._add).read  # type: ignore[arg-type]
+        if self.defer_accept and self.tls_context is not None:  # the ClientHello, at the accept
+            self.read_at_accept = True
+            self.first_read = TLSFirstRead(state, self._tls_connection, self._add).read
         self._done = gevent.event.Event()
         for listener in self.sockets:
             sock = _raw(listener)
