@@ -12,6 +12,7 @@ refusal checked is the server's.
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +45,21 @@ def rsa_cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _server(rsa_cert: tuple[Path, Path], *extra: str) -> Server:
     cert, key = rsa_cert
-    return start_server("--certfile", str(cert), "--keyfile", str(key), *extra)
+    srv = start_server("--certfile", str(cert), "--keyfile", str(key), *extra, ready=False)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # ready once it completes a handshake and answers
+        if srv.proc.poll() is not None:
+            raise AssertionError(f"gunicorn exited with {srv.proc.returncode}:\n{srv.log}")
+        if s_client(srv, request=True)[1].count("Vrypt") or _refused_13(srv):
+            return srv
+        time.sleep(0.1)
+    srv.stop()
+    raise AssertionError(f"server not ready within 20 s:\n{srv.log}")
+
+
+def _refused_13(srv: Server) -> bool:
+    """Up, but pinned below TLS 1.3: a TLS 1.2 handshake succeeds."""
+    return s_client(srv, "-tls1_2")[0]
 
 
 @pytest.fixture(scope="module")
