@@ -164,6 +164,8 @@ class VryptWorker(Worker):
         # TLS (gunicorn's certfile/keyfile): one context per configuration, made here in the
         # arbiter before the fork, so that every worker resumes every worker's sessions.
         self.tls_context = tls.context_for(self.cfg, self.log) if self.cfg.is_ssl else None
+        # (read once: gunicorn's Config.__getattr__ costs a few Python calls per new connection)
+        self.suppress_ragged_eofs = bool(self.cfg.suppress_ragged_eofs)
 
     # gunicorn lifecycle -------------------------------------------------------------------------
 
@@ -272,7 +274,7 @@ class VryptWorker(Worker):
 
     def _tls_connection(self, state: WorkerState, sock: Any) -> SessionConnection:
         """What a TLS listener's connection becomes: a session, the protocol chosen by ALPN."""
-        session = TLSSession(self.tls_context, bool(self.cfg.suppress_ragged_eofs))
+        session = TLSSession(self.tls_context, self.suppress_ragged_eofs)
         return SessionConnection(state, sock, session, None, self.protocols.for_alpn)
 
     def _exit_now(self) -> None:
