@@ -28,8 +28,6 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from vrypt_worker import settings, tls_buffers
-
 # gunicorn's `http_protocols` names and their ALPN identifiers (gunicorn.config.ALPN_PROTOCOL_MAP).
 ALPN_NAMES = {"h1": "http/1.1", "h2": "h2"}
 HTTP11 = "http/1.1"
@@ -146,11 +144,6 @@ def context_for(cfg: Any, log: Any = None) -> ssl.SSLContext:
             raise
         log.exception("TLS: the new certificates could not be loaded; keeping the previous ones")
         context = _made[1]
-    else:
-        # Idle connections hold no record buffers, as in nginx (tls_buffers.py, docs/tls.md).
-        release = settings.env_flag("VRYPT_TLS_RELEASE_BUFFERS", True)
-        if release and not tls_buffers.release_buffers(context) and log is not None:
-            log.warning("TLS: SSL_MODE_RELEASE_BUFFERS could not be set on this Python")
     _made = (cfg, context)
     return context
 
