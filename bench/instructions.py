@@ -324,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {value:,.0f} | {ratio} |")
     kind = "new connections (`Connection: close`)" if args.close else "keep-alive connections"
     if args.tls:
-        kind = "new TLS connections, " + ("resumed" if args.resume else "full") + " handshakes,"
+        kind = "new TLS connections, " + ("resumed" if args.resume else "full") + " handshakes"
     each = "one request"
     if args.pipeline > 1 and not args.close:
         each = f"{args.pipeline} pipelined requests"
