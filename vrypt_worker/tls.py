@@ -4,9 +4,11 @@ The context. `server_context(cfg)` builds it exactly as gunicorn's `sock.ssl_con
 settings: `ssl.create_default_context(Purpose.CLIENT_AUTH, cafile=ca_certs)`, the chain from
 `certfile`/`keyfile`, `verify_mode = cert_reqs` (mutual TLS with `ca_certs`), `ciphers`, and the
 `ssl_context(config, default_ssl_context_factory)` server hook around that factory. The factory
-also sets TLS 1.2 as the least version, refuses renegotiation (`OP_NO_RENEGOTIATION`, applied
-again after the hook) and offers ALPN from `http_protocols` in its order (gunicorn's `h1` is
-`http/1.1` and `h2`, chosen by worker.protocols.for_alpn).
+also keeps the versions to TLS 1.2 and 1.3 (or the one gunicorn's deprecated `ssl_version` names,
+which gunicorn itself ignores), refuses renegotiation (`OP_NO_RENEGOTIATION`, applied again after
+the hook) and compression, sends one TLS 1.3 session ticket per full handshake instead of two,
+and offers ALPN from `http_protocols` in its order (gunicorn's `h1` is `http/1.1` and `h2`,
+chosen by worker.protocols.for_alpn). docs/tls.md says why, and what is negotiated.
 
 Session resumption across workers: OpenSSL draws the session-ticket keys at random for every
 SSL_CTX. A context made in each worker after the fork would resume only on the worker that issued
