@@ -7,6 +7,7 @@ move with the machine's noise.
     python -m bench.instructions --pipeline 16           # 16 pipelined requests per send (pipe16)
     python -m bench.instructions --tls [--resume] --rounds 20 --connections 20
                                    # a new TLS connection per request: full (or resumed) handshake
+    python -m bench.instructions --tls --keepalive       # keep-alive requests over TLS
 
 Wall-clock CPU per request moves by ±10-30 % from run to run on a shared machine; the number of
 instructions a server executes in user space per request does not (±2 % here), so a change to
@@ -49,7 +50,7 @@ from bench.servers import (
     peer_spec,
     running,
 )
-from bench.tlsdrive import TLSDriver
+from bench.tlsdrive import TLSDriver, TLSKeepAliveDriver
 from bench.transports import TRANSPORTS
 
 WARMUP_ROUNDS = 30
@@ -276,6 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--resume", action="store_true", help="with --tls: resumed handshakes (session tickets)"
     )
+    p.add_argument(
+        "--keepalive",
+        action="store_true",
+        help="with --tls: keep-alive requests on TLS connections made before the count",
+    )
     args = p.parse_args(argv)
     global drive
     transport = None
@@ -299,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, float] = {}
     for spec in specs:
         print(f"{spec.name}: measuring under callgrind ...", file=sys.stderr, flush=True)
-        if args.tls:  # a client per server: no session offered to another server
+        if args.tls and args.keepalive:
+            drive = TLSKeepAliveDriver()  # type: ignore[assignment]
+        elif args.tls:  # a client per server: no session offered to another server
             drive = tls_driver = TLSDriver(args.resume)  # type: ignore[assignment]
         results[spec.name] = measure(
             spec,
@@ -311,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             transport,
             warmup,
         )
-        if args.tls:
+        if args.tls and not args.keepalive:
             print(
                 f"{spec.name}: {tls_driver.resumed} of {tls_driver.handshakes} handshakes resumed",
                 file=sys.stderr,
@@ -325,6 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     kind = "new connections (`Connection: close`)" if args.close else "keep-alive connections"
     if args.tls:
         kind = "new TLS connections, " + ("resumed" if args.resume else "full") + " handshakes"
+        if args.keepalive:
+            kind = "keep-alive TLS connections"
     each = "one request"
     if args.pipeline > 1 and not args.close:
         each = f"{args.pipeline} pipelined requests"

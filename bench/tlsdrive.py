@@ -53,3 +53,35 @@ class TLSDriver:
             self.resumed += sock.session_reused
             if self.resume:
                 self.sessions[slot] = sock.session
+
+
+class TLSKeepAliveDriver:
+    """`python -m bench.instructions --tls --keepalive`: `connections` TLS connections made once
+    (their handshakes before the counters are zeroed), then each round one keep-alive request on
+    every connection and its answer read (`Content-Length: 5`): the `tls-ka100` path, counted."""
+
+    def __init__(self) -> None:
+        self.context = client_context()
+        self.socks: dict[int, Any] = {}
+        self.port = 0
+
+    def __call__(self, port: int, connections: int, rounds: int, timeout: float = 60.0) -> None:
+        request = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n" % port
+        socks = [self.sock(port, slot, timeout) for slot in range(connections)]
+        for _ in range(rounds):
+            for sock in socks:
+                sock.sendall(request)
+            for sock in socks:
+                buf = b""
+                while not buf.endswith(b"\r\n\r\nVrypt"):
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        raise RuntimeError("the server closed a keep-alive TLS connection")
+                    buf += chunk
+
+    def sock(self, port: int, slot: int, timeout: float) -> Any:
+        if slot not in self.socks:
+            raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.socks[slot] = self.context.wrap_socket(raw)
+        return self.socks[slot]
