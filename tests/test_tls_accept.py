@@ -13,8 +13,14 @@ import time
 
 import pytest
 
-from tests.support import StrictReader, is_vrypt
-from tests.test_tls import certs, client_context, tls_connect, tls_server  # noqa: F401
+from tests.support import StrictReader, is_vrypt, start_server
+from tests.test_tls import (  # noqa: F401
+    certs,
+    client_context,
+    tls_connect,
+    tls_server,
+    wait_ready_tls,
+)
 
 CLOSE = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 
@@ -64,3 +70,33 @@ def test_connect_and_close_leaves_the_worker_serving(certs) -> None:  # noqa: F8
             assert not raw.recv(4096).startswith(b"HTTP/")
         data = one_request(server, certs)
         assert data.endswith(b"Vrypt"), data
+
+
+def test_sni_callback_from_the_hook_is_called(certs, tmp_path) -> None:  # noqa: F811
+    """An `sni_callback` set in gunicorn's ssl_context hook still runs, and may set the
+    connection's context (TLSSession holds the ssl module's C object, not an ssl.SSLObject)."""
+    seen = tmp_path / "sni.txt"
+    conf = tmp_path / "sni.conf.py"
+    conf.write_text(
+        "from vrypt_worker.conf import *  # noqa\n"
+        "def ssl_context(conf, default_ssl_context_factory):\n"
+        "    context = default_ssl_context_factory()\n"
+        "    def sni(conn, name, ctx):\n"
+        f"        open({str(seen)!r}, 'a').write(f'{{name}}\\n')\n"
+        "        conn.context = ctx\n"
+        "    context.sni_callback = sni\n"
+        "    return context\n"
+    )
+    server = start_server(
+        "-c", str(conf), "--certfile", str(certs["cert"]), "--keyfile", str(certs["key"]),
+        conf=False, ready=False,
+    )  # fmt: skip
+    try:
+        wait_ready_tls(server, certs)
+        raw = socket.create_connection((server.host, server.port), timeout=5)
+        with client_context(certs).wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert is_vrypt(StrictReader(sock).read_many(1)[0])
+        assert "localhost" in seen.read_text().split()
+    finally:
+        server.stop()
