@@ -169,7 +169,6 @@ class TLSSession:
         "outgoing",
         "peer_closed",
         "read",
-        "shutdown",
         "suppress_ragged_eofs",
         "write",
     )
@@ -177,22 +176,10 @@ class TLSSession:
     def __init__(self, context: ssl.SSLContext, suppress_ragged_eofs: bool = True) -> None:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
-        wrap = getattr(context, "_wrap_bio", None)
-        if wrap is not None and context.sslobject_class is ssl.SSLObject:
-            # The ssl module's C object alone, without the ssl.SSLObject around it: that wrapper
-            # and its __dict__ hold 352 bytes per connection for its whole life, and its Python
-            # methods are a frame each on the handshake's way (what ssl.SSLContext.wrap_bio does
-            # besides is for client hostnames). An `sni_callback` set in gunicorn's ssl_context
-            # hook receives this object, which has the `context` it may switch (docs/tls.md).
-            obj = wrap(self.incoming, self.outgoing, server_side=True, server_hostname=None)
-            self.shutdown = obj.shutdown
-        else:  # another Python, or a hook that chose its own sslobject_class
-            obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
-            self.shutdown = obj.unwrap
-        self.obj = obj
+        self.obj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         # The C object's read and write, without ssl.SSLObject's Python wrappers (a frame each
         # per request; they add nothing for these arguments). Both raise what the wrappers do.
-        raw = getattr(obj, "_sslobj", obj)
+        raw = getattr(self.obj, "_sslobj", self.obj)
         self.read = raw.read
         self.write = raw.write
         self.handshaken = False
@@ -309,7 +296,7 @@ class TLSSession:
             return b""
         self.closed = True
         try:
-            self.shutdown()
+            self.obj.unwrap()
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             pass  # sent ours; the peer's is not awaited
         except (ssl.SSLError, ValueError):
