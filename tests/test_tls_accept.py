@@ -73,8 +73,8 @@ def test_connect_and_close_leaves_the_worker_serving(certs) -> None:  # noqa: F8
 
 
 def test_sni_callback_from_the_hook_is_called(certs, tmp_path) -> None:  # noqa: F811
-    """An `sni_callback` set in gunicorn's ssl_context hook still runs, and may set the
-    connection's context (TLSSession holds the ssl module's C object, not an ssl.SSLObject)."""
+    """An `sni_callback` set in gunicorn's ssl_context hook runs, and may set the connection's
+    context: what the session's object must keep offering whatever wraps OpenSSL's."""
     seen = tmp_path / "sni.txt"
     conf = tmp_path / "sni.conf.py"
     conf.write_text(
