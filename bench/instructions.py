@@ -7,6 +7,9 @@ move with the machine's noise.
     python -m bench.instructions --pipeline 16           # 16 pipelined requests per send (pipe16)
     python -m bench.instructions --proxy v1 [--close]    # vrypt with and without a PROXY header
     python -m bench.instructions --uwsgi --servers vrypt # --protocol uwsgi, as nginx loads it
+    python -m bench.instructions --tls [--resume] --rounds 20 --connections 20
+                                   # a new TLS connection per request: full (or resumed) handshake
+    python -m bench.instructions --tls --keepalive       # keep-alive requests over TLS
 
 Wall-clock CPU per request moves by ±10-30 % from run to run on a shared machine; the number of
 instructions a server executes in user space per request does not (±2 % here), so a change to
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.proxyload import HEADERS
 from bench.scenarios import Placement, available_cpus
@@ -49,9 +53,11 @@ from bench.servers import (
     peer_spec,
     running,
 )
+from bench.tlsdrive import TLSDriver, TLSKeepAliveDriver
 from bench.transports import TRANSPORTS
 
 WARMUP_ROUNDS = 30
+TLS_WARMUP_ROUNDS = 3  # a handshake under callgrind takes tens of milliseconds
 # `--proxy v1|v2`: what each new connection sends before its first request (bench.proxyload's
 # header), to the servers measured a second time with the PROXY protocol on.
 HEADER = b""
@@ -245,17 +251,37 @@ def with_flags(spec: ServerSpec, *flags: str) -> ServerSpec:
     return dataclasses.replace(spec, build=build)
 
 
-def under_callgrind(spec: ServerSpec, out_dir: Path) -> ServerSpec:
+def under_callgrind(spec: ServerSpec, out_dir: Path, transport: Any = None) -> ServerSpec:
+    """`spec` under callgrind; with `transport` (bench/transports.py: TLS), its command for it."""
+
     def build(port: int, workers: int, tmp: Path) -> list[str]:
+        command = (
+            transport.build(spec, port, workers, tmp)
+            if transport is not None
+            else spec.build(port, workers, tmp)
+        )
         return [
             "valgrind",
             "--tool=callgrind",
             "--trace-children=yes",
             f"--callgrind-out-file={out_dir}/callgrind.%p",
-            *spec.build(port, workers, tmp),
+            *command,
         ]
 
     return dataclasses.replace(spec, build=build)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProbeOnly:
+    """A transport's probe, for `running`, around a command already made for it."""
+
+    transport: Any
+
+    def build(self, spec: ServerSpec, port: int, workers: int, tmp: Path) -> list[str]:
+        return spec.build(port, workers, tmp)
+
+    def probe(self, port: int, timeout: float = 1.0) -> bytes | None:
+        return self.transport.probe(port, timeout)
 
 
 def measure(
@@ -266,16 +292,21 @@ def measure(
     keep: Path | None = None,
     depth: int = 1,
     uwsgi: bool = False,
+    transport: Any = None,
+    warmup: int = WARMUP_ROUNDS,
 ) -> float:
     """User-space instructions per request of the server's worker; with `keep`, its dump is
     copied there as `callgrind.NAME`, for `callgrind_annotate` (where the instructions go)."""
     with tempfile.TemporaryDirectory(prefix=f"callgrind-{spec.name}-") as tmpdir:
         out_dir = Path(tmpdir)
         where = Placement(cpus[:1], cpus[1:] or cpus, 1)
-        readiness = UwsgiReadiness() if uwsgi else None
-        with running(under_callgrind(spec, out_dir), where, READY_TIMEOUT, readiness) as server:
+        readiness: Any = UwsgiReadiness() if uwsgi else None
+        if transport is not None:
+            readiness = _ProbeOnly(transport)
+        served = under_callgrind(spec, out_dir, transport)
+        with running(served, where, READY_TIMEOUT, readiness) as server:
             worker = worker_pid(server.proc.pid)
-            drive(server.port, connections, WARMUP_ROUNDS)
+            drive(server.port, connections, warmup)
             callgrind_control("-z", worker, server.port)
             drive(server.port, connections, rounds)
             before = set(out_dir.glob(f"callgrind.{worker}.*"))
@@ -340,9 +371,27 @@ def main(argv: list[str] | None = None) -> int:
         help="measure each server again with the PROXY protocol on and this header on every "
         "new connection (gunicorn --proxy-protocol auto, nginx listen ... proxy_protocol)",
     )
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="a new TLS connection per request, full handshake (bench/tlsdrive.py)",
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="with --tls: resumed handshakes (session tickets)"
+    )
+    p.add_argument(
+        "--keepalive",
+        action="store_true",
+        help="with --tls: keep-alive requests on TLS connections made before the count",
+    )
     args = p.parse_args(argv)
     global drive
-    if args.uwsgi:
+    transport = None
+    warmup = WARMUP_ROUNDS
+    if args.tls:
+        transport = TRANSPORTS["tls"]
+        warmup = TLS_WARMUP_ROUNDS
+    elif args.uwsgi:
         drive = drive_uwsgi  # type: ignore[assignment]  # callgrind_control's pokes too
     elif args.close:
         drive = drive_closing  # type: ignore[assignment]  # callgrind_control's pokes too
@@ -370,10 +419,19 @@ def main(argv: list[str] | None = None) -> int:
     for spec, header in runs:
         print(f"{spec.name}: measuring under callgrind ...", file=sys.stderr, flush=True)
         HEADER = header
+        if args.tls and args.keepalive:
+            drive = TLSKeepAliveDriver()  # type: ignore[assignment]
+        elif args.tls:  # a client per server: no session offered to another server
+            drive = tls_driver = TLSDriver(args.resume)  # type: ignore[assignment]
         results[spec.name] = measure(
             spec, args.connections, args.rounds, available_cpus(), args.keep, args.pipeline,
-            args.uwsgi,
+            args.uwsgi, transport, warmup,
         )  # fmt: skip
+        if args.tls and not args.keepalive:
+            print(
+                f"{spec.name}: {tls_driver.resumed} of {tls_driver.handshakes} handshakes resumed",
+                file=sys.stderr,
+            )
     reference = results.get("nginx")
     print("| server | user-space instructions per request | vs nginx |")
     print("|---|---|---|")
@@ -383,12 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     kind = "new connections (`Connection: close`)" if args.close else "keep-alive connections"
     if args.uwsgi:
         kind = "new connections, one uwsgi packet each (as nginx's uwsgi_pass)"
+    if args.tls:
+        kind = "new TLS connections, " + ("resumed" if args.resume else "full") + " handshakes"
+        if args.keepalive:
+            kind = "keep-alive TLS connections"
     each = "one request"
     if args.pipeline > 1 and not args.close:
         each = f"{args.pipeline} pipelined requests"
     print(
         f"\n{args.connections} {kind}, {args.rounds} measured rounds of {each} "
-        f"per connection, after {WARMUP_ROUNDS} warm-up rounds."
+        f"per connection, after {warmup} warm-up rounds."
     )
     return 0
 

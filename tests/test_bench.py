@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -200,6 +201,42 @@ def test_instruction_count_per_request_under_callgrind(mode: list[str]) -> None:
     for name, value in rows.items():
         # A keep-alive request costs thousands of user-space instructions, not tens or millions.
         assert 1_000 < int(value.replace(",", "")) < 200_000, (name, proc.stdout)
+
+
+@needs_valgrind
+@pytest.mark.parametrize(
+    "mode", [[], ["--resume"], ["--keepalive"]], ids=["full", "resumed", "keep-alive"]
+)
+def test_instruction_count_per_new_tls_connection(mode: list[str]) -> None:
+    """`python -m bench.instructions --tls` counts new TLS connections (issue 24): a handshake
+    costs millions of user-space instructions; with --resume the client says how many resumed;
+    with --keepalive a request on a TLS connection made before costs thousands."""
+    servers = "vrypt,nginx" if os.access(NGINX, os.X_OK) else "vrypt"
+    env = {k: v for k, v in os.environ.items() if k != "GUNICORN_CMD_ARGS"}
+    argv = ["--tls", *mode, "--servers", servers, "--rounds", "2", "--connections", "5"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.instructions", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {
+        cells[1]: cells[2]
+        for line in proc.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| server")
+        for cells in [[c.strip() for c in line.split("|")]]
+    }
+    assert set(rows) == set(servers.split(",")), proc.stdout
+    low, high = (1_000, 200_000) if mode == ["--keepalive"] else (500_000, 20_000_000)
+    for name, value in rows.items():
+        assert low < int(value.replace(",", "")) < high, (name, proc.stdout)
+    if mode == ["--resume"]:  # all but each of the 5 connection slots' first handshake resumed
+        for name in rows:
+            match = re.search(rf"{name}: (\d+) of (\d+) handshakes resumed", proc.stderr)
+            assert match and int(match[1]) >= int(match[2]) - 5, proc.stderr
 
 
 # --- HTTP/2 and TLS scenarios (issue 11), against nginx only: each quickly, end to end.

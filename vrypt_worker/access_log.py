@@ -206,6 +206,7 @@ class LoggingH1Protocol(H1Protocol):
     client's address and port); `heads` is no longer used (kept for ProtocolFactory.h1)."""
 
     __slots__ = ("access", "client")
+    close_shortcut = False  # every head goes through the LoggingFramer, which reports it
 
     def __init__(
         self,

@@ -33,15 +33,24 @@ from vrypt_worker.framing import (
     BATCH,
     CLOSING,
     FIELDS_TOO_LARGE,
+    OK_CLOSE_HEAD,
+    OK_HEAD,
     REQUEST_TIMEOUT,
     SMALL_HEAD,
     FramingRules,
     RequestFramer,
 )
 
+# The cache's answer for a head it does not hold: above every answer kind, so the framer takes it.
+_UNCACHED = 1 << 16
+
 
 class H1Protocol:
     """One connection's HTTP/1.x state, I/O-free (see the module docstring)."""
+
+    # A cached head whose answer closes is answered without the framer (answer_and_close). The
+    # access log's subclass turns this off: its framer reports every head it frames.
+    close_shortcut = True
 
     __slots__ = (
         "body_since",
@@ -92,13 +101,17 @@ class H1Protocol:
             if data == rules.recent_head:
                 kind = rules.recent_kind
             else:
-                kind = rules.cache.get(data, CLOSING)
+                kind = rules.cache.get(data, _UNCACHED)
                 if kind < CLOSING:
                     rules.recent_head = data
                     rules.recent_kind = kind
             if kind < CLOSING and rules.answered < rules.open_until:
                 rules.answered += 1
                 return self.table[kind]
+            if kind <= OK_CLOSE_HEAD and self.close_shortcut:
+                # ...or exactly one head seen before after which the connection closes (what a
+                # new TLS connection per request sends), as plain.FirstRead answers it.
+                return self.answer_and_close(CLOSING | (kind & OK_HEAD))
         if self.closing or framer.closed:
             return b""  # input after the final answer is dropped
         self.fed = True
@@ -128,6 +141,15 @@ class H1Protocol:
             self.closing = True
             self.clean = framer.clean
         return payload
+
+    def answer_and_close(self, kind: int) -> bytes:
+        """The final answer to a read that was one whole cached head, as `feed` would decide it:
+        nothing followed the request, so the close needs no lingering (`clean`)."""
+        self.rules.answered += 1
+        self.framer.finish()
+        self.closing = True
+        self.clean = True
+        return self.table[kind]
 
     def account(self) -> bytes:
         """Off the hot path: count the partial bytes held against the worker's budget; a big

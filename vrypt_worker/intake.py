@@ -3,7 +3,8 @@
 - plain HTTP/1 (`plain.Connection`, or the access log's `LoggingConnection`), read at the accept
   when `TCP_DEFER_ACCEPT` is on (`plain.FirstRead`);
 - TLS (gunicorn's `certfile`/`keyfile`): a `transport.SessionConnection` with a `tls.TLSSession`,
-  the protocol chosen by ALPN;
+  the protocol chosen by ALPN; with `TCP_DEFER_ACCEPT`, the ClientHello is answered at the accept
+  (`tls_accept.TLSFirstRead`);
 - h2c from trusted peers (`http2_cleartext`): a `SessionConnection` behind the pass-through
   session, the protocol decided on the first bytes (`protocols.Negotiation`);
 - gunicorn's `protocol = uwsgi`: `uwsgi.UwsgiFront`'s connection;
@@ -26,6 +27,7 @@ from vrypt_worker.plain import FirstRead
 from vrypt_worker.protocols import ProtocolFactory
 from vrypt_worker.proxied import ProxyStage
 from vrypt_worker.tls import TLSSession
+from vrypt_worker.tls_accept import TLSFirstRead
 from vrypt_worker.transport import PLAIN, SessionConnection
 from vrypt_worker.uwsgi import UwsgiFront
 
@@ -46,6 +48,7 @@ class Intake:
         self.state = state
         self.add = add
         self.tls_context = tls_context
+        # (read once: gunicorn's Config.__getattr__ costs a few Python calls per new connection)
         self.ragged_eofs = bool(cfg.suppress_ragged_eofs)
         self.defer_accept = defer_accept
         # HTTP/1 inside TLS and HTTP/2 (by ALPN, or h2c from trusted peers) are protocols behind
@@ -70,6 +73,9 @@ class Intake:
         self.read_at_accept = defer_accept and plain and self.uwsgi is None
         # (a bound method made once: calling it costs less than calling an instance)
         self.first_read = FirstRead(state, self.connection_class, add).read
+        if defer_accept and tls_context is not None and self.uwsgi is None:
+            self.read_at_accept = True  # the ClientHello, at the accept (tls_accept.py)
+            self.first_read = TLSFirstRead(state, self.tls_connection, add).read
         # PROXY protocol (`proxy_protocol`): every connection's header first, then the connection
         # `connection` makes; the stage does its own read at the accept (proxied.py).
         stage = ProxyStage.from_config(

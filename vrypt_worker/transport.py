@@ -128,6 +128,9 @@ class SessionConnection(BaseConnection):
                 answer = protocol.receive(plain)
                 if answer:
                     cipher = session.send(answer)
+                    if protocol.closing and not self.lingering:
+                        # The final answer and our close_notify in one write, not two.
+                        cipher += session.close()
                     if self.pending:
                         self.pending += cipher
                         return
