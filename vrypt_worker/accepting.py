@@ -1,7 +1,8 @@
 """The listeners a worker accepts from: one read watcher each on the hub, paused at the
 connection cap, backed off after EMFILE and friends, and the options every listener passes on to
 the connections it accepts. What an accepted connection becomes is the worker's choice
-(worker.py, `VryptWorker._accept_one`); this module only decides when the worker is called.
+(intake.py, called from `VryptWorker._accept_one`); this module only decides when the worker is
+called.
 """
 
 from __future__ import annotations
