@@ -356,8 +356,7 @@ def header_references_4k(port: int, tls: bool, seconds: float) -> Outcome:
 def big_reads(port: int, tls: bool, seconds: float) -> Outcome:
     """Not an attack: a client that writes 5,000 HEAD requests at once (64 KiB, one read for the
     server) and reads every answer, again and again. Each such read owes about 40 batches of
-    answers; the bystander's p99 shows whether they hold the loop (one batch per loop turn since
-    issue 25; all of them in one turn before)."""
+    answers; the bystander's p99 shows how long they hold the loop (docs/http2.md)."""
     sock = connect(port, tls)
     block = request_block(b"HEAD", tls=tls)
     one = frame(HEADERS, END_STREAM | END_HEADERS, 0, block)

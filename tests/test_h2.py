@@ -476,8 +476,8 @@ def answers_to_one_big_write(sock: socket.socket, tls: bool, count: int = 5000) 
 
 
 def test_one_write_of_thousands_of_requests_is_answered_whole(server: Server) -> None:
-    """The answers of one big read go out a batch per loop turn (transport.SessionConnection.
-    more): every request is still answered exactly once, whatever the client's pace."""
+    """The answers of one big read go out a batch at a time (ANSWERS_PER_CALL, then
+    transport.SessionConnection.more): every request is answered exactly once."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         answered = answers_to_one_big_write(sock, tls=False)
     assert answered == {2 * i + 1 for i in range(5000)}, len(answered)
