@@ -35,6 +35,7 @@ PACKAGE = ROOT / "vrypt_worker"
 CORES = (
     "vrypt_worker.framing",
     "vrypt_worker.h1_protocol",
+    "vrypt_worker.owed",
     "vrypt_worker.uwsgi_framing",
     "vrypt_worker.uwsgi_protocol",
     "vrypt_worker.h2.frames",

@@ -40,12 +40,13 @@ from vrypt_worker.framing import (
     FramingRules,
     RequestFramer,
 )
+from vrypt_worker.owed import OwedAnswers
 
 # The cache's answer for a head it does not hold: above every answer kind, so the framer takes it.
 _UNCACHED = 1 << 16
 
 
-class H1Protocol:
+class H1Protocol(OwedAnswers):
     """One connection's HTTP/1.x state, I/O-free (see the module docstring)."""
 
     # A cached head whose answer closes is answered without the framer (answer_and_close). The
@@ -166,27 +167,6 @@ class H1Protocol:
         budget.held += held - self.held
         self.held = held
         return b""
-
-    def release(self) -> None:
-        """The connection closed: its partial bytes leave the worker's budget."""
-        if self.held:
-            self.budget.held -= self.held
-            self.held = 0
-
-    def writable(self) -> bytes:
-        owed = self.owed
-        if not owed:
-            if self.head_since and not self.closing:
-                # we stopped reading that head (back-pressure), not the client sending it
-                self.head_since = self.clock()
-            return b""
-        batch = owed[:BATCH]
-        del owed[:BATCH]
-        if not owed and self.framer.closed:
-            self.closing = True
-            self.clean = self.framer.clean
-        table = self.table
-        return b"".join(map(table.__getitem__, batch))
 
     def eof(self) -> bytes:
         self.closing = True

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vrypt_worker.framing import BATCH, SMALL_HEAD
+from vrypt_worker.owed import OwedAnswers
 from vrypt_worker.uwsgi_framing import REFUSED, PacketFramer, PacketRules
 
 _KNOWN_ADDRESSES = 4096
@@ -65,7 +66,7 @@ class AllowList:
         return any(ip in network for network in self.networks)
 
 
-class UwsgiProtocol:
+class UwsgiProtocol(OwedAnswers):
     """One connection's uwsgi state, I/O-free (module docstring)."""
 
     __slots__ = (
@@ -115,13 +116,7 @@ class UwsgiProtocol:
         if len(out) > BATCH:
             self.owed.extend(out[BATCH:])
             out = out[:BATCH]
-        table = self.table
-        first = out[0]
-        if len(out) == 1:
-            return table[first]
-        if out.count(first) == len(out):
-            return table[first] * len(out)
-        return b"".join(map(table.__getitem__, out))
+        return self.render(out)
 
     def receive(self, data: bytes) -> bytes:
         framer = self.framer
@@ -172,26 +167,6 @@ class UwsgiProtocol:
         budget.held += held - self.held
         self.held = held
         return b""
-
-    def release(self) -> None:
-        """The connection closed: its partial bytes leave the worker's budget."""
-        if self.held:
-            self.budget.held -= self.held
-            self.held = 0
-
-    def writable(self) -> bytes:
-        owed = self.owed
-        if not owed:
-            if self.head_since and not self.closing:
-                # we stopped reading that packet (back-pressure), not the client sending it
-                self.head_since = self.clock()
-            return b""
-        batch = owed[:BATCH]
-        del owed[:BATCH]
-        if not owed and self.framer.closed:
-            self.closing = True
-            self.clean = self.framer.clean
-        return self.answers(batch)
 
     def eof(self) -> bytes:
         """The peer closed: a packet cut short gets the 500 (it may still read it)."""
