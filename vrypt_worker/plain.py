@@ -361,10 +361,13 @@ class Connection(BaseConnection):
         connection and lose it). Returns True when it was spared because it is fresh."""
         if self.reader is None or not self.idle() or self.pending or self.lingering:
             return False
+        # Fresh or not, asked before the read: a request that reaches the kernel between the
+        # read and this question would otherwise be closed unread (a reset, the request lost).
+        fresh = spare_fresh and never_received(self.sock)
         self.on_readable()
         if self.reader is None or not self.idle() or self.pending or self.lingering:
             return False
-        if spare_fresh and never_received(self.sock):
+        if fresh:
             return True
         self.close()
         return False
